@@ -1,0 +1,1 @@
+"""posttrain: plain-PyTorch post-training for open-weight LLMs."""

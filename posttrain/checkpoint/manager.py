@@ -1,0 +1,314 @@
+"""Save, find and load training checkpoints: `<output_dir>/checkpoints/step-N/`.
+
+One checkpoint folder holds three kinds of state, chosen by each entry's type in the state dict:
+
+- distributed (`ModelOptimizerState`, or a bare `nn.Module`): written with `torch.distributed.checkpoint`
+  (`.metadata` + `__R_0.distcp`), global tensors plus shard layout, so it loads under another
+  parallel layout or world size;
+- shared (an `LRScheduler`, or any value wrapped in `Shared(...)`): the same on every rank, written once by
+  rank 0 to `shared.pt` and read by every rank;
+- per-rank (everything else: dataloader position, `RNGState`, plain values): each rank's own
+  `rank_R.pt`. It is restored only when the world size is unchanged (a data position saved under 4 ranks
+  means nothing under 2); otherwise it is skipped with a warning.
+
+A checkpoint is written as `step-N.tmp/` and renamed to `step-N/` only after every rank has finished and
+rank 0 has written the completion marker `checkpoint.json`, so a crash mid-save leaves the previous
+checkpoint the latest loadable one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from posttrain.checkpoint.model_state import ModelOptimizerState
+from posttrain.config.sections import CheckpointSection
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = "checkpoint.json"
+SHARED_FILE = "shared.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STALE_TMP_DIR = re.compile(r"^step-\d+\.(tmp|replaced)$")
+# dcp.save/load warn on every single-process call that no process group is initialized; that is intended.
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+class Shared:
+    """Marks a checkpoint entry that is identical on every rank: rank 0 writes it, every rank reads it,
+    and it survives a change of world size. A wrapped value without `load_state_dict` is replaced in
+    `.obj` on load."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, (ModelOptimizerState, torch.nn.Module)):
+        return "distributed"
+    if isinstance(obj, (Shared, torch.optim.lr_scheduler.LRScheduler)):
+        return "shared"
+    return "per_rank"
+
+
+def _capture(obj: Any) -> Any:
+    if isinstance(obj, Shared):
+        obj = obj.obj
+    state_dict = getattr(obj, "state_dict", None)
+    return state_dict() if callable(state_dict) else obj
+
+
+def _restore(state: dict[str, Any], name: str, saved: Any) -> None:
+    """Load `saved` into `state[name]` in place, or replace a plain value by the saved one."""
+    obj = state[name]
+    target = obj.obj if isinstance(obj, Shared) else obj
+    load_state_dict = getattr(target, "load_state_dict", None)
+    if callable(load_state_dict):
+        load_state_dict(saved)
+    elif isinstance(obj, Shared):
+        obj.obj = saved
+    else:
+        state[name] = saved
+
+
+class CheckpointManager:
+    """Checkpoints of one run under `<output_dir>/checkpoints/`.
+
+    Call `save` and `load` on every rank (they are collective under torch.distributed); `latest_step`
+    only reads the folder. Whether to resume at all (`cfg.resume`) and when to save (`should_save`) are the
+    caller's decisions.
+    """
+
+    def __init__(
+        self,
+        cfg: CheckpointSection,
+        output_dir: str | Path,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.folder = Path(output_dir) / "checkpoints"
+        self.process_group = process_group
+
+    # -- where things are ---------------------------------------------------------------------------
+
+    @property
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.process_group) if self._distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.process_group) if self._distributed else 1
+
+    def step_dir(self, step: int) -> Path:
+        return self.folder / f"step-{step}"
+
+    def complete_steps(self) -> list[int]:
+        """Steps with a complete checkpoint (a `step-N` folder holding the completion marker), ascending.
+        `step-N.tmp` folders of unfinished saves and folders without the marker are not checkpoints."""
+        if not self.folder.is_dir():
+            return []
+        steps = []
+        for entry in self.folder.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            if match and entry.is_dir() and (entry / MARKER_FILE).is_file():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The step of the latest complete checkpoint, or None when there is none."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        """Whether `step` is a checkpoint step: every `cfg.interval` steps, and the last one if `cfg.save_final`."""
+        if self.cfg.interval > 0 and step % self.cfg.interval == 0:
+            return True
+        return self.cfg.save_final and step == last_step
+
+    # -- save -----------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write `state` as checkpoint `step` and return its folder; then delete all but the last
+        `cfg.keep_last` complete checkpoints (0 keeps all). Saving a step that exists replaces it."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        begin = time.perf_counter()
+        kinds = {name: _kind(obj) for name, obj in state.items()}
+        tmp_dir = self.folder / f"step-{step}.tmp"
+
+        if self.rank == 0:
+            if tmp_dir.exists():  # left by a save of this step that crashed
+                shutil.rmtree(tmp_dir)
+            tmp_dir.mkdir(parents=True)
+        self._barrier()
+
+        per_rank = {name: _capture(obj) for name, obj in state.items() if kinds[name] == "per_rank"}
+        torch.save(per_rank, tmp_dir / rank_file(self.rank))
+
+        distributed = {
+            name: ModelOptimizerState(obj) if isinstance(obj, torch.nn.Module) else obj
+            for name, obj in state.items()
+            if kinds[name] == "distributed"
+        }
+        if distributed:
+            with _ignoring_no_dist_warning():
+                dcp.save(distributed, checkpoint_id=str(tmp_dir), process_group=self.process_group)
+        self._barrier()  # every rank's files are on disk
+
+        final_dir = self.step_dir(step)
+        if self.rank == 0:
+            shared = {name: _capture(obj) for name, obj in state.items() if kinds[name] == "shared"}
+            torch.save(shared, tmp_dir / SHARED_FILE)
+            metadata = {
+                "step": step,
+                "world_size": self.world_size,
+                "entries": kinds,
+                "torch_version": torch.__version__,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            _write_durably(tmp_dir / MARKER_FILE, json.dumps(metadata, indent=2) + "\n")
+            self._publish(tmp_dir, final_dir)
+            self._prune(keep=step)
+        self._barrier()
+        if self.rank == 0:
+            logger.info("saved checkpoint %s in %.1f s", final_dir, time.perf_counter() - begin)
+        return final_dir
+
+    def _publish(self, tmp_dir: Path, final_dir: Path) -> None:
+        """Make the finished `tmp_dir` visible as `final_dir`, replacing an older save of the same step."""
+        if final_dir.exists():
+            replaced = final_dir.with_name(final_dir.name + ".replaced")
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.replace(final_dir, replaced)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp_dir, final_dir)
+
+    def _prune(self, keep: int) -> None:
+        """Delete complete checkpoints beyond the last `keep_last`, and leftovers of crashed saves."""
+        for entry in self.folder.iterdir():
+            if _STALE_TMP_DIR.match(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+        if self.cfg.keep_last <= 0:
+            return
+        steps = self.complete_steps()
+        for old in steps[: -self.cfg.keep_last]:
+            if old != keep:
+                shutil.rmtree(self.step_dir(old), ignore_errors=True)
+
+    # -- load -----------------------------------------------------------------------------------------
+
+    def load(self, state: dict[str, Any], step: int | None = None) -> int | None:
+        """Load checkpoint `step` (default: the latest complete one) into `state`'s objects in place and
+        return its step, or return None when there is no checkpoint to load.
+
+        Objects with `load_state_dict` are loaded in place; a plain value (say `state["rng"] = None`) is
+        replaced in `state` by the saved one. Every name in `state` must be in the checkpoint; the
+        checkpoint may hold more (load only `{"model": ModelOptimizerState(model)}` to get the weights).
+        """
+        if step is None:
+            step = self._agreed(self.latest_step())
+            if step is None:
+                return None
+        directory = self.step_dir(step)
+        marker = directory / MARKER_FILE
+        if not marker.is_file():
+            available = ", ".join(str(s) for s in self.complete_steps()) or "none"
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {self.folder} (complete steps: {available})"
+            )
+        metadata = json.loads(marker.read_text())
+        saved_kinds: dict[str, str] = metadata["entries"]
+        kinds = {name: _kind(obj) for name, obj in state.items()}
+        for name, kind in kinds.items():
+            if saved_kinds.get(name) != kind:
+                where = f"saved as {saved_kinds[name]}" if name in saved_kinds else "absent"
+                raise KeyError(
+                    f"checkpoint {directory} cannot restore {kind} entry {name!r}: it is {where} there "
+                    f"(entries: {saved_kinds}). Pass the same kinds of objects under the same names as at save."
+                )
+
+        distributed = {
+            name: ModelOptimizerState(obj) if isinstance(obj, torch.nn.Module) else obj
+            for name, obj in state.items()
+            if kinds[name] == "distributed"
+        }
+        if distributed:
+            with _ignoring_no_dist_warning():
+                dcp.load(distributed, checkpoint_id=str(directory), process_group=self.process_group)
+
+        shared_names = [name for name, kind in kinds.items() if kind == "shared"]
+        if shared_names:
+            shared = torch.load(directory / SHARED_FILE, map_location="cpu", weights_only=False)
+            for name in shared_names:
+                _restore(state, name, shared[name])
+
+        per_rank_names = [name for name, kind in kinds.items() if kind == "per_rank"]
+        if per_rank_names:
+            if metadata["world_size"] == self.world_size:
+                per_rank = torch.load(directory / rank_file(self.rank), map_location="cpu", weights_only=False)
+                for name in per_rank_names:
+                    _restore(state, name, per_rank[name])
+            elif self.rank == 0:
+                warnings.warn(
+                    f"checkpoint {directory} was saved with world size {metadata['world_size']}, this run has "
+                    f"{self.world_size}: per-rank state {per_rank_names} is not restored (model, optimizer "
+                    "and shared state are).",
+                    stacklevel=2,
+                )
+        self._barrier()
+        return step
+
+    # -- collectives ----------------------------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        if self._distributed:
+            dist.barrier(group=self.process_group)
+
+    def _agreed(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank, so all ranks load the same step even if their views of a
+        shared file system differ for a moment."""
+        if not self._distributed:
+            return value
+        box = [value]
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        return box[0]
+
+
+@contextlib.contextmanager
+def _ignoring_no_dist_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

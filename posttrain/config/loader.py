@@ -1,0 +1,273 @@
+"""Build a JobConfig from defaults, a TOML file (with `include`s) and command-line overrides.
+
+    python train.py --config train_configs/debug_sft.toml --training.steps 20 --data.path=x.jsonl
+
+Precedence: command line > TOML (the including file > the files it includes, later includes > earlier
+ones) > the dataclass defaults in `sections.py`. Every value is checked against its field's type and
+`choices` as it is read, so an error names the file (or "command line") that set it; `validate` then
+checks ranges and keys that must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from posttrain.config.errors import ConfigError
+from posttrain.config.schema import KeyInfo, format_help, format_value, section_keys, suggest, suggest_key
+from posttrain.config.sections import (
+    SECTIONS,
+    ActivationCheckpointSection,
+    CheckpointSection,
+    CompileSection,
+    DataSection,
+    JobSection,
+    LRSchedulerSection,
+    MetricsSection,
+    ModelSection,
+    OptimizerSection,
+    ParallelismSection,
+    TokenizerSection,
+    TrainingSection,
+)
+from posttrain.config.validate import validate
+from posttrain.config.values import convert_cli_value, convert_toml_value
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+COMMAND_LINE = "command line"
+
+
+@dataclass
+class JobConfig:
+    """The whole run's settings, one dataclass per component. Hand each component its own section."""
+
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    lr_scheduler: LRSchedulerSection = field(default_factory=LRSchedulerSection)
+    parallelism: ParallelismSection = field(default_factory=ParallelismSection)
+    activation_checkpoint: ActivationCheckpointSection = field(default_factory=ActivationCheckpointSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+
+# section -> key -> (value already converted to the field's type, where it came from)
+_Layer = dict[str, dict[str, tuple[Any, str]]]
+
+
+def _merge(into: _Layer, layer: _Layer) -> None:
+    """`layer`'s keys win over `into`'s."""
+    for section, keys in layer.items():
+        into.setdefault(section, {}).update(keys)
+
+
+def _lookup_key(section: str, name: str, *, source: str) -> KeyInfo:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}'{suggest(section, list(SECTIONS))}", source=source)
+    keys = section_keys(section)
+    if name not in keys:
+        dotted = f"{section}.{name}"
+        raise ConfigError(f"unknown key '{dotted}'{suggest_key(section, name)}", source=source, key=dotted)
+    return keys[name]
+
+
+def _top_level_key_error(key: str, value: Any, source: str) -> ConfigError:
+    if isinstance(value, dict):
+        return ConfigError(f"unknown section '{key}'{suggest(key, list(SECTIONS))}", source=source)
+    owners = [s for s in SECTIONS if key in section_keys(s)]
+    hint = f" (did you mean '{owners[0]}.{key}'?)" if owners else ""
+    return ConfigError(f"top-level key '{key}' is not a section; put it under its [section] table{hint}", source=source)
+
+
+def _layer_from_tables(tables: dict[str, Any], source: str) -> _Layer:
+    """Check and convert {section: {key: value}} (parsed TOML or JSON) read from `source`."""
+    layer: _Layer = {}
+    for section, table in tables.items():
+        if section not in SECTIONS:
+            raise _top_level_key_error(section, table, source)
+        if not isinstance(table, dict):
+            raise ConfigError(f"'{section}' must be a table ([{section}]), got {format_value(table)}", source=source)
+        for name, value in table.items():
+            info = _lookup_key(section, name, source=source)
+            try:
+                layer.setdefault(section, {})[name] = (convert_toml_value(value, info), source)
+            except ConfigError as e:
+                raise e.with_source(source) from None
+    return layer
+
+
+def _display_path(path: Path) -> str:
+    """A path as short as it can be said from the current directory."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _include_names(value: Any, source: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"include expects a file name or a list of file names, got {format_value(value)}", source=source)
+
+
+def _load_toml(path: Path, display: str, chain: tuple[tuple[Path, str], ...] = ()) -> _Layer:
+    """The file's keys over those of the files it includes (loaded first, recursively)."""
+    resolved = path.resolve()
+    try:
+        with open(resolved, "rb") as f:
+            tables = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", source=display) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the file: {e}", source=display) from None
+
+    layer: _Layer = {}
+    chain = chain + ((resolved, display),)
+    for name in _include_names(tables.pop("include", []), display):
+        target = (resolved.parent / Path(name).expanduser()).resolve()
+        if not target.is_file():
+            raise ConfigError(f"include '{name}' not found (looked at {target})", source=display)
+        if any(target == seen for seen, _ in chain):
+            start = next(i for i, (seen, _) in enumerate(chain) if seen == target)
+            cycle = " -> ".join([shown for _, shown in chain[start:]] + [_display_path(target)])
+            raise ConfigError(f"include cycle: {cycle}", source=display)
+        _merge(layer, _load_toml(target, _display_path(target), chain))
+    _merge(layer, _layer_from_tables(tables, display))
+    return layer
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(--config FILE, [(dotted key, value text or None for a bare flag)]); prints help on -h/--help."""
+    config_file: str | None = None
+    overrides: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        has_value = following is not None and not following.startswith("--")
+        if token in ("-h", "--help"):
+            sys.stdout.write(format_help())
+            raise SystemExit(0)
+        if token == "--config" or token.startswith("--config="):
+            if config_file is not None:
+                raise ConfigError("--config given more than once", source=COMMAND_LINE)
+            if "=" in token:
+                config_file = token.split("=", 1)[1]
+            elif has_value:
+                config_file, i = following, i + 1
+            else:
+                raise ConfigError("--config expects a file", source=COMMAND_LINE)
+        elif token.startswith("--") and len(token) > 2:
+            key, eq, text = token[2:].partition("=")
+            if eq:
+                overrides.append((key, text))
+            elif has_value:
+                overrides.append((key, following))
+                i += 1
+            else:
+                overrides.append((key, None))
+        else:
+            raise ConfigError(
+                f"unexpected argument '{token}' (overrides look like --section.key VALUE or --section.key=VALUE)",
+                source=COMMAND_LINE,
+            )
+        i += 1
+    return config_file, overrides
+
+
+def _override_layer(overrides: list[tuple[str, str | None]]) -> _Layer:
+    layer: _Layer = {}
+    for raw_key, text in overrides:
+        key = raw_key.replace("-", "_")
+        section, dot, name = key.partition(".")
+        if not dot:
+            if key in SECTIONS:
+                raise ConfigError(f"--{raw_key} needs a key: --{key}.KEY", source=COMMAND_LINE)
+            owners = [s for s in SECTIONS if key in section_keys(s)]
+            hint = f" (did you mean '--{owners[0]}.{key}'?)" if owners else ""
+            raise ConfigError(f"unknown option '--{raw_key}'; overrides look like --section.key{hint}", source=COMMAND_LINE)
+        info = _lookup_key(section, name, source=COMMAND_LINE)
+        if text is None:
+            if info.base is not bool:
+                raise ConfigError(f"--{info.dotted} expects a value", source=COMMAND_LINE, key=info.dotted)
+            text = "true"  # a bare boolean flag
+        try:
+            layer.setdefault(section, {})[name] = (convert_cli_value(text, info), COMMAND_LINE)
+        except ConfigError as e:
+            raise e.with_source(COMMAND_LINE) from None
+    return layer
+
+
+def _build(layer: _Layer) -> JobConfig:
+    return JobConfig(
+        **{
+            section: cls(**{name: value for name, (value, _) in layer.get(section, {}).items()})
+            for section, cls in SECTIONS.items()
+        }
+    )
+
+
+def _validated(layer: _Layer) -> JobConfig:
+    cfg = _build(layer)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        if e.key is not None:
+            section, _, name = e.key.partition(".")
+            if name in layer.get(section, {}):
+                raise e.with_source(layer[section][name][1]) from None
+        raise
+    return cfg
+
+
+def parse_config(argv: Sequence[str] | None = None) -> JobConfig:
+    """Parse `[--config FILE] [--section.key VALUE | --section.key=VALUE ...]`; raise ConfigError.
+
+    `argv` defaults to sys.argv[1:]. `-h` / `--help` prints every key and exits 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_file, overrides = _split_argv(argv)
+    layer: _Layer = {}
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"config file '{config_file}' not found (looked at {path.resolve()})", source=COMMAND_LINE
+            )
+        _merge(layer, _load_toml(path, config_file))
+    _merge(layer, _override_layer(overrides))
+    return _validated(layer)
+
+
+def load_config(argv: Sequence[str] | None = None) -> JobConfig:
+    """`parse_config` for entrypoints: on a ConfigError, print it to stderr and exit with code 2."""
+    try:
+        return parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}}, JSON-serializable (for <output_dir>/config.json)."""
+    return {section: dataclasses.asdict(getattr(cfg, section)) for section in SECTIONS}
+
+
+def config_from_dict(tables: dict[str, Any], *, source: str = "config dict") -> JobConfig:
+    """The inverse of `config_to_dict` (missing keys take defaults); checked like a TOML file."""
+    return _validated(_layer_from_tables(dict(tables), source))

@@ -1,0 +1,156 @@
+"""Checks that need more than a value's type: ranges, and keys that must agree with each other.
+
+Each failure is a ConfigError whose `key` is the setting to change; the loader adds the file (or
+"command line") that set it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from posttrain.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from posttrain.config.loader import JobConfig
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {reason}", key=key)
+
+
+def _positive(value: float, key: str) -> None:
+    _require(value > 0, key, f"must be > 0, got {value}")
+
+
+def _non_negative(value: float, key: str) -> None:
+    _require(value >= 0, key, f"must be >= 0, got {value}")
+
+
+def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
+    """Raise ConfigError naming the first key whose value cannot work.
+
+    With `world_size` (known once the process group is up) also checks the parallel degrees against it
+    and that the global batch splits evenly over the data-parallel ranks and micro-batches.
+    """
+    _validate_job(cfg)
+    _validate_data(cfg)
+    _validate_training(cfg)
+    _validate_optimizer(cfg)
+    _validate_parallelism(cfg)
+    ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
+    _positive(ac.every_n, "activation_checkpoint.every_n")
+    _non_negative(ckpt.interval, "checkpoint.interval")
+    _non_negative(ckpt.keep_last, "checkpoint.keep_last")
+    _positive(metrics.log_freq, "metrics.log_freq")
+    if metrics.peak_tflops is not None:
+        _positive(metrics.peak_tflops, "metrics.peak_tflops")
+    if world_size is not None:
+        validate_world_size(cfg, world_size)
+
+
+def _validate_job(cfg: "JobConfig") -> None:
+    _require(cfg.job.output_dir.strip() != "", "job.output_dir", "must not be empty")
+    _require(
+        cfg.model.name.strip() != "" or cfg.model.hf_path.strip() != "",
+        "model.name",
+        "must name a model family (or set model.hf_path)",
+    )
+
+
+def _validate_data(cfg: "JobConfig") -> None:
+    data = cfg.data
+    _require(
+        not (data.path and data.paths),
+        "data.paths",
+        "and data.path are both set; use data.path for one dataset or data.paths to mix several",
+    )
+    if data.weights:
+        _require(
+            len(data.weights) == len(data.paths),
+            "data.weights",
+            f"has {len(data.weights)} entries but data.paths has {len(data.paths)}; give one weight per path",
+        )
+        for w in data.weights:
+            _require(math.isfinite(w) and w >= 0, "data.weights", f"must all be finite and >= 0, got {w}")
+        _require(sum(data.weights) > 0, "data.weights", "must not all be 0")
+    _positive(data.pack_buffer, "data.pack_buffer")
+    _non_negative(data.shuffle_buffer, "data.shuffle_buffer")
+    _non_negative(data.num_workers, "data.num_workers")
+    _positive(data.prefetch, "data.prefetch")
+
+
+def _validate_training(cfg: "JobConfig") -> None:
+    t = cfg.training
+    _positive(t.steps, "training.steps")
+    _positive(t.seq_len, "training.seq_len")
+    _positive(t.batch_size, "training.batch_size")
+    _non_negative(t.micro_batch_size, "training.micro_batch_size")
+    if t.micro_batch_size > 0:
+        _require(
+            t.batch_size % t.micro_batch_size == 0,
+            "training.micro_batch_size",
+            f"({t.micro_batch_size}) must divide training.batch_size ({t.batch_size})",
+        )
+    _require(
+        math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0,
+        "training.max_grad_norm",
+        f"must be >= 0 (0 = off), got {t.max_grad_norm}",
+    )
+    _positive(t.loss_chunk_size, "training.loss_chunk_size")
+    s = cfg.lr_scheduler
+    _non_negative(s.warmup_steps, "lr_scheduler.warmup_steps")
+    _require(0 <= s.min_lr_ratio <= 1, "lr_scheduler.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+
+
+def _validate_optimizer(cfg: "JobConfig") -> None:
+    o = cfg.optimizer
+    _require(math.isfinite(o.lr) and o.lr >= 0, "optimizer.lr", f"must be >= 0, got {o.lr}")
+    _non_negative(o.weight_decay, "optimizer.weight_decay")
+    _require(0 <= o.beta1 < 1, "optimizer.beta1", f"must be in [0, 1), got {o.beta1}")
+    _require(0 <= o.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {o.beta2}")
+    _positive(o.eps, "optimizer.eps")
+
+
+def _validate_parallelism(cfg: "JobConfig") -> None:
+    p = cfg.parallelism
+    _positive(p.dp_replicate, "parallelism.dp_replicate")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallelism.dp_shard", f"must be -1 or >= 1, got {p.dp_shard}")
+    _positive(p.tp, "parallelism.tp")
+
+
+def validate_world_size(cfg: "JobConfig", world_size: int) -> None:
+    """The parallel degrees multiply to `world_size`, and the global batch splits over data-parallel
+    ranks and micro-batches."""
+    p, t = cfg.parallelism, cfg.training
+    fixed = p.dp_replicate * p.tp
+    if p.dp_shard == -1:
+        _require(
+            world_size % fixed == 0,
+            "parallelism.tp",
+            f"* parallelism.dp_replicate = {fixed} does not divide the world size {world_size}",
+        )
+        dp_shard = world_size // fixed
+    else:
+        dp_shard = p.dp_shard
+        _require(
+            fixed * dp_shard == world_size,
+            "parallelism.dp_shard",
+            f"* dp_replicate * tp = {dp_shard} * {p.dp_replicate} * {p.tp} = {fixed * dp_shard}, "
+            f"but the world size is {world_size} (dp_shard = -1 takes the rest)",
+        )
+    dp = p.dp_replicate * dp_shard
+    _require(
+        t.batch_size % dp == 0,
+        "training.batch_size",
+        f"({t.batch_size}) must be divisible by the data-parallel degree {dp} (dp_replicate * dp_shard)",
+    )
+    per_rank = t.batch_size // dp
+    if t.micro_batch_size > 0:
+        _require(
+            per_rank % t.micro_batch_size == 0,
+            "training.micro_batch_size",
+            f"({t.micro_batch_size}) must divide the per-rank batch {per_rank} "
+            f"(training.batch_size {t.batch_size} / data-parallel degree {dp})",
+        )

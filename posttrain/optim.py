@@ -1,0 +1,68 @@
+"""AdamW with decoupled weight decay, and the warmup-then-decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Norm weights, biases and other vectors are not decayed (the usual AdamW practice).
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """`cfg` is the `[optimizer]` section. Only parameters that require grad are optimized (LoRA, frozen heads)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = {"auto": device.type == "cuda", "true": True, "false": False}[cfg.fused]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
+    """Factor on the peak lr for optimizer step `step` (0-based): linear warmup, then decay to `min_lr_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if decay == "linear":
+        shape = 1.0 - progress
+    elif decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"lr_scheduler.decay: unknown decay {decay!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> LambdaLR:
+    """`cfg` is the `[lr_scheduler]` section."""
+    return LambdaLR(
+        optimizer,
+        lambda step: lr_multiplier(
+            step,
+            warmup_steps=cfg.warmup_steps,
+            total_steps=total_steps,
+            decay=cfg.decay,
+            min_lr_ratio=cfg.min_lr_ratio,
+        ),
+    )
