@@ -1,0 +1,249 @@
+"""Grouped-query attention and its two backends.
+
+Masks are described once, as FlexAttention ``mask_mod`` functions ``(b, h, q_idx, kv_idx) -> bool``:
+causal AND same-document, AND any extra mask_mod a family composes in (a sliding window, say). The "flex"
+backend turns them into a ``BlockMask``; the "sdpa" backend evaluates the same functions on broadcast index
+tensors into a dense boolean mask (or uses SDPA's ``is_causal`` fast path when there is nothing but
+causality). Either way the model builds the mask ONCE per forward (``backend.build_mask``) and hands it to
+every layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import (
+    BlockMask,
+    and_masks,
+    create_block_mask,
+    flex_attention,
+)
+
+from posttrain.models.common.rms_norm import RMSNorm
+from posttrain.models.common.rope import apply_rotary_emb
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# What build_mask returns and every layer receives: None (causal fast path), a dense bool Tensor, or a BlockMask.
+AttentionMask = Any
+
+
+# ---------------------------------------------------------------------------------------------- mask mods
+
+
+def causal_mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    return q_idx >= kv_idx
+
+
+def document_mask_mod(document_ids: torch.Tensor) -> MaskMod:
+    """Attend only within the same document; document_ids [B, S]."""
+
+    def same_document(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+    return same_document
+
+
+def sliding_window_mask_mod(window: int) -> MaskMod:
+    """Attend to at most the last ``window`` positions (the query's own included)."""
+
+    def in_window(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return q_idx - kv_idx < window
+
+    return in_window
+
+
+def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Number documents in packed rows: a new document starts wherever the position does not go up by one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1) - 1
+
+
+def _compose(document_ids: torch.Tensor | None, extra_mask_mod: MaskMod | None) -> MaskMod:
+    mods = [causal_mask_mod]
+    if document_ids is not None:
+        mods.append(document_mask_mod(document_ids))
+    if extra_mask_mod is not None:
+        mods.append(extra_mask_mod)
+    return mods[0] if len(mods) == 1 else and_masks(*mods)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+class SDPABackend:
+    """``F.scaled_dot_product_attention``: is_causal fast path, or a dense [B, 1, S, S] boolean mask."""
+
+    name = "sdpa"
+
+    def build_mask(
+        self,
+        document_ids: torch.Tensor | None,
+        *,
+        batch: int,
+        seq_len: int,
+        device: torch.device,
+        extra_mask_mod: MaskMod | None = None,
+    ) -> torch.Tensor | None:
+        if document_ids is None and extra_mask_mod is None:
+            return None
+        mask_mod = _compose(document_ids, extra_mask_mod)
+        b = torch.arange(batch, device=device).view(batch, 1, 1)
+        h = torch.zeros((), dtype=torch.long, device=device)
+        q_idx = torch.arange(seq_len, device=device).view(1, seq_len, 1)
+        kv_idx = torch.arange(seq_len, device=device).view(1, 1, seq_len)
+        dense = mask_mod(b, h, q_idx, kv_idx)
+        return dense.expand(batch, seq_len, seq_len).unsqueeze(1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # Kernels that take an explicit mask do not all support GQA, so expand k/v instead of enable_gqa.
+        if gqa:
+            n_rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# Compiled once per process, lazily. On the CPU the eager (unfused, exact) path is used instead: compiling
+# costs ~20 s per process there, more than a debug run spends attending. Set to True to compile on CPU too.
+COMPILE_FLEX_ON_CPU = False
+_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
+_compiled_create_block_mask: Callable[..., BlockMask] | None = None
+
+
+def _use_compiled(device: torch.device) -> bool:
+    return device.type != "cpu" or COMPILE_FLEX_ON_CPU
+
+
+def _flex_attention_fn(device: torch.device) -> Callable[..., torch.Tensor]:
+    global _compiled_flex_attention
+    if not _use_compiled(device):
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def _create_block_mask_fn(device: torch.device) -> Callable[..., BlockMask]:
+    global _compiled_create_block_mask
+    if not _use_compiled(device):
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
+
+
+class FlexBackend:
+    """FlexAttention with a ``BlockMask`` from the composed mask_mod (fully masked blocks are skipped)."""
+
+    name = "flex"
+
+    def build_mask(
+        self,
+        document_ids: torch.Tensor | None,
+        *,
+        batch: int,
+        seq_len: int,
+        device: torch.device,
+        extra_mask_mod: MaskMod | None = None,
+    ) -> BlockMask:
+        mask_mod = _compose(document_ids, extra_mask_mod)
+        mask_batch = batch if document_ids is not None else None
+        return _create_block_mask_fn(device)(mask_mod, mask_batch, None, seq_len, seq_len, device=device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise NotImplementedError(
+                "FlexAttention has no backward on CPU (forward under torch.no_grad() works); "
+                "train on CPU with attn_backend='sdpa'"
+            )
+        gqa = q.shape[1] != k.shape[1]
+        fn = _flex_attention_fn(q.device)
+        if fn is flex_attention:  # the unfused path is chosen on purpose here; silence torch's advice
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+AttentionBackend = SDPABackend | FlexBackend
+ATTENTION_BACKENDS: dict[str, type] = {"sdpa": SDPABackend, "flex": FlexBackend}
+
+
+def build_attention_backend(name: str) -> AttentionBackend:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()
+
+
+# ---------------------------------------------------------------------------------------------- module
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads; ``head_dim`` need not equal ``dim // n_heads``.
+
+    Optional per-head RMSNorm on q and k before RoPE (Qwen3). Projections are ``wq, wk, wv, wo``; heads are
+    inferred with ``view(..., -1, head_dim)`` so tensor-parallel (head-sharded) projections work unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        backend: AttentionBackend,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.backend = backend
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+    ) -> torch.Tensor:
+        bsz, seq_len, _ = x.shape
+        q = self.wq(x).view(bsz, seq_len, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary_emb(q, k, cos, sin)
+        out = self.backend(q, k, v, mask)  # [B, H, S, D]
+        out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
+        return self.wo(out)
+
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, std=init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()

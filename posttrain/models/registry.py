@@ -1,0 +1,116 @@
+"""Model families by name or HF ``model_type``; one small dataclass per family."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Families shipped with posttrain; each package exposes MODEL_SPEC and is imported on first lookup.
+BUILTIN_FAMILIES = ("llama3", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the rest of posttrain needs to know about a model family.
+
+    ``to_hf_name`` / ``from_hf_name`` rename one state-dict key (None: the key has no counterpart).
+    ``parallelize_fn`` is the family's TP plan (filled in by ``parallelize.py`` when it exists).
+    """
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    args_cls: type
+    model_cls: type[nn.Module]
+    flavors: dict[str, Any]
+    args_from_hf_config: Callable[[dict[str, Any]], Any]
+    hf_config_from_args: Callable[[Any], dict[str, Any]]
+    to_hf_name: Callable[[str], str | None]
+    from_hf_name: Callable[[str], str | None]
+    parallelize_fn: Callable[..., Any] | None = field(default=None)
+
+
+_SPECS: dict[str, ModelSpec] = {}
+_builtins_loaded = False
+
+
+def register_model_spec(spec: ModelSpec) -> None:
+    for key in (spec.name, *spec.hf_model_types):
+        existing = _SPECS.get(key)
+        if existing is not None and existing is not spec:
+            raise ValueError(f"model name {key!r} is already registered by family {existing.name!r}")
+        _SPECS[key] = spec
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for family in BUILTIN_FAMILIES:
+        register_model_spec(importlib.import_module(f"posttrain.models.{family}").MODEL_SPEC)
+
+
+def list_model_specs() -> list[ModelSpec]:
+    _load_builtins()
+    return list({id(spec): spec for spec in _SPECS.values()}.values())
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """A family by its posttrain name ("llama3", "qwen3") or HF model_type ("llama", "qwen3")."""
+    _load_builtins()
+    if name not in _SPECS:
+        raise KeyError(f"unknown model {name!r}; known families and HF model types: {sorted(_SPECS)}")
+    return _SPECS[name]
+
+
+def get_model_spec_for(model: nn.Module) -> ModelSpec:
+    """The family of a built model (unwraps torch.compile), found by its args class."""
+    model = getattr(model, "_orig_mod", model)
+    args = getattr(model, "args", None)
+    for spec in list_model_specs():
+        if type(args) is spec.args_cls:
+            return spec
+    for spec in list_model_specs():
+        if isinstance(model, spec.model_cls):
+            return spec
+    raise ValueError(f"{type(model).__name__} (args {type(args).__name__}) belongs to no registered family")
+
+
+def resolve_args(spec: ModelSpec, flavor_or_args: str | Any, **overrides: Any) -> Any:
+    """A fresh args object: a named flavor or a given args object, with field overrides applied."""
+    if isinstance(flavor_or_args, str):
+        if flavor_or_args not in spec.flavors:
+            raise KeyError(f"{spec.name} has no flavor {flavor_or_args!r}; flavors: {sorted(spec.flavors)}")
+        base = spec.flavors[flavor_or_args]
+    elif isinstance(flavor_or_args, spec.args_cls):
+        base = flavor_or_args
+    else:
+        raise TypeError(f"expected a flavor name or {spec.args_cls.__name__}, got {type(flavor_or_args).__name__}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
+    if unknown:
+        raise TypeError(f"{spec.args_cls.__name__} has no field(s) {sorted(unknown)}")
+    args = dataclasses.replace(base, **overrides)
+    if args.rope_scaling is not None:  # never share the flavor's dict
+        args.rope_scaling = dict(args.rope_scaling)
+    return args
+
+
+def build_model(
+    name: str, flavor_or_args: str | Any, device: torch.device | str = "meta", **overrides: Any
+) -> nn.Module:
+    """Build a model of family ``name``. On "meta" it is returned uninitialised (call ``to_empty`` then
+    ``init_weights`` or load weights); on any other device it is materialised and initialised there."""
+    spec = get_model_spec(name)
+    args = resolve_args(spec, flavor_or_args, **overrides)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
