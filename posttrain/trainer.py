@@ -1,0 +1,349 @@
+"""The shared training core: build model / optimizer / scheduler, step with gradient accumulation, clip, log,
+checkpoint, resume and export. Recipes (SFT, DPO, distillation) hand it a data loader and a loss function.
+
+One optimizer step, for a global batch of `training.batch_size` rows:
+  1. draw `grad_accum` micro-batches from this rank's loader (time spent waiting is logged),
+  2. count the target tokens of the whole global batch (all micro-batches, all data-parallel ranks),
+  3. forward + backward each micro-batch with loss = sum of token losses / global target tokens,
+     so the gradient is the token-weighted mean over the global batch, however it is split,
+  4. clip, optimizer step, lr step, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from posttrain.config import JobConfig, config_to_dict, validate_world_size
+from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.metrics import (
+    MetricsLogger,
+    attention_flops,
+    dense_flops_per_token,
+    document_lengths_from_ids,
+    mfu_percent,
+    peak_memory_gib,
+    reset_peak_memory,
+)
+from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
+from posttrain.models.registry import get_model_spec, resolve_args
+from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
+from posttrain.optim import build_lr_scheduler, build_optimizer
+from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
+from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
+
+logger = logging.getLogger("posttrain")
+
+
+@dataclass
+class LossOutput:
+    """What a recipe's loss function returns for one micro-batch."""
+
+    loss_sum: torch.Tensor  # sum over target tokens (or pairs), fp32, differentiable
+    n_targets: torch.Tensor  # how many targets the sum covers (already known before forward)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums, reduced and divided by n_targets
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], LossOutput]
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens of a micro-batch: positions whose label is not -100."""
+    return (batch["labels"] != -100).sum()
+
+
+def build_training_model(
+    cfg: JobConfig,
+    *,
+    parallel_dims: ParallelDims,
+    device: torch.device,
+    mixed_precision: str,
+    tokenizer_vocab_size: int,
+) -> nn.Module:
+    """Build on the meta device, parallelize (TP -> AC -> compile -> FSDP), materialize, then load or init.
+
+    With `model.hf_path`, its config.json decides the family and sizes; each rank reads only its own shards.
+    """
+    m = cfg.model
+    if m.hf_path:
+        folder = resolve_hf_folder(m.hf_path)
+        hf_config = read_hf_config(folder)
+        spec = spec_for_hf_config(hf_config)
+        if m.name not in (spec.name, *spec.hf_model_types):
+            logger.warning("model.name %r ignored: %s/config.json says %r", m.name, folder, spec.name)
+        args = resolve_args(spec, spec.args_from_hf_config(hf_config))
+    else:
+        folder = None
+        try:
+            spec = get_model_spec(m.name)
+            args = resolve_args(spec, m.flavor)
+        except KeyError as err:
+            raise SystemExit(f"model.name / model.flavor: {err.args[0]}") from err
+    backend = m.attn_backend
+    if backend == "auto":
+        backend = "flex" if device.type == "cuda" else "sdpa"
+    if backend == "flex" and device.type == "cpu":
+        raise SystemExit("model.attn_backend = 'flex' has no backward on CPU; use 'sdpa' (or 'auto')")
+    args.attn_backend = backend
+    if tokenizer_vocab_size > args.vocab_size:
+        raise SystemExit(
+            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is {args.vocab_size}; "
+            "use the model's own tokenizer (tokenizer.path) or a model with a larger vocabulary"
+        )
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    get_parallelize_fn(spec.name)(
+        model,
+        parallel_dims,
+        mixed_precision=mixed_precision,
+        ac=cfg.activation_checkpoint,
+        compile=cfg.compile,
+        parallelism=cfg.parallelism,
+    )
+    if m.dtype == "bfloat16":
+        model.to(dtype=torch.bfloat16)
+    model.to_empty(device=device)
+    if folder is not None:
+        load_hf_weights_sharded(model, folder, spec)
+    else:
+        init_weights_sharded(model, seed=cfg.job.seed, buffer_device=device)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None):
+        self.cfg = cfg
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        self.dist = init_distributed(cfg.training.device)
+        self.device = self.dist.device
+        validate_world_size(cfg, self.dist.world_size)
+        self.output_dir = Path(cfg.job.output_dir)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+        p = cfg.parallelism
+        self.parallel_dims = ParallelDims.from_config(p, self.dist.world_size)
+        self.parallel_dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_degree = self.parallel_dims.dp_rank, self.parallel_dims.dp_degree
+
+        t = cfg.training
+        self.micro_batch_size = t.micro_batch_size or max(1, t.batch_size // self.dp_degree)
+        rows_per_micro_step = self.micro_batch_size * self.dp_degree
+        if t.batch_size % rows_per_micro_step:
+            raise SystemExit(
+                f"training.batch_size = {t.batch_size} is not a multiple of training.micro_batch_size "
+                f"({self.micro_batch_size}) x data-parallel degree ({self.dp_degree}); change one of them"
+            )
+        self.grad_accum = t.batch_size // rows_per_micro_step
+        self.mixed_precision = t.mixed_precision
+        if self.mixed_precision == "auto":
+            self.mixed_precision = "bf16" if self.device.type == "cuda" else "fp32"
+
+        torch.manual_seed(cfg.job.seed)
+        self.tokenizer = tokenizer if tokenizer is not None else self._build_tokenizer()
+        self.model = build_training_model(
+            cfg,
+            parallel_dims=self.parallel_dims,
+            device=self.device,
+            mixed_precision=self.mixed_precision,
+            tokenizer_vocab_size=self.tokenizer.vocab_size,
+        )
+        self.model_args = self.model.args
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
+        self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
+        self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
+        self.peak_flops = self.metrics.peak_flops(self.device)
+        self.step = 0
+        self.data_loader = None
+        self._data_iter: Iterator | None = None
+        self._use_autocast = self.device.type == "cuda" and self.mixed_precision == "bf16" and not self.parallel_dims.fsdp_enabled
+
+    # ---------------------------------------------------------------- building
+    def _build_tokenizer(self) -> HFTokenizer:
+        path = self.cfg.tokenizer.path or self.cfg.model.hf_path
+        if not path:
+            raise SystemExit("no tokenizer: set tokenizer.path (or model.hf_path, whose folder holds one)")
+        tok = HFTokenizer(path, pad_token=self.cfg.tokenizer.pad_token or None)
+        if self.cfg.tokenizer.add_special_tokens:
+            tok.add_special_tokens(list(self.cfg.tokenizer.add_special_tokens))
+        return tok
+
+    # ---------------------------------------------------------------- state
+    def checkpoint_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model_optimizer": ModelOptimizerState(self.model, self.optimizer),
+            "lr_scheduler": self.lr_scheduler,
+            "rng": RNGState(),
+        }
+        if self.data_loader is not None:
+            state["dataloader"] = self.data_loader
+        return state
+
+    def resume(self) -> None:
+        """Resume from the latest complete checkpoint of output_dir, if any (and if checkpoint.resume)."""
+        if not self.cfg.checkpoint.resume:
+            return
+        step = self.checkpoint.load(self.checkpoint_state())
+        if step is None:
+            return
+        self.step = step
+        self._data_iter = None
+        self.metrics.truncate_after(step)
+        logger.info("resumed from %s at step %d", self.checkpoint.step_dir(step), step)
+
+    # ---------------------------------------------------------------- training
+    def next_micro_batch(self) -> dict[str, torch.Tensor]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.data_loader)
+        return next(self._data_iter)
+
+    def _all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        dp_mesh = self.parallel_dims.dp_mesh
+        if dp_mesh is not None:  # ranks of one TP group hold the same rows: reduce over data-parallel ranks only
+            dist.all_reduce(value, group=dp_mesh.get_group())
+        return value
+
+    def train_step(self, loss_fn: LossFn) -> dict[str, float]:
+        t0 = time.perf_counter()
+        micro_batches = []
+        for _ in range(self.grad_accum):
+            micro_batches.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                  for k, v in self.next_micro_batch().items()})
+        data_wait_s = time.perf_counter() - t0
+
+        n_local = torch.stack([count_targets(mb) for mb in micro_batches]).sum().to(torch.float64)
+        n_global = self._all_reduce_sum(n_local.clone())
+        if n_global.item() == 0:
+            raise RuntimeError(f"step {self.step + 1}: the global batch holds no target tokens")
+        # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
+        scale = self.dp_degree / n_global.item()
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        extra: dict[str, torch.Tensor] = {}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
+        for mb in micro_batches:
+            with autocast:
+                out = loss_fn(self.model, mb, n_global)
+            (out.loss_sum * scale).backward()
+            loss_sum += out.loss_sum.detach().to(torch.float64)
+            for k, v in out.metrics.items():
+                extra[k] = extra.get(k, 0) + v.detach().to(torch.float64)
+
+        max_norm = self.cfg.training.max_grad_norm
+        grad_norm = clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], max_norm if max_norm > 0 else float("inf")
+        )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        self.step += 1
+
+        stats = self._step_token_stats(micro_batches)
+        reduced = self._all_reduce_sum(torch.stack([loss_sum, *extra.values(), *stats.values()]))
+        values = reduced.tolist()
+        loss = values[0] / n_global.item()
+        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "data_wait_s": data_wait_s}
+        for i, k in enumerate(extra):
+            metrics[k] = values[1 + i] / n_global.item()
+        for i, k in enumerate(stats):
+            metrics[k] = values[1 + len(extra) + i]
+        metrics["target_tokens"] = n_global.item()
+        return metrics
+
+    def _step_token_stats(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Real (non-padding) tokens and model flops actually computed in this step, on this rank."""
+        real_tokens = 0
+        attn = 0.0
+        a = self.model_args
+        for mb in micro_batches:
+            doc_ids = mb.get("document_ids")
+            real_tokens += mb["input_ids"].numel() if doc_ids is None else int((doc_ids >= 0).sum())
+            lengths = document_lengths_from_ids(doc_ids, mb.get("position_ids"))
+            attn += attention_flops(lengths, a.n_layers, a.n_heads, a.head_dim, causal=True, training=True)
+        flops = dense_flops_per_token(*self._param_counts()) * real_tokens + attn
+        return {
+            "tokens": torch.tensor(float(real_tokens), dtype=torch.float64, device=self.device),
+            "flops": torch.tensor(flops, dtype=torch.float64, device=self.device),
+        }
+
+    def _param_counts(self) -> tuple[int, int]:
+        if not hasattr(self, "_param_count_cache"):
+            trainable = frozen = 0
+            for name, p in self.model.named_parameters():
+                if "tok_embeddings" in name and not self.model_args.tie_embeddings:
+                    continue  # an embedding lookup is not a matmul
+                n = p.numel() if not hasattr(p, "full_tensor") else p.shape.numel()
+                if p.requires_grad:
+                    trainable += n
+                else:
+                    frozen += n
+            self._param_count_cache = (trainable, frozen)
+        return self._param_count_cache
+
+    def fit(self, loss_fn: LossFn) -> None:
+        """Run optimizer steps until training.steps, logging and checkpointing on the way."""
+        total = self.cfg.training.steps
+        window_t0 = time.perf_counter()
+        window: dict[str, float] = {}
+        reset_peak_memory(self.device)
+        while self.step < total:
+            m = self.train_step(loss_fn)
+            for k in ("tokens", "flops", "data_wait_s"):
+                window[k] = window.get(k, 0.0) + m[k]
+            window["steps"] = window.get("steps", 0) + 1
+            if self.metrics.should_log(self.step) or self.step == total:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_t0
+                m["tokens_per_s"] = window["tokens"] / elapsed
+                m["tokens_per_s_per_device"] = m["tokens_per_s"] / self.dist.world_size
+                m["mfu"] = mfu_percent(window["flops"], elapsed, self.peak_flops, self.dist.world_size)
+                m["data_wait_ms"] = 1000 * window["data_wait_s"] / window["steps"]
+                m["mem_gib"] = peak_memory_gib(self.device)
+                m.update(self._data_stats())
+                self.metrics.log(self.step, {k: v for k, v in m.items() if k not in ("flops", "data_wait_s")})
+                window, window_t0 = {}, time.perf_counter()
+            if self.checkpoint.should_save(self.step, total):
+                self.save_checkpoint()
+                window_t0 = time.perf_counter()  # keep checkpoint time out of throughput
+
+    def _data_stats(self) -> dict[str, float]:
+        local = getattr(self.data_loader, "stats", None)  # cumulative counters of this rank's loader
+        if not local:
+            return {}
+        keys = sorted(local)
+        summed = self._all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return {f"data/{k}": v for k, v in zip(keys, summed.tolist())}
+
+    def save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        self.checkpoint.save(self.step, self.checkpoint_state())
+        if self.dist.is_main:
+            logger.info("checkpoint step-%d saved in %.1fs", self.step, time.perf_counter() - t0)
+
+    def export_hf(self) -> None:
+        if not self.cfg.checkpoint.export_hf:
+            return
+        from posttrain.models import save_hf
+
+        out = self.output_dir / "hf"
+        save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)
+        if self.dist.is_main:
+            logger.info("exported Hugging Face checkpoint to %s", out)
+
+    def close(self) -> None:
+        self.metrics.close()
+        destroy_distributed()

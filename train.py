@@ -1,0 +1,32 @@
+"""The one entrypoint: config -> recipe -> run. Works under `torchrun` and as plain `python`.
+
+    python train.py --config train_configs/debug_sft.toml [--section.key VALUE ...]
+    torchrun --nproc_per_node=2 train.py --config train_configs/debug_sft.toml
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from posttrain.config import load_config
+
+RECIPES = {
+    "sft": "posttrain.recipes.sft",
+    "dpo": "posttrain.recipes.dpo",
+    "reward_model": "posttrain.recipes.reward_model",
+    "distill": "posttrain.recipes.distill",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = importlib.import_module(RECIPES[cfg.job.recipe])
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"job.recipe = {cfg.job.recipe!r} is not available in this version ({err})") from err
+    recipe.run(cfg)
+
+
+if __name__ == "__main__":
+    main()
