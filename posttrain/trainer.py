@@ -324,9 +324,11 @@ class Trainer:
         local = getattr(self.data_loader, "stats", None)  # cumulative counters of this rank's loader
         if not local:
             return {}
-        keys = sorted(local)
+        keys = sorted(k for k in local if not k.startswith("epoch"))  # counters add up over ranks; epochs do not
         summed = self._all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=self.device))
-        return {f"data/{k}": v for k, v in zip(keys, summed.tolist())}
+        out = {f"data/{k}": v for k, v in zip(keys, summed.tolist())}
+        out.update({f"data/{k}": float(v) for k, v in local.items() if k.startswith("epoch")})
+        return out
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,133 @@
+"""Bad input stops with one sentence naming what to fix (file:line, field, setting), or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import pytest
+from sft_data_fakes import FakeTokenizer, write_jsonl
+
+from posttrain.config.sections import DataSection
+from posttrain.datasets.dataloader import build_sft_dataloader
+from posttrain.datasets.errors import BadRowError, DataError
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def _run(path, *, seq_len: int = 32, num_workers: int = 0, batches: int | None = None, **kw):
+    data = DataSection(path=str(path), num_workers=num_workers, shuffle_buffer=0, **kw)
+    loader = build_sft_dataloader(
+        data, FakeTokenizer(), seq_len=seq_len, micro_batch_size=1, dp_rank=0, dp_world_size=1, seed=0,
+        num_epochs=1 if batches is None else None,
+    )
+    return list(loader) if batches is None else [next(loader) for _ in range(batches)]
+
+
+def _with_bad_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(CHAT) + "\n"
+    path.write_text(good + good + '{"messages": [oops\n' + good)
+    return path
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_malformed_json_line_names_file_and_line(tmp_path, num_workers):
+    path = _with_bad_line(tmp_path)
+    with pytest.raises(DataError) as err:
+        _run(path, num_workers=num_workers)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: malformed JSON") and "data.skip_bad_rows = true" in message
+    assert "Traceback" not in message  # a worker's error arrives as the one sentence
+
+
+def test_skip_bad_rows_skips_counts_and_logs(tmp_path, caplog):
+    path = _with_bad_line(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="posttrain.datasets.sft_dataset"):
+        batches = _run(path, skip_bad_rows=True)
+    stats = batches[-1]["stats"]
+    assert (stats["rows_read"], stats["skipped_bad_rows"], stats["samples"]) == (4, 1, 3)
+    assert f"{path}:3" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "expected"),
+    [
+        ({"msgs": []}, "chat", "has no 'messages' field, which data.format = chat needs"),
+        ({"foo": 1}, "auto", r"has none of the fields messages, conversations, prompt\+completion or text"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "auto", r"messages\[0\].role is 'bot', expected one of"),
+        ({"messages": [{"role": "user"}]}, "auto", r"messages\[0\] \(user\) has no 'content' field"),
+        ({"conversations": [{"from": "alien", "value": "x"}]}, "auto", r"conversations\[0\].from is 'alien'"),
+        ({"prompt": "p"}, "prompt_completion", "has no 'completion' field"),
+        ({"chosen": "a", "rejected": "b"}, "auto", "preference row"),
+        ({"text": 3}, "auto", "text must be a string"),
+    ],
+)
+def test_invalid_rows_name_file_line_and_field(tmp_path, row, fmt, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(BadRowError, match=rf"^{tmp_path}/d.jsonl:1: .*{expected}"):
+        _run(path, format=fmt)
+
+
+def test_sharegpt_roles_are_mapped(tmp_path):
+    row = {"system": "be nice", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    batch = _run(path)[0]
+    tok = FakeTokenizer()
+    ids, _ = tok.tokenize_messages([
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ])
+    assert batch["input_ids"][0, : len(ids)].tolist() == ids
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=r"empty.jsonl\) has no rows; check the data files"):
+        _run(path)
+
+
+def test_seq_len_too_small_for_every_prompt(tmp_path):
+    rows = [{"prompt": "p" * 40, "completion": "c"}] * 5
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"no usable sample in the first 5 rows .* seq_len = 16: 5 longer than seq_len"
+                       r".*first trained token at position 40.*raise training.seq_len"):
+        _run(path, seq_len=16, batches=1)
+
+
+def test_missing_file_glob_and_extension(tmp_path):
+    with pytest.raises(DataError, match=r"data.path = '.*nope.jsonl': data file not found"):
+        _run(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"matches no .jsonl, .json, .parquet or .arrow files"):
+        _run(tmp_path / "*.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type; use .jsonl"):
+        _run(tmp_path / "d.csv")
+
+
+def test_unreadable_url(tmp_path):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/d.jsonl"
+    with pytest.raises(DataError, match=rf"data.path = '{url}' could not be read .*check the URL"):
+        _run(url)
+
+
+def test_fewer_rows_than_shards(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT])
+    data = DataSection(path=str(path), num_workers=0, shuffle_buffer=0)
+    loader = build_sft_dataloader(
+        data, FakeTokenizer(), seq_len=32, micro_batch_size=1, dp_rank=1, dp_world_size=2, seed=0
+    )
+    with pytest.raises(DataError, match="has only 1 rows for 2 shards"):
+        next(loader)
+
+
+def test_no_assistant_turn_is_counted_not_silently_dropped(tmp_path):
+    rows = [CHAT, {"messages": [{"role": "user", "content": "only a question"}]}, CHAT]
+    stats = _run(write_jsonl(tmp_path / "d.jsonl", rows))[-1]["stats"]
+    assert (stats["rows_read"], stats["dropped_no_target"], stats["samples"]) == (3, 1, 2)
