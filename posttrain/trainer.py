@@ -168,7 +168,13 @@ class Trainer:
         self.step = 0
         self.data_loader = None
         self._data_iter: Iterator | None = None
-        self._use_autocast = self.device.type == "cuda" and self.mixed_precision == "bf16" and not self.parallel_dims.fsdp_enabled
+        # FSDP's MixedPrecisionPolicy casts fp32 master weights itself; bf16 parameters need no cast at all.
+        self._use_autocast = (
+            self.device.type == "cuda"
+            and self.mixed_precision == "bf16"
+            and not self.parallel_dims.fsdp_enabled
+            and cfg.model.dtype != "bfloat16"
+        )
 
     # ---------------------------------------------------------------- building
     def _build_tokenizer(self) -> HFTokenizer:
@@ -215,25 +221,41 @@ class Trainer:
             dist.all_reduce(value, group=dp_mesh.get_group())
         return value
 
-    def train_step(self, loss_fn: LossFn) -> dict[str, float]:
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """Sum host-side numbers over data-parallel ranks (no device sync at world size 1)."""
+        if self.parallel_dims.dp_mesh is None:
+            return values
+        return self._all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        doc_ids = batch.get("document_ids")
+        if doc_ids is not None and bool((doc_ids <= 0).all()):
+            # One document per row (padding only at its end, never attended by real tokens): plain causal
+            # attention is exact and lets the kernels skip the document mask.
+            out["document_ids"] = None
+        return out
+
+    def train_step(self, loss_fn: LossFn, *, log: bool = True) -> dict[str, float]:
+        """One optimizer step. With `log=False` nothing waits for the device (no host syncs)."""
         t0 = time.perf_counter()
-        micro_batches = []
-        for _ in range(self.grad_accum):
-            micro_batches.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                                  for k, v in self.next_micro_batch().items()})
+        cpu_batches = [self.next_micro_batch() for _ in range(self.grad_accum)]
         data_wait_s = time.perf_counter() - t0
 
-        n_local = torch.stack([count_targets(mb) for mb in micro_batches]).sum().to(torch.float64)
-        n_global = self._all_reduce_sum(n_local.clone())
-        if n_global.item() == 0:
+        # Counted on the host before the copy, so the step itself never waits for the device.
+        n_local = sum(int(count_targets(mb)) for mb in cpu_batches)
+        tokens, flops = self._step_token_stats(cpu_batches)
+        n_global, tokens, flops = self._global_sum([float(n_local), tokens, flops])
+        if n_global == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch holds no target tokens")
         # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
-        scale = self.dp_degree / n_global.item()
+        scale = self.dp_degree / n_global
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
-        for mb in micro_batches:
+        for cpu_mb in cpu_batches:
+            mb = self._to_device(cpu_mb)
             with autocast:
                 out = loss_fn(self.model, mb, n_global)
             (out.loss_sum * scale).backward()
@@ -251,19 +273,15 @@ class Trainer:
         self.lr_scheduler.step()
         self.step += 1
 
-        stats = self._step_token_stats(micro_batches)
-        reduced = self._all_reduce_sum(torch.stack([loss_sum, *extra.values(), *stats.values()]))
-        values = reduced.tolist()
-        loss = values[0] / n_global.item()
-        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "data_wait_s": data_wait_s}
-        for i, k in enumerate(extra):
-            metrics[k] = values[1 + i] / n_global.item()
-        for i, k in enumerate(stats):
-            metrics[k] = values[1 + len(extra) + i]
-        metrics["target_tokens"] = n_global.item()
+        metrics = {"lr": lr, "data_wait_s": data_wait_s, "tokens": tokens, "flops": flops, "target_tokens": n_global}
+        if log:
+            reduced = self._all_reduce_sum(torch.stack([loss_sum, *extra.values()])).tolist()
+            metrics["loss"] = reduced[0] / n_global
+            metrics["grad_norm"] = float(grad_norm)
+            metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
         return metrics
 
-    def _step_token_stats(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _step_token_stats(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Real (non-padding) tokens and model flops actually computed in this step, on this rank."""
         real_tokens = 0
         attn = 0.0
@@ -273,11 +291,7 @@ class Trainer:
             real_tokens += mb["input_ids"].numel() if doc_ids is None else int((doc_ids >= 0).sum())
             lengths = document_lengths_from_ids(doc_ids, mb.get("position_ids"))
             attn += attention_flops(lengths, a.n_layers, a.n_heads, a.head_dim, causal=True, training=True)
-        flops = dense_flops_per_token(*self._param_counts()) * real_tokens + attn
-        return {
-            "tokens": torch.tensor(float(real_tokens), dtype=torch.float64, device=self.device),
-            "flops": torch.tensor(flops, dtype=torch.float64, device=self.device),
-        }
+        return float(real_tokens), dense_flops_per_token(*self._param_counts()) * real_tokens + attn
 
     def _param_counts(self) -> tuple[int, int]:
         if not hasattr(self, "_param_count_cache"):
@@ -300,11 +314,12 @@ class Trainer:
         window: dict[str, float] = {}
         reset_peak_memory(self.device)
         while self.step < total:
-            m = self.train_step(loss_fn)
+            log = self.metrics.should_log(self.step + 1) or self.step + 1 == total
+            m = self.train_step(loss_fn, log=log)
             for k in ("tokens", "flops", "data_wait_s"):
                 window[k] = window.get(k, 0.0) + m[k]
             window["steps"] = window.get("steps", 0) + 1
-            if self.metrics.should_log(self.step) or self.step == total:
+            if log:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_t0

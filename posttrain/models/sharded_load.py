@@ -14,7 +14,6 @@ work for a single-process model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from safetensors import safe_open
 from torch import nn
 
 from posttrain.models.hf import (
-    SAFE_WEIGHTS_INDEX_NAME,
     read_hf_config,
     resolve_hf_folder,
     safetensors_files,
@@ -33,6 +31,7 @@ from posttrain.models.hf import (
 )
 from posttrain.models.registry import ModelSpec, build_model, get_model_spec_for
 
+_IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # derived buffers some checkpoints store
 # wrapper segments that parallelization adds to parameter names (activation checkpointing, compile, FSDP1)
 _WRAPPER_PARTS = re.compile(r"(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 _VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
@@ -123,17 +122,48 @@ def _has_unpadded_vocab(sd: dict[str, torch.Tensor], vocab_size: int | None) -> 
     return vocab_size is not None and emb is not None and emb.shape[0] == vocab_size
 
 
-def _hf_weight_map(folder: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        with open(index) as f:
-            return {k: folder / v for k, v in json.load(f)["weight_map"].items()}
+def _hf_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF tensor name -> (the safetensors file holding it, its shape); reads only the files' headers."""
     out = {}
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            out.update({k: file for k in f.keys()})
+            for key in f.keys():
+                out[key] = (file, tuple(f.get_slice(key).get_shape()))
     return out
+
+
+def _check_checkpoint(model: nn.Module, spec: ModelSpec, tensors: dict[str, tuple[Path, tuple[int, ...]]],
+                      folder: Path) -> None:
+    """Every parameter present with its shape (vocabulary rows up to vocab_size), no unexpected weights."""
+    args = getattr(model, "args", None)
+    vocab_size = getattr(args, "vocab_size", None)
+    tied = bool(getattr(args, "tie_embeddings", False))
+    missing, bad_shape, expected = [], [], set()
+    for raw_name, param in model.named_parameters():
+        name = canonical_name(raw_name)
+        hf_name = spec.to_hf_name(name)
+        if hf_name is None or hf_name not in tensors:
+            missing.append(f"{hf_name or '?'} (-> {name})")
+            continue
+        expected.add(hf_name)
+        want = tuple(param.shape)
+        if name in _VOCAB_PARAMS and vocab_size is not None:
+            want = (vocab_size, *want[1:])
+        if tensors[hf_name][1] != want:
+            bad_shape.append(f"{hf_name}: checkpoint {tensors[hf_name][1]}, model {want}")
+    tied_head = spec.to_hf_name("output.weight") if tied else None
+    unexpected = [
+        k for k in tensors if k not in expected and k != tied_head and not _IGNORED_HF_KEYS.match(k)
+    ]
+    if missing or bad_shape or unexpected:
+        lines = [f"checkpoint {folder} does not match the {spec.name} model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20]))
+        if bad_shape:
+            lines.append(f"  shape mismatches ({len(bad_shape)}): " + "; ".join(bad_shape[:20]))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        raise KeyError("\n".join(lines))
 
 
 def _init_buffers(model: nn.Module, device: torch.device | str | None) -> None:
@@ -152,48 +182,28 @@ def load_hf_weights_sharded(model: nn.Module, hf_dir: str | os.PathLike[str], sp
 
     Every rank calls it (no collectives); each reads only the slices its shards own. Vocabulary padding rows
     are zeroed; a tied head is the embedding (a stored ``lm_head.weight`` is then ignored). Non-persistent
-    buffers (RoPE) are recomputed. Raises naming the missing HF keys if the checkpoint lacks a parameter.
+    buffers (RoPE) are recomputed. Raises, naming the keys, when the checkpoint lacks a parameter, has one of
+    another shape, or holds weights the model has no place for.
     """
     folder = resolve_hf_folder(hf_dir)
     spec = spec or spec_for_hf_config(read_hf_config(folder))
-    weight_map = _hf_weight_map(folder)
-    args = getattr(model, "args", None)
-    vocab_size = getattr(args, "vocab_size", None)
-
-    missing = []
-    for raw_name, _ in model.named_parameters():
-        name = canonical_name(raw_name)
-        hf_name = spec.to_hf_name(name)
-        if hf_name is None or hf_name not in weight_map:
-            missing.append(f"{hf_name or '?'} (-> {name})")
-    if missing:
-        raise KeyError(
-            f"checkpoint {folder} does not hold every parameter of the {spec.name} model; missing "
-            f"({len(missing)}): " + ", ".join(missing[:20])
-        )
+    tensors = _hf_tensors(folder)
+    _check_checkpoint(model, spec, tensors, folder)
+    vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
 
     def read(name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         hf_name = spec.to_hf_name(name)
         # one open per tensor: its mapping (and the pages it touched) is released right after
-        with safe_open(str(weight_map[hf_name]), framework="pt", device="cpu") as f:
-            sl = f.get_slice(hf_name)
-            hf_shape = tuple(sl.get_shape())
-            if len(hf_shape) != len(slices):
-                raise ValueError(f"{hf_name}: checkpoint shape {hf_shape} does not fit parameter {name}")
-            for s, n in zip(slices, hf_shape):
-                if s.stop > n:
-                    raise ValueError(
-                        f"{hf_name}: checkpoint shape {hf_shape} is smaller than the model's parameter {name} needs"
-                    )
-            return sl[slices]
+        with safe_open(str(tensors[hf_name][0]), framework="pt", device="cpu") as f:
+            return f.get_slice(hf_name)[slices]
 
     fill_local_shards(model, read, vocab_size=vocab_size)
     _init_buffers(model, _param_device(model))
 
 
-def _rng_follows_sharding(model: nn.Module) -> bool:
-    """Whether DTensor random ops give each shard its own part of one random stream (true on accelerators;
-    on the CPU every shard would draw the same numbers)."""
+def _dtensor_rng_distinguishes_shards(model: nn.Module) -> bool:
+    """Whether DTensor random ops give each shard its own random numbers (on accelerators; on the CPU every
+    shard would draw the same numbers, repeating blocks across the full tensor)."""
     for p in model.parameters():
         if _is_dtensor(p):
             return p.device_mesh.device_type != "cpu"
@@ -204,13 +214,15 @@ def _rng_follows_sharding(model: nn.Module) -> bool:
 def init_weights_sharded(model: nn.Module, seed: int, buffer_device: torch.device | str | None = None) -> None:
     """Random init of a ``to_empty``'d (possibly parallelized) model, same seed on every rank.
 
-    On accelerators ``model.init_weights()`` runs on the DTensors directly (DTensor's RNG gives each shard
-    its own part of the stream). On the CPU, where it does not, the full model is built once per rank with
+    On accelerators ``model.init_weights()`` runs on the DTensors directly: DTensor's RNG gives every shard
+    distinct values from the seed, but the values depend on the layout (measured on 2 H200s with torch
+    2.11: FSDP x2, TP x2 and one device give different weights for the same seed). On the CPU, where
+    DTensor's RNG would repeat the same numbers in every shard, the full model is built once per rank with
     ``seed`` and each rank copies its slices: the result equals a single-process init with that seed,
     whatever the layout (CPU runs are debug-sized, so the full copy is small).
     """
     buffer_device = buffer_device or _param_device(model)
-    if _rng_follows_sharding(model):
+    if _dtensor_rng_distinguishes_shards(model):
         torch.manual_seed(seed)
         model.init_weights(buffer_device=buffer_device)
         return

@@ -146,6 +146,9 @@ class FlexBackend:
 
     name = "flex"
 
+    def __init__(self) -> None:
+        self._shape_only_masks: dict[tuple, BlockMask] = {}
+
     def build_mask(
         self,
         document_ids: torch.Tensor | None,
@@ -155,9 +158,17 @@ class FlexBackend:
         device: torch.device,
         extra_mask_mod: MaskMod | None = None,
     ) -> BlockMask:
+        if document_ids is None:
+            # Without documents the mask depends only on the shape: build it once, not every forward.
+            key = (seq_len, str(device), extra_mask_mod)
+            if key not in self._shape_only_masks:
+                mask_mod = _compose(None, extra_mask_mod)
+                self._shape_only_masks[key] = _create_block_mask_fn(device)(
+                    mask_mod, None, None, seq_len, seq_len, device=device
+                )
+            return self._shape_only_masks[key]
         mask_mod = _compose(document_ids, extra_mask_mod)
-        mask_batch = batch if document_ids is not None else None
-        return _create_block_mask_fn(device)(mask_mod, mask_batch, None, seq_len, seq_len, device=device)
+        return _create_block_mask_fn(device)(mask_mod, batch, None, seq_len, seq_len, device=device)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

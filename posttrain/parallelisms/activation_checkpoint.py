@@ -1,0 +1,89 @@
+"""Activation checkpointing: trade recomputation in backward for activation memory.
+
+Modes (``ActivationCheckpointSection.mode``):
+- ``none``: keep every activation.
+- ``full``: every transformer block is wrapped; only its input is kept, the block is recomputed in backward.
+- ``selective``: like ``full`` but only every ``every_n``-th block (a memory/speed dial between none and full).
+- ``op``: every block is wrapped, but the outputs of the expensive ops (matmuls, attention kernels,
+  reduce-scatters) are saved, so backward recomputes only the cheap pointwise ops (norms, activations, rope).
+
+Blocks are replaced in ``model.layers`` by a ``CheckpointWrapper``; parameter names gain a
+``_checkpoint_wrapped_module.`` segment, while ``state_dict()`` keys stay unchanged (the wrapper strips it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+AC_MODES = ("none", "full", "selective", "op")
+
+
+def _op_save_list() -> set:
+    """Ops whose outputs op-level selective checkpointing keeps instead of recomputing."""
+    aten = torch.ops.aten
+    names = [
+        (aten, "mm"),
+        (aten, "addmm"),
+        (aten, "bmm"),
+        (aten, "_scaled_mm"),
+        (aten, "_scaled_dot_product_flash_attention"),
+        (aten, "_scaled_dot_product_efficient_attention"),
+        (aten, "_scaled_dot_product_cudnn_attention"),
+        (aten, "_scaled_dot_product_flash_attention_for_cpu"),
+    ]
+    ops = set()
+    for ns, name in names:
+        op = getattr(ns, name, None)
+        if op is not None:
+            ops.add(op.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None and hasattr(c10d, "reduce_scatter_tensor"):
+        ops.add(c10d.reduce_scatter_tensor.default)
+    return ops
+
+
+def op_selective_context_fn() -> Callable:
+    """A ``context_fn`` for ``torch.utils.checkpoint`` that saves matmul / attention outputs."""
+    save = _op_save_list()
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def wrap_block(block: nn.Module, mode: str) -> nn.Module:
+    """Wrap one transformer block for ``full`` (whole-block) or ``op`` (op-level selective) checkpointing."""
+    if mode == "op":
+        return checkpoint_wrapper(block, context_fn=op_selective_context_fn, preserve_rng_state=False)
+    return checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2) -> None:
+    """Wrap ``model.layers`` blocks in place according to ``mode`` (see the module docstring)."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {mode!r}")
+    if mode == "none":
+        return
+    if mode == "selective" and every_n < 1:
+        raise ValueError(f"activation_checkpoint.every_n must be >= 1 for selective mode, got {every_n}")
+    for i, (name, block) in enumerate(list(model.layers.named_children())):
+        if mode == "selective":
+            # blocks every_n-1, 2*every_n-1, ...: with every_n=1 this is full checkpointing
+            if (i + 1) % every_n != 0:
+                continue
+            wrapped = wrap_block(block, "full")
+        else:
+            wrapped = wrap_block(block, mode)
+        model.layers.register_module(name, wrapped)
+
+
+__all__ = ["AC_MODES", "apply_activation_checkpointing", "op_selective_context_fn", "wrap_block"]

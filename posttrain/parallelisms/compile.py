@@ -1,0 +1,32 @@
+"""torch.compile per transformer block.
+
+Each block is compiled in place (``nn.Module.compile``), so module structure, parameter names and
+state-dict keys stay as they were; all blocks share one compiled graph because they have identical code
+and shapes. Compiling per block (not the whole model) keeps FSDP's per-block hooks outside the graphs
+and compile time independent of depth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def prime_lazy_attention_kernels(device_type: str) -> None:
+    """Create the attention backend's lazily compiled FlexAttention kernel now.
+
+    Created on first use, it would be assigned to a module global inside a compiled, checkpointed block,
+    a side effect dynamo refuses under activation checkpointing ("HOP: Unsafe side effect").
+    """
+    from posttrain.models.common import attention
+
+    make = getattr(attention, "_flex_attention_fn", None)
+    if make is not None and device_type != "meta":
+        make(torch.device(device_type))
+
+
+def apply_compile(model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda") -> None:
+    """Compile every block of ``model.layers`` in place (after TP and activation checkpointing)."""
+    prime_lazy_attention_kernels(device_type)
+    for block in model.layers.children():
+        block.compile(fullgraph=fullgraph)

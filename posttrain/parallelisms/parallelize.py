@@ -1,0 +1,80 @@
+"""Compose the parallelisms of a decoder in the one documented order:
+
+    tensor parallel -> activation checkpointing -> torch.compile -> FSDP
+
+TP first, because it swaps parameters for DTensors on the TP mesh and installs the hooks that move
+activations; checkpointing wraps the (TP-ready) blocks; compile traces the wrapped blocks, collectives
+included; FSDP last, so it shards the TP DTensors over the data-parallel mesh (2-D parameters) and its
+per-block hooks stay outside the compiled graphs.
+
+Call on a model built on the meta device; afterwards ``model.to_empty(device=...)`` and either
+``init_weights_sharded`` or ``load_hf_weights_sharded`` (``posttrain.models.sharded_load``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from posttrain.config.sections import ActivationCheckpointSection, CompileSection, ParallelismSection
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.compile import apply_compile
+from posttrain.parallelisms.fsdp import apply_fsdp
+from posttrain.parallelisms.parallel_dims import ParallelDims
+from posttrain.parallelisms.tensor_parallel import TPPlan, apply_tp, dense_decoder_tp_plan
+
+TPPlanFn = Callable[..., TPPlan]
+
+
+def resolve_mixed_precision(mixed_precision: str, device_type: str) -> str:
+    """``auto`` -> bf16 on accelerators, fp32 on the CPU."""
+    if mixed_precision == "auto":
+        return "fp32" if device_type == "cpu" else "bf16"
+    return mixed_precision
+
+
+def _default_device_type() -> str:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type
+    return "cpu"
+
+
+def parallelize_decoder(
+    model: nn.Module,
+    parallel_dims: ParallelDims,
+    *,
+    mixed_precision: str = "auto",
+    ac: ActivationCheckpointSection | None = None,
+    compile: CompileSection | None = None,
+    parallelism: ParallelismSection | None = None,
+    tp_plan: TPPlanFn = dense_decoder_tp_plan,
+) -> nn.Module:
+    """Apply TP (``tp_plan(model, loss_parallel=...)``), activation checkpointing, compile and FSDP in place.
+
+    Call ``parallel_dims.build_mesh(device_type)`` first (it also records the device type for a world of 1).
+    Returns ``model`` (the same object; FSDP changes its class in place).
+    """
+    ac = ac or ActivationCheckpointSection()
+    compile = compile or CompileSection()
+    parallelism = parallelism or ParallelismSection()
+    device_type = parallel_dims.device_type or _default_device_type()
+
+    if parallel_dims.tp_enabled:
+        apply_tp(model, parallel_dims.tp_mesh, tp_plan(model, loss_parallel=parallelism.loss_parallel))
+
+    apply_activation_checkpointing(model, ac.mode, ac.every_n)
+
+    if compile.enabled:
+        apply_compile(model, device_type=device_type)
+
+    if parallel_dims.fsdp_enabled:
+        apply_fsdp(
+            model,
+            parallel_dims.fsdp_mesh,
+            mixed_precision=resolve_mixed_precision(mixed_precision, device_type),
+            reshard_after_forward=parallelism.fsdp_reshard_after_forward,
+        )
+    return model
