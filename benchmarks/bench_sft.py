@@ -1,0 +1,690 @@
+"""SFT step throughput: posttrain against Hugging Face transformers peers, same shape, data, precision, GPU.
+
+    python benchmarks/bench_sft.py --model qwen3 --flavor 1.7B --seq-len 4096 --batch 2 \
+        --posttrain-variants compile+flex,eager+sdpa --peers hf_eager,hf_compile,hf_liger --out sft.json
+
+Everything runs in ONE process, one run after the other, memory freed in between (gc, dynamo reset,
+empty_cache). Order: the first posttrain variant, then the peers, then the other posttrain variants, so
+that under a tight budget the headline comparison is what gets done. Every run trains a randomly initialised model whose parameters AND AdamW states are bf16
+(`--dtype`), with fused AdamW and gradient clipping at 1.0, on the same synthetic rows of random token ids:
+
+* posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
+  build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
+  `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
+  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk).
+* hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
+  own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
+  `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
+  SwiGLU, fused linear cross-entropy) for the Liger peers -- skipped when `import liger_kernel` fails. Liger
+  patches transformers' classes for the rest of the process, so Liger peers always run last.
+
+Measured per run, over the timed steps after warmup (cuda synchronize + perf_counter around the window):
+tokens/s (all B x S positions), MFU with ONE formula for every run -- (6 N + 6 L H Dh S) FLOPs per token x
+tokens/s / peak, N = all parameters including embeddings (the issue's definition) -- posttrain's own
+causal-aware MFU (from the FLOPs `train_step` reports; the same helpers for the peers), peak allocated
+memory (reset after warmup: the steady state of weights, grads, optimizer states and activations), and ratios
+posttrain / peer. Each run is wrapped in try/except: an OOM or compile error prints `failed: <reason>` and
+the rest still run. A global `--time-budget-s` cuts warmup/timed loops short and skips runs that no longer
+fit. The markdown tables are printed last, after a `=== RESULTS ===` line; `--out` gets JSON, rewritten
+after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from measure import (
+    RESULTS_MARKER,
+    Deadline,
+    cuda_context_broken,
+    environment,
+    fmt,
+    free_memory,
+    markdown_table,
+    peak_gib,
+    reset_peak,
+    resolve_device,
+    short_error,
+    synchronize,
+    write_json,
+)
+
+import torch  # noqa: E402  (measure puts the repo root on sys.path first)
+
+from posttrain.config import config_from_dict  # noqa: E402
+from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
+from posttrain.models.hf import spec_for_hf_config  # noqa: E402
+from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
+from posttrain.trainer import Trainer  # noqa: E402
+
+try:
+    from posttrain.recipes.sft import sft_loss
+
+    SFT_LOSS_SOURCE = "posttrain.recipes.sft.sft_loss"
+except ImportError as _err:  # e.g. torchdata missing on the benchmark machine: the recipe module imports it
+    from posttrain.losses import chunked_cross_entropy
+    from posttrain.trainer import LossOutput
+
+    SFT_LOSS_SOURCE = f"local copy of sft_loss (import failed: {_err})"
+
+    def sft_loss(model, batch, n_global, *, chunk_size):  # same body as posttrain.recipes.sft.sft_loss
+        output_fn = partial(
+            chunked_cross_entropy, labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
+        )
+        loss_sum, n_targets = model(
+            batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"],
+            output_fn=output_fn,
+        )
+        return LossOutput(loss_sum=loss_sum, n_targets=n_targets)
+
+
+BENCH_FLAVOR = "_bench_hf_config"  # a flavor registered at run time for --hf-config shapes
+PEERS = ("hf_eager", "hf_compile", "hf_liger", "hf_liger_compile")
+MIN_TIMED_STEPS = 3
+
+
+# --------------------------------------------------------------------------------------------- the shape
+
+
+@dataclass
+class Shape:
+    spec: ModelSpec
+    args: Any  # the family's args dataclass
+    flavor: str  # what posttrain's config names (a registered flavor)
+    hf_config: dict[str, Any]
+    n_params: int  # all parameters incl. embeddings, real (unpadded) vocab, tied weights once
+    n_causal_matmul: int  # what posttrain's MFU counts: embeddings excluded unless tied to the head
+
+    def describe(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "family": self.spec.name, "flavor": self.flavor, "dim": a.dim, "n_layers": a.n_layers,
+            "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "ffn_dim": a.ffn_dim,
+            "vocab_size": a.vocab_size, "padded_vocab_size": a.padded_vocab_size,
+            "tie_embeddings": a.tie_embeddings, "n_params": self.n_params,
+        }
+
+
+def resolve_shape(model: str, flavor: str, hf_config_path: str | None) -> Shape:
+    if hf_config_path:
+        path = Path(hf_config_path)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+        spec = spec_for_hf_config(config)
+        args = resolve_args(spec, spec.args_from_hf_config(config))
+        spec.flavors[BENCH_FLAVOR] = args  # build_training_model looks flavors up by name
+        flavor = BENCH_FLAVOR
+    else:
+        spec = get_model_spec(model)
+        args = resolve_args(spec, flavor)
+    with torch.device("meta"):
+        meta_model = spec.model_cls(resolve_args(spec, args))
+    total = sum(p.numel() for p in meta_model.parameters())  # parameters() yields a tied weight once
+    vocab_pad_rows = args.padded_vocab_size - args.vocab_size
+    n_params = total - vocab_pad_rows * args.dim * (1 if args.tie_embeddings else 2)
+    embed = args.vocab_size * args.dim
+    n_causal = n_params if args.tie_embeddings else n_params - embed
+    return Shape(spec, args, flavor, spec.hf_config_from_args(args), n_params, n_causal)
+
+
+def issue_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """The issue's one formula for every run: 6 N + 6 L H Dh S."""
+    a = shape.args
+    return 6.0 * shape.n_params + 6.0 * a.n_layers * a.n_heads * a.head_dim * seq_len
+
+
+def causal_flops_per_step(shape: Shape, doc_lengths: list[int]) -> float:
+    """posttrain's metric (trainer._step_token_stats) for a step over these documents."""
+    a = shape.args
+    tokens = sum(doc_lengths)
+    return dense_flops_per_token(shape.n_causal_matmul) * tokens + attention_flops(
+        doc_lengths, a.n_layers, a.n_heads, a.head_dim, causal=True, training=True
+    )
+
+
+# --------------------------------------------------------------------------------------------- the data
+
+
+@dataclass
+class Batches:
+    posttrain: list[dict[str, torch.Tensor]]  # input_ids, labels (shifted), position_ids, document_ids
+    hf: list[dict[str, torch.Tensor]]  # input_ids, labels (unshifted: HF shifts inside the loss)
+    doc_lengths: list[int]  # per batch (all batches share the layout)
+
+
+def make_batches(n: int, batch: int, seq_len: int, vocab: int, docs_per_row: int, seed: int, pin: bool) -> Batches:
+    """Rows of random token ids, identical for every run. With docs_per_row > 1 each row holds that many
+    documents (random lengths): posttrain masks attention per document; the HF peers (sdpa, no varlen) attend
+    over the whole row but get the same targets (no prediction across a document boundary)."""
+    g = torch.Generator().manual_seed(seed)
+    if docs_per_row > 1:
+        cuts = torch.randperm(seq_len - 2, generator=g)[: docs_per_row - 1].add(2).sort().values.tolist()
+        # keep every document at least 2 tokens long
+        bounds = [0]
+        for c in cuts:
+            if c - bounds[-1] >= 2 and seq_len - c >= 2:
+                bounds.append(c)
+        bounds.append(seq_len)
+    else:
+        bounds = [0, seq_len]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    position_ids = torch.cat([torch.arange(length) for length in lengths]).expand(batch, seq_len).contiguous()
+    document_ids = torch.cat([torch.full((length,), i) for i, length in enumerate(lengths)])
+    document_ids = document_ids.expand(batch, seq_len).contiguous()
+    out = Batches([], [], lengths * batch)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        hf_labels = ids.clone()
+        for end in bounds[1:-1]:  # the last token of a document predicts nothing
+            labels[:, end - 1] = -100
+            hf_labels[:, end] = -100
+        pt = {"input_ids": ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+        hf = {"input_ids": ids, "labels": hf_labels}
+        if pin:
+            pt = {k: v.pin_memory() for k, v in pt.items()}
+            hf = {k: v.pin_memory() for k, v in hf.items()}
+        out.posttrain.append(pt)
+        out.hf.append(hf)
+    return out
+
+
+def endless(items: list[Any]):
+    while True:
+        yield from items
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: str  # float32 | bfloat16: parameters and optimizer states
+    seq_len: int
+    batch: int
+    steps: int
+    warmup: int
+    lr: float
+    max_grad_norm: float
+    peak_flops: float | None
+    shape: Shape
+    batches: Batches
+    deadline: Deadline
+    seed: int
+    ac: str
+    ac_every_n: int
+    loss_chunk_size: int
+    peer_ac: bool
+    hf_attn: str
+
+
+def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]:
+    """Warmup steps (compile happens here), then timed steps; stops early only at the time budget.
+
+    Peak memory is the steady state of the timed steps (reset after warmup, so compile-time transients do
+    not count; optimizer states exist by then, gradients are re-created every step)."""
+    t0 = time.perf_counter()
+    first: dict[str, Any] | None = None
+    for i in range(s.warmup):
+        out = step()
+        first = first or out
+        if s.deadline.expired() and i >= 1:
+            break
+    synchronize(s.device)
+    warmup_s = time.perf_counter() - t0
+    reset_peak(s.device)
+    records: list[dict[str, Any]] = []
+    t1 = time.perf_counter()
+    for _ in range(s.steps):
+        records.append(step())
+        if s.deadline.expired() and len(records) >= MIN_TIMED_STEPS:
+            break
+    synchronize(s.device)
+    elapsed = time.perf_counter() - t1
+    peak = peak_gib(s.device)
+    first = first or (records[0] if records else None)
+    n = len(records)
+    tokens = n * s.batch * s.seq_len
+    tps = tokens / elapsed if elapsed > 0 else None
+    result: dict[str, Any] = {
+        "status": "ok",
+        "timed_steps": n,
+        "warmup_steps_s": round(warmup_s, 2),
+        "step_ms": 1000 * elapsed / n if n else None,
+        "tokens_per_s": tps,
+        "peak_mem_gib": peak,
+        "loss_first": _as_float(first["loss"]) if first else None,
+        "loss_last": _as_float(records[-1]["loss"]) if records else None,
+    }
+    if tps is not None and s.peak_flops:
+        result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
+        if records and all("flops" in r for r in records):  # posttrain: its own per-step FLOP count
+            flops = sum(r["flops"] for r in records)
+        else:
+            flops = n * causal_flops_per_step(s.shape, s.batches.doc_lengths)
+        result["mfu_causal_pct"] = 100.0 * flops / elapsed / s.peak_flops
+    return result
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+# --------------------------------------------------------------------------------------------- posttrain
+
+
+@dataclass
+class PosttrainVariant:
+    name: str
+    compile: bool = False
+    backend: str = "flex"
+    ac: str | None = None  # None: the --ac default
+    ac_every_n: int | None = None
+    chunk: int | None = None
+
+
+def parse_variant(text: str) -> PosttrainVariant:
+    v = PosttrainVariant(name=f"posttrain {text}")
+    for token in text.split("+"):
+        token = token.strip()
+        if token in ("compile", "eager"):
+            v.compile = token == "compile"
+        elif token in ("flex", "sdpa"):
+            v.backend = token
+        elif token.startswith("ac="):
+            v.ac = token[3:]
+            if v.ac not in ("none", "full", "selective", "op"):
+                raise SystemExit(f"variant {text!r}: ac must be none, full, selective or op")
+        elif token.startswith("every="):
+            v.ac_every_n = int(token[6:])
+        elif token.startswith("chunk="):
+            v.chunk = int(token[6:])
+        else:
+            raise SystemExit(
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N"
+            )
+    return v
+
+
+class VocabOnlyTokenizer:
+    """The Trainer only asks a tokenizer for its size when no data loader of its own is built."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.pad_id = 0
+        self.eos_id = 0
+
+
+def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
+    cuda = s.device.type == "cuda"
+    return config_from_dict({
+        "job": {"output_dir": output_dir, "seed": s.seed},
+        "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "dtype": s.dtype},
+        "training": {
+            "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
+            "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
+            "loss_chunk_size": v.chunk or s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
+        },
+        "optimizer": {"lr": s.lr, "fused": "auto"},
+        "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
+        "activation_checkpoint": {"mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n},
+        "compile": {"enabled": v.compile},
+        "checkpoint": {"resume": False, "save_final": False, "interval": 0},
+        "metrics": {"tensorboard": False, "log_freq": 1_000_000},
+    }, source="bench_sft")
+
+
+def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
+        cfg = posttrain_config(v, s, tmp)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, tokenizer=VocabOnlyTokenizer(s.shape.args.vocab_size))
+        try:
+            synchronize(s.device)
+            build_s = time.perf_counter() - t0
+            trainer.data_loader = endless(s.batches.posttrain)
+            loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size)
+            result = timed_run(lambda: trainer.train_step(loss_fn), s)
+            result["build_s"] = round(build_s, 2)
+            result["config"] = {
+                "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
+                "loss_chunk_size": cfg.training.loss_chunk_size, "dtype": s.dtype,
+                "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
+            }
+            return result
+        finally:
+            trainer.close()
+            del trainer
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused"))
+
+
+# --------------------------------------------------------------------------------------------- HF peers
+
+
+def apply_liger(model_type: str) -> None:
+    import liger_kernel.transformers as lt  # noqa: F401  (ImportError -> the peer is skipped)
+
+    fn = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama"}.get(model_type)
+    if fn is None or not hasattr(lt, fn):
+        raise RuntimeError(f"liger_kernel has no patch for model_type {model_type!r}")
+    getattr(lt, fn)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def build_hf_model(s: Settings, liger: bool) -> torch.nn.Module:
+    import transformers
+
+    d = dict(s.shape.hf_config)
+    model_type = d.pop("model_type")
+    d.pop("architectures", None)
+    d["use_cache"] = False
+    config = transformers.AutoConfig.for_model(model_type, **d)
+    if liger:
+        apply_liger(model_type)
+    dtype = torch.bfloat16 if s.dtype == "bfloat16" else torch.float32
+    torch.manual_seed(s.seed)
+    with torch.device(s.device):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=s.hf_attn)
+        except TypeError:  # older transformers spell it torch_dtype
+            model = transformers.AutoModelForCausalLM.from_config(
+                config, torch_dtype=dtype, attn_implementation=s.hf_attn
+            )
+    model.to(device=s.device, dtype=dtype)
+    model.train()
+    if s.peer_ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def hf_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
+    """The same AdamW as posttrain.optim.build_optimizer: decay on matrices only, fused on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    fused = s.device.type == "cuda"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused, foreach=None if fused else True,
+    )
+
+
+def run_hf(peer: str, s: Settings) -> dict[str, Any]:
+    liger = "liger" in peer
+    compiled = peer.endswith("compile")
+    t0 = time.perf_counter()
+    model = build_hf_model(s, liger)
+    optimizer = hf_optimizer(model, s)
+    params = [p for p in model.parameters() if p.requires_grad]
+    forward = torch.compile(model) if compiled else model
+    synchronize(s.device)
+    build_s = time.perf_counter() - t0
+    data = endless(s.batches.hf)
+
+    def step() -> dict[str, Any]:
+        b = next(data)
+        ids = b["input_ids"].to(s.device, non_blocking=True)
+        labels = b["labels"].to(s.device, non_blocking=True)
+        loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    try:
+        result = timed_run(step, s)
+    finally:
+        del forward, optimizer, params, model
+    result["build_s"] = round(build_s, 2)
+    result["config"] = {
+        "compile": compiled, "liger": liger, "attn_implementation": s.hf_attn, "dtype": s.dtype,
+        "fused_adamw": s.device.type == "cuda", "gradient_checkpointing": s.peer_ac,
+    }
+    return result
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ours = [r for r in results if r["kind"] == "posttrain" and r["status"] == "ok"]
+    peers = [r for r in results if r["kind"] == "peer" and r["status"] == "ok"]
+    rows = []
+    for o in ours:
+        for p in peers:
+            rows.append({
+                "posttrain": o["name"], "peer": p["name"],
+                "tokens_per_s_ratio": _div(o.get("tokens_per_s"), p.get("tokens_per_s")),
+                "peak_mem_ratio": _div(o.get("peak_mem_gib"), p.get("peak_mem_gib")),
+            })
+    return rows
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def render(results: list[dict[str, Any]], shape: Shape, s: Settings) -> str:
+    peers = [r for r in results if r["kind"] == "peer" and r["status"] == "ok"]
+    fastest = max(peers, key=lambda r: r["tokens_per_s"] or 0, default=None)
+    leanest = min(peers, key=lambda r: r["peak_mem_gib"] if r["peak_mem_gib"] is not None else math.inf, default=None)
+    a = shape.args
+    lines = [
+        f"### SFT step: {shape.spec.name} {shape.flavor if shape.flavor != BENCH_FLAVOR else '(--hf-config)'} "
+        f"(N = {shape.n_params / 1e9:.3f} B params incl. embeddings, L={a.n_layers} H={a.n_heads} Dh={a.head_dim}), "
+        f"seq {s.seq_len} x batch {s.batch}, {s.dtype} params + AdamW states, device {s.device}",
+        f"MFU = (6N + 6 L H Dh S) x tokens/s / {s.peak_flops / 1e12:.0f} TFLOP/s; causal MFU = posttrain's metric "
+        "(counts computed FLOPs: causal attention, head once)" if s.peak_flops else "MFU: no peak FLOP/s on this device",
+        "",
+    ]
+    headers = ["run", "tokens/s", "MFU %", "causal MFU %", "peak mem GiB", "step ms", "timed steps",
+               "warmup s", "loss first/last", "vs fastest peer", "mem vs leanest peer", "status"]
+    rows = []
+    for r in results:
+        ok = r["status"] == "ok"
+        rows.append([
+            r["name"],
+            fmt(r.get("tokens_per_s"), ",.0f"),
+            fmt(r.get("mfu_pct")),
+            fmt(r.get("mfu_causal_pct")),
+            fmt(r.get("peak_mem_gib")),
+            fmt(r.get("step_ms")),
+            fmt(r.get("timed_steps"), "d"),
+            fmt(r.get("warmup_steps_s")),
+            f"{fmt(r.get('loss_first'), '.3f')}/{fmt(r.get('loss_last'), '.3f')}" if ok else "-",
+            _times(_div(r.get("tokens_per_s"), fastest["tokens_per_s"])) if ok and fastest else "-",
+            _times(_div(r.get("peak_mem_gib"), leanest["peak_mem_gib"])) if ok and leanest else "-",
+            "ok" if ok else f"{r['status']}: {r.get('reason', '')}",
+        ])
+    lines.append(markdown_table(headers, rows))
+    ratios = ratio_rows(results)
+    if ratios:
+        lines += ["", "posttrain / peer:", ""]
+        lines.append(markdown_table(
+            ["posttrain", "peer", "tokens/s ratio", "peak memory ratio"],
+            [[x["posttrain"], x["peer"], _times(x["tokens_per_s_ratio"]), _times(x["peak_mem_ratio"])]
+             for x in ratios],
+        ))
+    ours = [r for r in results if r["kind"] == "posttrain" and r["status"] == "ok"]
+    best = max(ours, key=lambda r: r["tokens_per_s"] or 0, default=None)
+    if best is not None:
+        lines += ["", f"best posttrain run: {best['name']}: {fmt(best.get('tokens_per_s'), ',.0f')} tokens/s, "
+                      f"MFU {fmt(best.get('mfu_pct'))}%"]
+        if best.get("mfu_pct") is not None:
+            lines.append(f"- target MFU >= 50%: {'MET' if best['mfu_pct'] >= 50 else 'not met'}")
+        if fastest:
+            q = _div(best["tokens_per_s"], fastest["tokens_per_s"])
+            lines.append(f"- target tokens/s >= 1.3 x fastest peer ({fastest['name']}): {q:.2f}x "
+                         f"{'MET' if q >= 1.3 else 'not met'}")
+        if leanest and best.get("peak_mem_gib") is not None and leanest.get("peak_mem_gib") is not None:
+            lines.append(f"- target peak memory <= leanest peer ({leanest['name']}, {leanest['peak_mem_gib']:.1f} "
+                         f"GiB): {best['peak_mem_gib']:.1f} GiB "
+                         f"{'MET' if best['peak_mem_gib'] <= leanest['peak_mem_gib'] else 'not met'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen3", help="posttrain family (qwen3, llama3)")
+    p.add_argument("--flavor", default="1.7B", help="named size of the family (debug, 0.6B, 1.7B, 8B, 1B, ...)")
+    p.add_argument("--hf-config", default=None,
+                   help="take the shape from an HF config.json (file or folder) instead of --model/--flavor; "
+                        "weights stay random")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="parameter and AdamW state dtype, the same for every run")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=2, help="rows per step (one micro-batch)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
+    p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
+                   help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N "
+                        "('' for none)")
+    p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
+                   help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
+    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op"),
+                   help="posttrain activation checkpointing for variants without an ac= token")
+    p.add_argument("--ac-every-n", type=int, default=2)
+    p.add_argument("--peer-ac", action="store_true", help="HF gradient checkpointing for the peers (e.g. 8B)")
+    p.add_argument("--hf-attn", default="sdpa", help="attn_implementation of the HF peers")
+    p.add_argument("--docs-per-row", type=int, default=1,
+                   help="documents packed per row (posttrain masks per document; HF peers attend the whole row)")
+    p.add_argument("--loss-chunk-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU on CUDA (H100/H200: 989)")
+    p.add_argument("--time-budget-s", type=float, default=480.0, help="wall-clock budget for the whole script")
+    p.add_argument("--min-run-s", type=float, default=25.0, help="skip an eager run when less than this is left")
+    p.add_argument("--min-compile-run-s", type=float, default=90.0,
+                   help="skip a compiled run when less than this is left (compilation cannot be cut short)")
+    p.add_argument("--allow-cpu-compile", action="store_true", help="run compile variants/peers on the CPU too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON results file")
+    return p.parse_args(argv)
+
+
+def plan_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, Any, str | None, float]]:
+    """(kind, name, what, skip reason, seconds it needs) in run order.
+
+    The first posttrain variant (the headline) runs first, then the peers (Liger ones last: their patch of
+    transformers' classes stays for the rest of the process; posttrain is not affected), then the other
+    posttrain variants. So under a tight budget the headline comparisons are the ones that get done.
+    """
+    ours: list[tuple[str, str, Any, str | None, float]] = []
+    for text in [t for t in args.posttrain_variants.split(",") if t.strip()]:
+        v = parse_variant(text.strip())
+        skip = None
+        if device.type == "cpu" and v.backend == "flex":
+            skip = "flex has no backward on CPU"
+        elif device.type == "cpu" and v.compile and not args.allow_cpu_compile:
+            skip = "compile skipped on CPU (--allow-cpu-compile)"
+        ours.append(("posttrain", v.name, v, skip, args.min_compile_run_s if v.compile else args.min_run_s))
+    peers = [t.strip() for t in args.peers.split(",") if t.strip()]
+    unknown = [x for x in peers if x not in PEERS]
+    if unknown:
+        raise SystemExit(f"--peers: unknown {unknown}; choose from {PEERS}")
+    peers.sort(key=lambda x: ("liger" in x, x.endswith("compile") and "liger" in x))  # stable: Liger last
+    theirs: list[tuple[str, str, Any, str | None, float]] = []
+    for peer in peers:
+        skip = None
+        if device.type == "cpu" and peer.endswith("compile") and not args.allow_cpu_compile:
+            skip = "compile skipped on CPU (--allow-cpu-compile)"
+        if "liger" in peer and skip is None:
+            try:
+                import liger_kernel  # noqa: F401
+            except ImportError as err:
+                skip = f"liger_kernel not importable ({err})"
+        need = args.min_compile_run_s if peer.endswith("compile") else args.min_run_s * (2 if "liger" in peer else 1)
+        theirs.append(("peer", peer, peer, skip, need))
+    return ours[:1] + theirs + ours[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    deadline = Deadline(args.time_budget_s)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    shape = resolve_shape(args.model, args.flavor, args.hf_config)
+    n_batches = max(1, min(4, args.steps + args.warmup))
+    batches = make_batches(n_batches, args.batch, args.seq_len, shape.args.vocab_size, args.docs_per_row,
+                           args.seed, pin=device.type == "cuda")
+    s = Settings(
+        device=device, dtype=args.dtype, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
+        warmup=args.warmup, lr=args.lr, max_grad_norm=args.max_grad_norm,
+        peak_flops=args.peak_tflops * 1e12 if device.type == "cuda" else None, shape=shape, batches=batches,
+        deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
+        loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
+    )
+    report: dict[str, Any] = {
+        "benchmark": "bench_sft", "env": environment(device), "shape": shape.describe(),
+        "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+        "flops_per_token_issue_formula": issue_flops_per_token(shape, args.seq_len),
+        "sft_loss": SFT_LOSS_SOURCE, "results": [],
+    }
+    print(f"shape: {json.dumps(shape.describe())}", flush=True)
+    broken_by: str | None = None
+    for kind, name, what, skip, need_s in plan_runs(args, device):
+        entry: dict[str, Any] = {"name": name, "kind": kind}
+        if skip is None and broken_by is not None:
+            skip = f"CUDA context broken by {broken_by}"
+        if skip is None and deadline.remaining() < need_s:
+            skip = f"time budget: {deadline.remaining():.0f} s of {args.time_budget_s:.0f} s left, run needs ~{need_s:.0f} s"
+        if skip is not None:
+            entry.update(status="skipped", reason=skip)
+            print(f"[{name}] skipped: {skip}", flush=True)
+        else:
+            print(f"[{name}] running ({deadline.remaining():.0f} s of budget left)", flush=True)
+            t0 = time.perf_counter()
+            try:
+                entry.update(run_posttrain(what, s) if kind == "posttrain" else run_hf(what, s))
+            except (Exception, SystemExit) as err:  # noqa: BLE001 - one crash must not end the benchmark
+                entry.update(status="failed", reason=short_error(err))
+                entry["traceback"] = traceback.format_exc(limit=8)
+                print(f"[{name}] failed: {entry['reason']}", flush=True)
+                print(entry["traceback"], flush=True)
+                del err
+            entry["wall_s"] = round(time.perf_counter() - t0, 1)
+            free_memory(device)
+            if entry["status"] != "ok":
+                why = cuda_context_broken(device)
+                if why:
+                    broken_by = f"{name} ({why})"
+            else:
+                print(f"[{name}] {fmt(entry.get('tokens_per_s'), ',.0f')} tokens/s, MFU {fmt(entry.get('mfu_pct'))}%, "
+                      f"causal MFU {fmt(entry.get('mfu_causal_pct'))}%, peak {fmt(entry.get('peak_mem_gib'))} GiB, "
+                      f"loss {fmt(entry.get('loss_first'), '.3f')} -> {fmt(entry.get('loss_last'), '.3f')}, "
+                      f"{entry['wall_s']} s", flush=True)
+        report["results"].append(entry)
+        report["ratios"] = ratio_rows(report["results"])
+        write_json(args.out, report)
+    report["total_s"] = round(deadline.elapsed(), 1)
+    write_json(args.out, report)
+    print(f"\n{RESULTS_MARKER} bench_sft ({report['total_s']} s)")
+    print(render(report["results"], shape, s), flush=True)
+    return 0 if any(r["status"] == "ok" for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Measuring on one device, shared by the benchmarks: synchronised timing, peak memory, freeing memory
+between runs, a wall-clock budget, the environment record, and the markdown table the scripts print last.
+
+The benchmarks run as scripts (`python benchmarks/bench_sft.py ...`), so this module is imported by its
+bare name; `ensure_repo_on_path()` makes `import posttrain` work without installing the package.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_repo_on_path() -> None:
+    """Put the repository root first on sys.path so `posttrain` is importable from a plain checkout."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+ensure_repo_on_path()
+
+import torch  # noqa: E402
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but no CUDA device is visible; use --device cpu")
+        # an explicit index: torch.cuda.set_device(torch.device("cuda")) raises
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak allocated bytes since `reset_peak` in GiB; None on the CPU (the process peak cannot be reset)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def allocated_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def free_memory(device: torch.device, *, reset_compiler: bool = True) -> None:
+    """Drop what the previous run left: Python garbage, compiled graphs (they hold parameters), cached blocks."""
+    gc.collect()
+    if reset_compiler:
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001 - best effort between runs
+            pass
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cuda_context_broken(device: torch.device) -> str | None:
+    """After a failure: a sticky CUDA error (e.g. illegal memory access) poisons the whole process."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.zeros(1, device=device).add_(1).item()
+    except Exception as err:  # noqa: BLE001
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def short_error(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in first.lower():
+        return f"OOM: {first[:limit]}"
+    return f"{type(err).__name__}: {first[:limit]}"
+
+
+class Deadline:
+    """A wall-clock budget for the whole script: runs check it and stop or skip instead of overrunning."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def remaining(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = None
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except Exception:  # noqa: BLE001
+        env["transformers"] = None
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    return env
+
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != value:  # NaN
+        return "-"
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike | None, obj: Any) -> None:
+    """Write atomically (tmp then rename), so a run killed mid-write leaves the previous complete file."""
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+RESULTS_MARKER = "=== RESULTS ==="
