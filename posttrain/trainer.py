@@ -201,13 +201,37 @@ class Trainer:
         """Resume from the latest complete checkpoint of output_dir, if any (and if checkpoint.resume)."""
         if not self.cfg.checkpoint.resume:
             return
-        step = self.checkpoint.load(self.checkpoint_state())
+        step = self.checkpoint.load(self.checkpoint_state(), source_rank=self._per_rank_source)
         if step is None:
             return
         self.step = step
         self._data_iter = None
         self.metrics.truncate_after(step)
         logger.info("resumed from %s at step %d", self.checkpoint.step_dir(step), step)
+
+    def _rank_layout(self) -> dict[str, Any]:
+        """Which data-parallel rank each global rank is: per-rank state (data position, RNG) follows it."""
+        dp_rank_of_rank = [self.dp_rank]
+        if self.dist.world_size > 1:
+            dp_rank_of_rank = [None] * self.dist.world_size
+            dist.all_gather_object(dp_rank_of_rank, self.dp_rank)
+        return {"dp_degree": self.dp_degree, "dp_rank_of_rank": dp_rank_of_rank}
+
+    def _per_rank_source(self, metadata: dict[str, Any]) -> int:
+        """The saved rank whose data-loader / RNG state this rank continues (the layout may have changed)."""
+        layout = metadata.get("layout")
+        if layout is None:
+            if metadata["world_size"] != self.dist.world_size:
+                raise SystemExit("the checkpoint holds no rank layout and the world size changed; resume as it was saved")
+            return self.dist.rank
+        if layout["dp_degree"] != self.dp_degree:
+            raise SystemExit(
+                f"the checkpoint in {self.checkpoint.folder} was written with a data-parallel degree of "
+                f"{layout['dp_degree']}, this run has {self.dp_degree}: the data stream was split {layout['dp_degree']} "
+                "ways and cannot be re-split exactly. Resume with the same dp_replicate x dp_shard (tp may change), "
+                "or start a new output_dir from an HF export (checkpoint.export_hf, then model.hf_path)."
+            )
+        return layout["dp_rank_of_rank"].index(self.dp_rank)
 
     # ---------------------------------------------------------------- training
     def next_micro_batch(self) -> dict[str, torch.Tensor]:
@@ -347,7 +371,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        self.checkpoint.save(self.step, self.checkpoint_state())
+        self.checkpoint.save(self.step, self.checkpoint_state(), layout=self._rank_layout())
         if self.dist.is_main:
             logger.info("checkpoint step-%d saved in %.1fs", self.step, time.perf_counter() - t0)
 

@@ -26,9 +26,9 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -149,9 +149,12 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], *, layout: dict[str, Any] | None = None) -> Path:
         """Write `state` as checkpoint `step` and return its folder; then delete all but the last
-        `cfg.keep_last` complete checkpoints (0 keeps all). Saving a step that exists replaces it."""
+        `cfg.keep_last` complete checkpoints (0 keeps all). Saving a step that exists replaces it.
+
+        `layout` (JSON-able, e.g. which data-parallel rank each rank is) is kept in the metadata so a
+        resume under another layout can pick the per-rank file it needs (see `load(source_rank=...)`)."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
         begin = time.perf_counter()
@@ -187,6 +190,7 @@ class CheckpointManager:
                 "entries": kinds,
                 "torch_version": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "layout": layout,
             }
             _write_durably(tmp_dir / MARKER_FILE, json.dumps(metadata, indent=2) + "\n")
             self._publish(tmp_dir, final_dir)
@@ -222,10 +226,22 @@ class CheckpointManager:
 
     # -- load -----------------------------------------------------------------------------------------
 
-    def load(self, state: dict[str, Any], step: int | None = None) -> int | None:
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The metadata (`checkpoint.json`) of complete checkpoint `step`."""
+        return json.loads((self.step_dir(step) / MARKER_FILE).read_text())
+
+    def load(
+        self,
+        state: dict[str, Any],
+        step: int | None = None,
+        *,
+        source_rank: Callable[[dict[str, Any]], int] | None = None,
+    ) -> int | None:
         """Load checkpoint `step` (default: the latest complete one) into `state`'s objects in place and
         return its step, or return None when there is no checkpoint to load.
 
+        `source_rank(metadata)` names the saved rank whose per-rank file this rank reads (default: its own
+        rank when the world size is unchanged); it may raise to refuse a layout it cannot follow.
         Objects with `load_state_dict` are loaded in place; a plain value (say `state["rng"] = None`) is
         replaced in `state` by the saved one. Every name in `state` must be in the checkpoint; the
         checkpoint may hold more (load only `{"model": ModelOptimizerState(model)}` to get the weights).
@@ -269,8 +285,9 @@ class CheckpointManager:
 
         per_rank_names = [name for name, kind in kinds.items() if kind == "per_rank"]
         if per_rank_names:
-            if metadata["world_size"] == self.world_size:
-                per_rank = torch.load(directory / rank_file(self.rank), map_location="cpu", weights_only=False)
+            if source_rank is not None or metadata["world_size"] == self.world_size:
+                rank = source_rank(metadata) if source_rank is not None else self.rank
+                per_rank = torch.load(directory / rank_file(rank), map_location="cpu", weights_only=False)
                 for name in per_rank_names:
                     _restore(state, name, per_rank[name])
             elif self.rank == 0:
