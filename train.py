@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from posttrain.config import load_config
+from posttrain.extensions import load_callable
 
 RECIPES = {
     "sft": "posttrain.recipes.sft",
@@ -21,11 +22,22 @@ RECIPES = {
 
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    try:
-        recipe = importlib.import_module(RECIPES[cfg.job.recipe])
-    except ModuleNotFoundError as err:
-        raise SystemExit(f"job.recipe = {cfg.job.recipe!r} is not available in this version ({err})") from err
-    recipe.run(cfg)
+    if cfg.job.dry_run:
+        from posttrain.dry_run import dry_run
+
+        dry_run(cfg)
+        return
+    if cfg.job.recipe in RECIPES:
+        try:
+            run = importlib.import_module(RECIPES[cfg.job.recipe]).run
+        except ModuleNotFoundError as err:
+            raise SystemExit(f"job.recipe = {cfg.job.recipe!r} is not available in this version ({err})") from err
+    else:  # the user's own recipe, `module:attr` (posttrain/extensions.py)
+        try:
+            run = load_callable(cfg.job.recipe, key="job.recipe")
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from posttrain.config import JobConfig, config_to_dict, validate_world_size
 from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.divergence import DivergenceGuard
 from posttrain.metrics import (
     MetricsLogger,
     attention_flops,
@@ -35,12 +36,15 @@ from posttrain.metrics import (
     peak_memory_gib,
     reset_peak_memory,
 )
+from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
-from posttrain.models.registry import get_model_spec, resolve_args
+from posttrain.models.vocab_growth import grown_vocab_size
+from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
 from posttrain.optim import build_lr_scheduler, build_optimizer
 from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
+from posttrain.preemption import PreemptionFlag
 
 logger = logging.getLogger("posttrain")
 
@@ -58,7 +62,10 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], LossOutput
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Target tokens of a micro-batch: positions whose label is not -100."""
+    """Targets of a micro-batch: its own `n_targets` entry when it has one (e.g. preference pairs, the unit a
+    DPO loss is averaged over), else the positions whose label is not -100."""
+    if "n_targets" in batch:
+        return torch.as_tensor(batch["n_targets"])
     return (batch["labels"] != -100).sum()
 
 
@@ -69,16 +76,31 @@ def build_training_model(
     device: torch.device,
     mixed_precision: str,
     tokenizer_vocab_size: int,
+    added_tokens: int | None = None,
 ) -> nn.Module:
     """Build on the meta device, parallelize (TP -> AC -> compile -> FSDP), materialize, then load or init.
 
     With `model.hf_path`, its config.json decides the family and sizes; each rank reads only its own shards.
+    `added_tokens` (added to the tokenizer by config; None: counted from the config's token lists) may grow
+    the vocabulary; the head and LoRA adapters of
+    the config are attached before parallelizing (see `posttrain/finetune_setup.py`).
     """
     m = cfg.model
+    if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_backend.py)
+        from posttrain.parallelisms.hf_backend import build_parallel_hf_model
+
+        return build_parallel_hf_model(
+            m, parallel_dims=parallel_dims, device=device, mixed_precision=mixed_precision,
+            ac=cfg.activation_checkpoint, compile=cfg.compile, parallelism=cfg.parallelism, seed=cfg.job.seed,
+            packing=cfg.data.packing, tokenizer_vocab_size=tokenizer_vocab_size, lora_rank=cfg.lora.rank,
+        )
     if m.hf_path:
         folder = resolve_hf_folder(m.hf_path)
         hf_config = read_hf_config(folder)
-        spec = spec_for_hf_config(hf_config)
+        try:
+            spec = spec_for_hf_config(hf_config)
+        except ValueError as err:
+            raise SystemExit(f"model.hf_path = {m.hf_path}: {err}") from err
         if m.name not in (spec.name, *spec.hf_model_types):
             logger.warning("model.name %r ignored: %s/config.json says %r", m.name, folder, spec.name)
         args = resolve_args(spec, spec.args_from_hf_config(hf_config))
@@ -86,22 +108,28 @@ def build_training_model(
         folder = None
         try:
             spec = get_model_spec(m.name)
-            args = resolve_args(spec, m.flavor)
-        except KeyError as err:
-            raise SystemExit(f"model.name / model.flavor: {err.args[0]}") from err
+            args = resolve_scratch_args(spec, m.flavor, vocab_size=m.vocab_size, overrides=m.overrides)
+        except (KeyError, TypeError, ValueError) as err:
+            raise SystemExit(f"model.name / model.flavor / model.vocab_size / model.overrides: {err.args[0]}") from err
     backend = m.attn_backend
     if backend == "auto":
         backend = "flex" if device.type == "cuda" else "sdpa"
     if backend == "flex" and device.type == "cpu":
         raise SystemExit("model.attn_backend = 'flex' has no backward on CPU; use 'sdpa' (or 'auto')")
     args.attn_backend = backend
-    if tokenizer_vocab_size > args.vocab_size:
-        raise SystemExit(
-            f"the tokenizer has {tokenizer_vocab_size} tokens but the model's vocabulary is {args.vocab_size}; "
-            "use the model's own tokenizer (tokenizer.path) or a model with a larger vocabulary"
-        )
+    if added_tokens is None:
+        added_tokens = count_config_tokens(cfg.tokenizer)
+    try:
+        grown = grown_vocab_size(args.vocab_size, tokenizer_vocab_size, added_tokens)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    old_vocab = args.vocab_size
+    if grown is not None:
+        logger.info("vocabulary grown %d -> %d for tokens added by config", old_vocab, grown)
+        args.vocab_size = grown
     with torch.device("meta"):
         model = spec.model_cls(args)
+    add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
     get_parallelize_fn(spec.name)(
         model,
         parallel_dims,
@@ -114,9 +142,10 @@ def build_training_model(
         model.to(dtype=torch.bfloat16)
     model.to_empty(device=device)
     if folder is not None:
-        load_hf_weights_sharded(model, folder, spec)
+        load_hf_weights_sharded(model, folder, spec, checkpoint_vocab_size=old_vocab if grown else None)
     else:
         init_weights_sharded(model, seed=cfg.job.seed, buffer_device=device)
+    init_config_modules(model, cfg, hf_folder=folder, spec=spec, grown_from_vocab=old_vocab if grown else None)
     return model
 
 
@@ -124,7 +153,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None):
         self.cfg = cfg
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        self.dist = init_distributed(cfg.training.device)
+        self.dist = init_distributed(cfg.training.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         validate_world_size(cfg, self.dist.world_size)
         self.output_dir = Path(cfg.job.output_dir)
@@ -151,13 +180,15 @@ class Trainer:
             self.mixed_precision = "bf16" if self.device.type == "cuda" else "fp32"
 
         torch.manual_seed(cfg.job.seed)
-        self.tokenizer = tokenizer if tokenizer is not None else self._build_tokenizer()
+        self._config_added_tokens: int | None = None  # added to the tokenizer by config (may grow the vocabulary)
+        self.tokenizer = tokenizer if tokenizer is not None else self._build_tokenizer()  # None: token-id data
         self.model = build_training_model(
             cfg,
             parallel_dims=self.parallel_dims,
             device=self.device,
             mixed_precision=self.mixed_precision,
-            tokenizer_vocab_size=self.tokenizer.vocab_size,
+            tokenizer_vocab_size=self.tokenizer.vocab_size if self.tokenizer is not None else 0,
+            added_tokens=self._config_added_tokens,
         )
         self.model_args = self.model.args
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
@@ -165,6 +196,16 @@ class Trainer:
         self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
         self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
         self.peak_flops = self.metrics.peak_flops(self.device)
+        mfu_unavailable = getattr(self.model, "mfu_unavailable_reason", None)  # the hf backend's models
+        if mfu_unavailable is not None and mfu_unavailable(t.seq_len):
+            if self.dist.is_main:
+                logger.info("MFU is not reported (mfu = null): %s", mfu_unavailable(t.seq_len))
+            self.peak_flops = None
+        self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
+        self.preemption = PreemptionFlag()
+        self.preempted = False  # set when a preemption signal ended fit() early (after a checkpoint)
+        self._checkpoint_stall_s: float | None = None  # of the last save, logged with the next metrics
+        self._last_saved_step: int | None = None
         self.step = 0
         self.data_loader = None
         self._data_iter: Iterator | None = None
@@ -177,13 +218,23 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- building
-    def _build_tokenizer(self) -> HFTokenizer:
+    def _build_tokenizer(self) -> HFTokenizer | None:
+        """The configured tokenizer; None for pre-tokenized data (data.format = tokens or a user format)
+        when none is configured: the vocabulary is then the model's (model.vocab_size)."""
         path = self.cfg.tokenizer.path or self.cfg.model.hf_path
+        if not path and (self.cfg.data.format == "tokens" or ":" in self.cfg.data.format):
+            return None
         if not path:
-            raise SystemExit("no tokenizer: set tokenizer.path (or model.hf_path, whose folder holds one)")
+            raise SystemExit(
+                "no tokenizer: set tokenizer.path (or model.hf_path, whose folder holds one), or use "
+                "data.format = 'tokens' for pre-tokenized rows"
+            )
         tok = HFTokenizer(path, pad_token=self.cfg.tokenizer.pad_token or None)
+        self._config_added_tokens = 0
         if self.cfg.tokenizer.add_special_tokens:
-            tok.add_special_tokens(list(self.cfg.tokenizer.add_special_tokens))
+            self._config_added_tokens += tok.add_special_tokens(list(self.cfg.tokenizer.add_special_tokens))
+        if self.cfg.tokenizer.add_tokens_file:
+            self._config_added_tokens += tok.add_special_tokens(read_tokens_file(self.cfg.tokenizer.add_tokens_file))
         return tok
 
     # ---------------------------------------------------------------- state
@@ -205,6 +256,7 @@ class Trainer:
         if step is None:
             return
         self.step = step
+        self._last_saved_step = step  # a preemption right after resuming need not save this step again
         self._data_iter = None
         self.metrics.truncate_after(step)
         logger.info("resumed from %s at step %d", self.checkpoint.step_dir(step), step)
@@ -278,7 +330,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
-        for cpu_mb in cpu_batches:
+        defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and self.grad_accum > 1
+        for i, cpu_mb in enumerate(cpu_batches):
+            if defer_sync:  # FSDP keeps unsharded gradients until the last micro-batch, then reduces once
+                self.model.set_requires_gradient_sync(i == len(cpu_batches) - 1)
             mb = self._to_device(cpu_mb)
             with autocast:
                 out = loss_fn(self.model, mb, n_global)
@@ -291,13 +346,19 @@ class Trainer:
         grad_norm = clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], max_norm if max_norm > 0 else float("inf")
         )
-        self.optimizer.step()
+        # The guard reads the (global) norm on the host: one sync per step, skipped with the guard off.
+        if not self.divergence.enabled or self.divergence.step_is_good(self.step + 1, float(grad_norm)):
+            self.optimizer.step()
+        else:
+            logger.warning("step %d: non-finite loss or gradient (norm %s): update skipped", self.step + 1, float(grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.step += 1
 
         metrics = {"lr": lr, "data_wait_s": data_wait_s, "tokens": tokens, "flops": flops, "target_tokens": n_global}
+        if self.divergence.enabled:
+            metrics["skipped_steps"] = self.divergence.skipped_steps
         if log:
             reduced = self._all_reduce_sum(torch.stack([loss_sum, *extra.values()])).tolist()
             metrics["loss"] = reduced[0] / n_global
@@ -320,10 +381,13 @@ class Trainer:
     def _param_counts(self) -> tuple[int, int]:
         if not hasattr(self, "_param_count_cache"):
             trainable = frozen = 0
+            # MoE: a token computes with top_k of the experts only (the model says which share of a weight is used)
+            active_fraction = getattr(self.model, "param_active_fraction", lambda name: 1.0)
             for name, p in self.model.named_parameters():
-                if "tok_embeddings" in name and not self.model_args.tie_embeddings:
+                if ("tok_embeddings" in name or "embed_tokens" in name) and not self.model_args.tie_embeddings:
                     continue  # an embedding lookup is not a matmul
                 n = p.numel() if not hasattr(p, "full_tensor") else p.shape.numel()
+                n = int(n * active_fraction(name))
                 if p.requires_grad:
                     trainable += n
                 else:
@@ -353,11 +417,21 @@ class Trainer:
                 m["data_wait_ms"] = 1000 * window["data_wait_s"] / window["steps"]
                 m["mem_gib"] = peak_memory_gib(self.device)
                 m.update(self._data_stats())
+                if self._checkpoint_stall_s is not None:
+                    m["checkpoint_stall_s"], self._checkpoint_stall_s = self._checkpoint_stall_s, None
                 self.metrics.log(self.step, {k: v for k, v in m.items() if k not in ("flops", "data_wait_s")})
                 window, window_t0 = {}, time.perf_counter()
-            if self.checkpoint.should_save(self.step, total):
+            if self.checkpoint.should_save(self.step, total) and self.divergence.in_bad_streak:
+                logger.warning("step %d: no checkpoint during non-finite steps (keeps the good ones)", self.step)
+            elif self.checkpoint.should_save(self.step, total):
                 self.save_checkpoint()
                 window_t0 = time.perf_counter()  # keep checkpoint time out of throughput
+            self.divergence.check_limit(self.step, self._last_checkpoint_name)
+            if self.step < total and self.preemption.stop_requested():
+                self._stop_for_preemption()
+                break
+        with self.preemption.busy():
+            self.checkpoint.wait()  # the end-of-run save completes before the run ends
 
     def _data_stats(self) -> dict[str, float]:
         local = getattr(self.data_loader, "stats", None)  # cumulative counters of this rank's loader
@@ -371,20 +445,50 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        self.checkpoint.save(self.step, self.checkpoint_state(), layout=self._rank_layout())
+        with self.preemption.busy():  # a preemption signal during a save waits for it
+            self.checkpoint.save(self.step, self.checkpoint_state(), layout=self._rank_layout())
+        # The training stall: the whole save when synchronous, staging (plus the previous save's wait) when async.
+        self._checkpoint_stall_s = time.perf_counter() - t0
+        self._last_saved_step = self.step
         if self.dist.is_main:
-            logger.info("checkpoint step-%d saved in %.1fs", self.step, time.perf_counter() - t0)
+            how = "started in the background" if self.cfg.checkpoint.async_save else "saved"
+            logger.info("checkpoint step-%d %s; training stalled %.2fs", self.step, how, self._checkpoint_stall_s)
+
+    def _last_checkpoint_name(self, at_or_before: int) -> str | None:
+        self.checkpoint.wait()
+        steps = [s for s in self.checkpoint.complete_steps() if s <= at_or_before]
+        return str(self.checkpoint.step_dir(steps[-1])) if steps else None
+
+    def _stop_for_preemption(self) -> None:
+        """A preemption signal reached some rank: every rank saves this step (unless just saved) and fit() ends."""
+        if self.dist.is_main:
+            logger.warning("preemption signal received: saving a checkpoint at step %d and exiting", self.step)
+        if self._last_saved_step != self.step:
+            self.save_checkpoint()
+        with self.preemption.busy():
+            self.checkpoint.wait()
+        self.preempted = True
+        if self.dist.is_main:
+            logger.warning("preempted at step %d; the next start resumes from %s", self.step, self.checkpoint.step_dir(self.step))
 
     def export_hf(self) -> None:
-        if not self.cfg.checkpoint.export_hf:
+        if not self.cfg.checkpoint.export_hf or self.preempted:
             return
         from posttrain.models import save_hf
 
         out = self.output_dir / "hf"
-        save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)
+        save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
         if self.dist.is_main:
             logger.info("exported Hugging Face checkpoint to %s", out)
+        if self.cfg.lora.rank > 0:
+            from posttrain.models.peft_adapter import save_peft_adapter
+
+            adapter = save_peft_adapter(self.model, self.output_dir / "adapter",
+                                        base_model_name_or_path=self.cfg.model.hf_path)
+            if self.dist.is_main:
+                logger.info("exported the LoRA adapter (PEFT format) to %s", adapter)
 
     def close(self) -> None:
+        self.preemption.restore()
         self.metrics.close()
         destroy_distributed()

@@ -12,6 +12,11 @@ parity check (expect ~1e-6 relative); bf16/fp16 only bound rounding noise, which
 Random tiny configs use awkward shapes on purpose (head_dim != hidden / heads, GQA, untied embeddings, a
 vocabulary that is not a multiple of 64, llama3 RoPE scaling); add a family by adding a builder to
 RANDOM_CONFIG_BUILDERS.
+
+Per layer, the hidden states are compared too (transformers' ``output_hidden_states`` against forward hooks on
+posttrain's blocks): the input of the first block ("embeddings"), each block's output, then the final norm.
+The first entry above tolerance is printed as the first diverging layer, so a port is finished by fixing that
+layer and running again (see README, "Adding a model").
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +84,92 @@ def random_qwen3_config() -> Any:
     )
 
 
+def random_gemma3_config() -> Any:
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=1000,
+        hidden_size=80,
+        intermediate_size=144,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,  # != 80 / 4
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_parameters={  # global layers: linear scaling; sliding layers: their own base
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        sliding_window=7,  # shorter than every test document
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        query_pre_attn_scalar=20,  # != head_dim
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+
+
+def random_qwen3_moe_config() -> Any:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,  # the dense layer (mlp_only_layers)
+        moe_intermediate_size=40,
+        num_experts=6,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def random_gpt_oss_config() -> Any:
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=40,  # per expert
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        sliding_window=7,  # shorter than every test document
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={  # original context shorter than the test sequences, so YaRN matters
+            "rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 16, "rope_theta": 150000.0,
+        },
+        max_position_embeddings=128,  # = factor * original
+        swiglu_limit=1.5,  # low enough that the clamps are active on random weights
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 RANDOM_CONFIG_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": random_llama_config,
     "qwen3": random_qwen3_config,
+    "gemma3_text": random_gemma3_config,
+    "qwen3_moe": random_qwen3_moe_config,
+    "gpt_oss": random_gpt_oss_config,
 }
 
 
@@ -113,12 +201,62 @@ def make_random_hf_model(model_type: str, out_dir: str | Path, *, seed: int = 0)
 
 
 @dataclass
+class LayerDiff:
+    name: str  # "embeddings", "layer 3", "final norm"
+    max_abs: float
+    mean_abs: float
+    ref_max_abs: float
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def compare_hidden_states(ref: torch.nn.Module, ours: torch.nn.Module, ids: torch.Tensor) -> list[LayerDiff]:
+    """Hidden states of both models on ``ids``, entry by entry: the first block's input, every block's output,
+    the final norm's output. transformers' ``hidden_states`` give the first n entries (its last one is already
+    normed), hooks on its last layer and final norm the rest; posttrain's come from hooks on its blocks."""
+    decoder = ref.get_decoder() if hasattr(ref, "get_decoder") else ref.model
+    ref_layers, our_layers = list(decoder.layers), list(ours.layers.values())
+    if len(ref_layers) != len(our_layers):
+        raise AssertionError(f"layer count differs: transformers {len(ref_layers)}, posttrain {len(our_layers)}")
+    ref_tail: list[torch.Tensor] = []
+    mine: list[torch.Tensor] = []
+    hooks = [
+        ref_layers[-1].register_forward_hook(lambda m, a, o: ref_tail.append(_first_tensor(o))),
+        decoder.norm.register_forward_hook(lambda m, a, o: ref_tail.append(_first_tensor(o))),
+        our_layers[0].register_forward_pre_hook(lambda m, a: mine.append(a[0])),
+        *[layer.register_forward_hook(lambda m, a, o: mine.append(_first_tensor(o))) for layer in our_layers],
+        ours.norm.register_forward_hook(lambda m, a, o: mine.append(_first_tensor(o))),
+    ]
+    try:
+        hidden = ref(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+        ours(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    reference = [*hidden[: len(ref_layers)], *ref_tail]
+    names = ["embeddings", *[f"layer {i}" for i in range(len(ref_layers))], "final norm"]
+    diffs = []
+    for name, a, b in zip(names, reference, mine):
+        d = (a.float() - b.float()).abs()
+        diffs.append(LayerDiff(name, d.max().item(), d.mean().item(), a.float().abs().max().item()))
+    return diffs
+
+
+@dataclass
 class ParityReport:
     max_abs: float
     mean_abs: float
     packed_max_abs: float
     packed_mean_abs: float
     ref_max_abs: float  # largest |logit| of the reference, for a relative error
+    layers: list[LayerDiff] = field(default_factory=list)  # per-layer hidden states, in forward order
+
+    def first_divergence(self, tol: float, rtol: float) -> LayerDiff | None:
+        """The first hidden state whose max abs diff exceeds ``tol + rtol * max|reference|``."""
+        return next((d for d in self.layers if d.max_abs > tol + rtol * d.ref_max_abs), None)
 
     @property
     def rel(self) -> float:
@@ -140,13 +278,17 @@ def compare_logits(
     batch: int = 2,
     seed: int = 0,
     attn_backend: str = "sdpa",
+    ours: torch.nn.Module | None = None,
 ) -> ParityReport:
+    """``ours``: an already loaded posttrain model to check (default: ``load_hf(hf_dir)``)."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import load_hf
 
     ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
-    ours = load_hf(hf_dir, dtype=dtype, device=device, attn_backend=attn_backend).eval()
+    if ours is None:
+        ours = load_hf(hf_dir, dtype=dtype, device=device, attn_backend=attn_backend)
+    ours = ours.eval()
     vocab = ref.config.vocab_size
     if ours.args.vocab_size != vocab:
         raise AssertionError(f"vocab size differs: transformers {vocab}, posttrain {ours.args.vocab_size}")
@@ -173,6 +315,7 @@ def compare_logits(
         packed_max_abs=packed_diff.max().item(),
         packed_mean_abs=packed_diff.mean().item(),
         ref_max_abs=max(ref_logits.abs().max().item(), ref_packed.abs().max().item()),
+        layers=compare_hidden_states(ref, ours, ids),
     )
 
 
@@ -218,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     allowed = tol + rtol * report.ref_max_abs
     print(f"max |logit| {report.ref_max_abs:.3e}; relative (max diff / max |logit|) {report.rel:.3e}")
     print(f"allowed max abs diff {allowed:.3e} (tol {tol:.1e} + rtol {rtol:.1e} * max |logit|)")
+    print("hidden states (same tolerance, relative to each entry's max |reference|):")
+    for d in report.layers:
+        print(f"  {d.name:<12} max abs diff {d.max_abs:.3e}  mean abs diff {d.mean_abs:.3e}  "
+              f"max |ref| {d.ref_max_abs:.3e}")
+    first = report.first_divergence(tol, rtol)
+    if first is not None:
+        print(f"first diverging layer: {first.name} (fix it there; everything before it matches)")
     if max(report.max_abs, report.packed_max_abs) > allowed:
         print("FAIL: above tolerance")
         return 1

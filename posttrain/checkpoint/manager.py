@@ -19,6 +19,7 @@ checkpoint the latest loadable one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from posttrain.checkpoint.manifest import build_manifest, manifest_problems
 from posttrain.checkpoint.model_state import ModelOptimizerState
 from posttrain.config.sections import CheckpointSection
 
@@ -106,6 +108,8 @@ class CheckpointManager:
         self.cfg = cfg
         self.folder = Path(output_dir) / "checkpoints"
         self.process_group = process_group
+        self._pending: tuple[int, Any, Callable[[], None]] | None = None  # async save in flight
+        self._async_pg: dist.ProcessGroup | None = None
 
     # -- where things are ---------------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class CheckpointManager:
         resume under another layout can pick the per-rank file it needs (see `load(source_rank=...)`)."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        self.wait()  # at most one save in flight
         begin = time.perf_counter()
         kinds = {name: _kind(obj) for name, obj in state.items()}
         tmp_dir = self.folder / f"step-{step}.tmp"
@@ -169,21 +174,63 @@ class CheckpointManager:
 
         per_rank = {name: _capture(obj) for name, obj in state.items() if kinds[name] == "per_rank"}
         torch.save(per_rank, tmp_dir / rank_file(self.rank))
+        if self.rank == 0:  # written now: with an async save, training changes these before the save ends
+            shared = {name: _capture(obj) for name, obj in state.items() if kinds[name] == "shared"}
+            torch.save(shared, tmp_dir / SHARED_FILE)
 
         distributed = {
             name: ModelOptimizerState(obj) if isinstance(obj, torch.nn.Module) else obj
             for name, obj in state.items()
             if kinds[name] == "distributed"
         }
+        final_dir = self.step_dir(step)
+        finish = functools.partial(self._finish_save, step, tmp_dir, kinds, layout, begin)
+        if distributed and self.cfg.async_save:
+            # Staged to CPU copies now; written by a background thread while training goes on. The
+            # completion marker (and so the checkpoint) appears only in `wait()`, after every rank is done.
+            if not self._distributed:  # the background thread warns too, outside any catch_warnings block
+                warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+            with _ignoring_no_dist_warning():
+                future = dcp.async_save(distributed, checkpoint_id=str(tmp_dir), process_group=self._async_group())
+            self._pending = (step, future, finish)
+            return final_dir
         if distributed:
             with _ignoring_no_dist_warning():
                 dcp.save(distributed, checkpoint_id=str(tmp_dir), process_group=self.process_group)
-        self._barrier()  # every rank's files are on disk
+        finish()
+        return final_dir
 
+    def _async_group(self) -> dist.ProcessGroup | None:
+        """A gloo group of this manager's ranks used only by the background writer: its collectives run while
+        training uses the main group, and two threads on one group would interleave their collectives."""
+        if not self._distributed:
+            return None
+        if self._async_pg is None:
+            ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+            self._async_pg = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+        return self._async_pg
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the asynchronous save still in flight, if any."""
+        return None if self._pending is None else self._pending[0]
+
+    def wait(self) -> None:
+        """Complete the asynchronous save in flight, if any (collective): its checkpoint is then published."""
+        if self._pending is None:
+            return
+        _, future, finish = self._pending
+        self._pending = None
+        result = getattr(future, "upload_completion", future)  # torch returns an AsyncSaveResponse with a stager
+        result.result()
+        finish()
+
+    def _finish_save(
+        self, step: int, tmp_dir: Path, kinds: dict[str, str], layout: dict[str, Any] | None, begin: float
+    ) -> None:
+        self._barrier()  # every rank's files are on disk
         final_dir = self.step_dir(step)
         if self.rank == 0:
-            shared = {name: _capture(obj) for name, obj in state.items() if kinds[name] == "shared"}
-            torch.save(shared, tmp_dir / SHARED_FILE)
             metadata = {
                 "step": step,
                 "world_size": self.world_size,
@@ -191,6 +238,7 @@ class CheckpointManager:
                 "torch_version": torch.__version__,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "layout": layout,
+                "files": build_manifest(tmp_dir, exclude=(MARKER_FILE,)),
             }
             _write_durably(tmp_dir / MARKER_FILE, json.dumps(metadata, indent=2) + "\n")
             self._publish(tmp_dir, final_dir)
@@ -198,7 +246,6 @@ class CheckpointManager:
         self._barrier()
         if self.rank == 0:
             logger.info("saved checkpoint %s in %.1f s", final_dir, time.perf_counter() - begin)
-        return final_dir
 
     def _publish(self, tmp_dir: Path, final_dir: Path) -> None:
         """Make the finished `tmp_dir` visible as `final_dir`, replacing an older save of the same step."""
@@ -247,7 +294,12 @@ class CheckpointManager:
         checkpoint may hold more (load only `{"model": ModelOptimizerState(model)}` to get the weights).
         """
         if step is None:
-            step = self._agreed(self.latest_step())
+            step = self._agreed(self._latest_intact_step() if self.rank == 0 else None)
+            if step == -1:
+                raise RuntimeError(
+                    f"every checkpoint in {self.folder} is damaged (reported above); refusing to start from "
+                    "scratch. Move that folder away to start a new run, or restore a checkpoint into it."
+                )
             if step is None:
                 return None
         directory = self.step_dir(step)
@@ -258,6 +310,9 @@ class CheckpointManager:
                 f"no complete checkpoint for step {step} in {self.folder} (complete steps: {available})"
             )
         metadata = json.loads(marker.read_text())
+        problems = manifest_problems(directory, metadata.get("files", {}))
+        if problems:
+            raise RuntimeError(f"checkpoint {directory} is damaged: {'; '.join(problems)}")
         saved_kinds: dict[str, str] = metadata["entries"]
         kinds = {name: _kind(obj) for name, obj in state.items()}
         for name, kind in kinds.items():
@@ -299,6 +354,30 @@ class CheckpointManager:
                 )
         self._barrier()
         return step
+
+    def _latest_intact_step(self) -> int | None:
+        """The newest complete checkpoint whose files match its manifest; damaged and unfinished ones are
+        reported. None when there is no checkpoint at all, -1 when there are some but all are damaged."""
+        if self.folder.is_dir():
+            for entry in sorted(self.folder.iterdir()):
+                unfinished = entry.name.endswith(".tmp") or (
+                    _STEP_DIR.match(entry.name) and not (entry / MARKER_FILE).is_file()
+                )
+                if entry.is_dir() and unfinished:
+                    logger.warning("ignoring %s: an unfinished save (no completion marker)", entry)
+        steps = self.complete_steps()
+        for step in reversed(steps):
+            try:
+                metadata = self.metadata(step)
+                problems = manifest_problems(self.step_dir(step), metadata.get("files", {}))
+            except (OSError, ValueError) as err:
+                problems = [f"unreadable {MARKER_FILE}: {err}"]
+            if not problems:
+                return step
+            logger.error(
+                "checkpoint %s is damaged and is skipped: %s", self.step_dir(step), "; ".join(problems)
+            )
+        return -1 if steps else None
 
     # -- collectives ----------------------------------------------------------------------------------
 

@@ -26,7 +26,10 @@ from posttrain.config.sections import (
     CompileSection,
     DataSection,
     JobSection,
+    LoRASection,
     LRSchedulerSection,
+    DistillSection,
+    DPOSection,
     MetricsSection,
     ModelSection,
     OptimizerSection,
@@ -61,6 +64,14 @@ class JobConfig:
     compile: CompileSection = field(default_factory=CompileSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+
+_missing = set(SECTIONS) - {f.name for f in dataclasses.fields(JobConfig)}
+if _missing:  # a section registered in SECTIONS needs its JobConfig field too
+    raise ImportError(f"JobConfig has no field for the config section(s) {sorted(_missing)}; add them in loader.py")
 
 
 # section -> key -> (value already converted to the field's type, where it came from)

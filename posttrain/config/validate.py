@@ -35,6 +35,7 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     and that the global batch splits evenly over the data-parallel ranks and micro-batches.
     """
     _validate_job(cfg)
+    _validate_extensible(cfg)
     _validate_data(cfg)
     _validate_training(cfg)
     _validate_optimizer(cfg)
@@ -57,6 +58,35 @@ def _validate_job(cfg: "JobConfig") -> None:
         "model.name",
         "must name a model family (or set model.hf_path)",
     )
+
+
+RECIPES = ("sft", "dpo", "reward_model", "distill")
+DATA_FORMATS = ("auto", "chat", "sharegpt", "prompt_completion", "text", "tokens")
+LOSSES = ("cross_entropy",)
+
+
+def _builtin_or_import_path(value: str, builtins: tuple[str, ...], key: str) -> None:
+    """A built-in name, or user code as `module:attr` (see posttrain/extensions.py)."""
+    if value in builtins or ":" in value:
+        return
+    from posttrain.config.schema import suggest
+
+    raise ConfigError(
+        f"{key} must be one of {', '.join(builtins)} or 'module:attr' naming your own code; got {value!r}"
+        f"{suggest(value, list(builtins))}",
+        key=key,
+    )
+
+
+def _validate_extensible(cfg: "JobConfig") -> None:
+    _builtin_or_import_path(cfg.job.recipe, RECIPES, "job.recipe")
+    _builtin_or_import_path(cfg.data.format, DATA_FORMATS, "data.format")
+    _builtin_or_import_path(cfg.training.loss, LOSSES, "training.loss")
+    m = cfg.model
+    _non_negative(m.vocab_size, "model.vocab_size")
+    if m.hf_path:
+        _require(m.vocab_size == 0, "model.vocab_size", "sizes a model built from scratch; unset it with model.hf_path")
+        _require(not m.overrides, "model.overrides", "size a model built from scratch; unset them with model.hf_path")
 
 
 def _validate_data(cfg: "JobConfig") -> None:

@@ -19,6 +19,7 @@ counters): save it per rank (e.g. torch.save), not as a sharded tensor.
 from __future__ import annotations
 
 import re
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -29,11 +30,18 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from posttrain.config.sections import DataSection
 from posttrain.datasets.errors import DataError
 from posttrain.datasets.sft_dataset import PackedEvalDataset, PackedSFTDataset, PipelineConfig
-from posttrain.datasets.sft_format import FORMATS, SFTTokenizer
+from posttrain.datasets.sft_format import FORMATS, SFTTokenizer, load_user_format
 from posttrain.datasets.sources import resolve_data_files
 from posttrain.datasets.stats import DataStats
 
 _SUMMED = tuple(DataStats.keys())
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Data workers ignore SIGTERM / SIGUSR1: schedulers signal every process of a job, and the training
+    process answers by checkpointing and shutting its workers down itself (posttrain/preemption.py)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class SFTDataLoader:
@@ -62,6 +70,7 @@ class SFTDataLoader:
                 persistent_workers=num_workers > 0 and restart_each_iter,
                 pin_memory=pin_memory,
                 snapshot_every_n_steps=1,
+                worker_init_fn=_ignore_preemption_signals if num_workers > 0 else None,
             )
         self._iterator: Iterator[dict[str, Any]] | None = None
         self._shard_stats: dict[str, dict[str, int]] = {}
@@ -133,7 +142,7 @@ def _without_worker_traceback(error: DataError) -> DataError:
 
 def _pipeline_config(
     data: DataSection,
-    tokenizer: SFTTokenizer,
+    tokenizer: SFTTokenizer | None,
     specs: list[str],
     fields: list[str],
     weights: list[float],
@@ -143,20 +152,28 @@ def _pipeline_config(
     seed: int,
     shuffle_buffer: int,
     num_epochs: int | None,
+    vocab_size: int | None = None,
 ) -> PipelineConfig:
     if seq_len < 2:
         raise DataError(f"training.seq_len = {seq_len} is too small; a packed row needs at least 2 tokens")
     if micro_batch_size < 1:
         raise DataError(f"the micro-batch size is {micro_batch_size}; check training.batch_size / micro_batch_size")
-    if data.format != "auto" and data.format not in FORMATS:
-        raise DataError(f"data.format = {data.format!r} is not one of auto, {', '.join(FORMATS)}")
+    if ":" in data.format:
+        load_user_format(data.format)  # import it now: a wrong path fails before any worker starts
+    elif data.format != "auto" and data.format not in FORMATS:
+        raise DataError(
+            f"data.format = {data.format!r} is not one of auto, {', '.join(FORMATS)} or 'module:attr' of your own"
+        )
     if data.packing not in ("best_fit", "padding"):
         raise DataError(f"data.packing = {data.packing!r} is not one of best_fit, padding")
     if data.overlong not in ("truncate", "drop"):
         raise DataError(f"data.overlong = {data.overlong!r} is not one of truncate, drop")
     if data.pack_buffer < 1:
         raise DataError(f"data.pack_buffer = {data.pack_buffer} must be at least 1")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    if tokenizer is None:
+        pad_id = 0  # token-id data: padding is never attended nor trained, any valid id does
+    else:
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     sources = tuple(tuple(resolve_data_files(spec, field=field)) for spec, field in zip(specs, fields))
     return PipelineConfig(
         sources=sources,
@@ -173,12 +190,13 @@ def _pipeline_config(
         seed=seed,
         pad_id=int(pad_id),
         num_epochs=num_epochs,
+        vocab_size=vocab_size,
     )
 
 
 def build_sft_dataloader(
     data: DataSection,
-    tokenizer: SFTTokenizer,
+    tokenizer: SFTTokenizer | None,
     *,
     seq_len: int,
     micro_batch_size: int,
@@ -187,13 +205,15 @@ def build_sft_dataloader(
     seed: int,
     num_epochs: int | None = None,
     pin_memory: bool | None = None,
+    vocab_size: int | None = None,
 ) -> SFTDataLoader:
     """The training loader of one DP rank: endless (or `num_epochs` passes), sharded, shuffled, packed.
 
     `data.path` (one dataset) or `data.paths` + `data.weights` (a mixture). Files are resolved here, so a
     missing file or an unreadable URL fails before any worker starts. `pin_memory` defaults to CUDA being
     available. With `num_epochs`, the stream ends after that many passes (the last batch filled up with
-    all-padding rows).
+    all-padding rows). `tokenizer` may be None for token-id rows (data.format = tokens), whose ids must then
+    be below `vocab_size` when it is given.
     """
     if data.path and data.paths:
         raise DataError("both data.path and data.paths are set; use data.path for one dataset or data.paths to mix")
@@ -213,7 +233,7 @@ def build_sft_dataloader(
     cfg = _pipeline_config(
         data, tokenizer, specs, fields, weights,
         seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed,
-        shuffle_buffer=data.shuffle_buffer, num_epochs=num_epochs,
+        shuffle_buffer=data.shuffle_buffer, num_epochs=num_epochs, vocab_size=vocab_size,
     )
     num_workers = max(int(data.num_workers), 0)
     dataset = PackedSFTDataset(cfg, tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size)
@@ -229,7 +249,7 @@ def build_sft_dataloader(
 
 def build_eval_dataloader(
     data: DataSection,
-    tokenizer: SFTTokenizer,
+    tokenizer: SFTTokenizer | None,
     *,
     seq_len: int,
     micro_batch_size: int,
@@ -237,6 +257,7 @@ def build_eval_dataloader(
     dp_world_size: int,
     path: str | None = None,
     pin_memory: bool | None = None,
+    vocab_size: int | None = None,
 ) -> SFTDataLoader:
     """A finite held-out loader: each `for batch in loader` is one unshuffled pass over `data.eval_path`
     (or `path`), the same number of batches on every rank (filler rows have all labels -100).
@@ -250,6 +271,7 @@ def build_eval_dataloader(
     cfg = _pipeline_config(
         data, tokenizer, [spec], ["data.eval_path" if path is None else "eval path"], [1.0],
         seq_len=seq_len, micro_batch_size=micro_batch_size, seed=0, shuffle_buffer=0, num_epochs=1,
+        vocab_size=vocab_size,
     )
     num_workers = min(max(int(data.num_workers), 0), 1)
     dataset = PackedEvalDataset(cfg, tokenizer, dp_rank=dp_rank, dp_world_size=dp_world_size)

@@ -66,7 +66,8 @@ def fit_to_length(sample: TokenizedSample, seq_len: int, overlong: str) -> tuple
     if len(sample) > seq_len:
         if overlong == "drop":
             return None, "dropped_overlong"
-        cut = TokenizedSample(sample.input_ids[:seq_len], sample.loss_mask[:seq_len], sample.where)
+        segments = sample.segment_ids[:seq_len] if sample.segment_ids is not None else None
+        cut = TokenizedSample(sample.input_ids[:seq_len], sample.loss_mask[:seq_len], sample.where, segments)
         if num_targets(cut) == 0:
             return None, "dropped_overlong"
         return cut, "truncated"
@@ -76,26 +77,37 @@ def fit_to_length(sample: TokenizedSample, seq_len: int, overlong: str) -> tuple
 
 
 def build_row(documents: list[TokenizedSample], seq_len: int, pad_id: int) -> PackedRow:
-    """Lay documents out in one row of seq_len positions (they must fit)."""
+    """Lay documents out in one row of seq_len positions (they must fit). A sample with segment_ids is
+    several documents: each gets its own document id and positions restarting at 0."""
     input_ids = np.full(seq_len, pad_id, dtype=np.int64)
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros(seq_len, dtype=np.int64)
     document_ids = np.full(seq_len, PAD_DOCUMENT_ID, dtype=np.int64)
     start = 0
-    for doc_index, doc in enumerate(documents):
+    doc_index = 0
+    for doc in documents:
         n = len(doc)
         end = start + n
         if end > seq_len:
             raise ValueError(f"documents of {end} tokens do not fit a row of {seq_len}")
         input_ids[start:end] = doc.input_ids
         labels[start:end] = document_labels(doc.input_ids, doc.loss_mask)
-        position_ids[start:end] = np.arange(n)
-        document_ids[start:end] = doc_index
+        if doc.segment_ids is None:
+            position_ids[start:end] = np.arange(n)
+            document_ids[start:end] = doc_index
+            doc_index += 1
+        else:  # segments 0, 0, 1, 1, 1, ...: positions restart where a segment starts
+            seg = doc.segment_ids
+            seg_start = np.flatnonzero(np.concatenate([[True], seg[1:] != seg[:-1]]))
+            seg_len = np.diff(np.append(seg_start, n))
+            position_ids[start:end] = np.arange(n) - np.repeat(seg_start, seg_len)
+            document_ids[start:end] = doc_index + np.repeat(np.arange(seg_start.size), seg_len)
+            doc_index += int(seg_start.size)
         start = end
     position_ids[start:] = np.arange(seq_len - start)
     return PackedRow(
         input_ids, labels, position_ids, document_ids,
-        num_documents=len(documents),
+        num_documents=doc_index,
         num_tokens=start,
         num_targets=int((labels != IGNORE_INDEX).sum()),
     )
@@ -143,6 +155,7 @@ class BestFitBuffer:
             "arrivals": self._arrivals,
             "samples": [
                 (arrival, s.input_ids.astype(np.int32).tobytes(), np.packbits(s.loss_mask).tobytes(), len(s), s.where)
+                + (() if s.segment_ids is None else (s.segment_ids.astype(np.int32).tobytes(),))
                 for arrival, s in sorted(self._samples.items())
             ],
         }
@@ -150,11 +163,12 @@ class BestFitBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._arrivals = state["arrivals"]
         self._keys, self._samples = [], {}
-        for arrival, ids, mask, n, where in state["samples"]:
+        for arrival, ids, mask, n, where, *segments in state["samples"]:
             sample = TokenizedSample(
                 np.frombuffer(ids, dtype=np.int32).astype(np.int64),
                 np.unpackbits(np.frombuffer(mask, dtype=np.uint8), count=n).astype(bool),
                 where,
+                np.frombuffer(segments[0], dtype=np.int32).astype(np.int64) if segments else None,
             )
             self._samples[arrival] = sample
             bisect.insort(self._keys, (n, -arrival))

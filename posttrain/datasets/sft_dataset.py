@@ -52,12 +52,13 @@ class PipelineConfig:
     seed: int
     pad_id: int
     num_epochs: int | None = None  # None: repeat forever
+    vocab_size: int | None = None  # token rows: ids must be below it (None: unchecked)
 
 
 class ShardPipeline:
     """One data shard's rows -> packed micro-batches, with its complete resumable state."""
 
-    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer, *, shard: int, num_shards: int) -> None:
+    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer | None, *, shard: int, num_shards: int) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.shard = shard
@@ -119,7 +120,7 @@ class ShardPipeline:
             try:
                 if row.error is not None:
                     raise bad_row_error(row)
-                sample = tokenize_row(row.value or {}, cfg.fmt, row.where, self.tokenizer)
+                sample = tokenize_row(row.value or {}, cfg.fmt, row.where, self.tokenizer, vocab_size=cfg.vocab_size)
             except BadRowError as e:
                 if not cfg.skip_bad_rows:
                     raise
@@ -245,7 +246,7 @@ class PackedSFTDataset(IterableDataset):
     `load_state_dict()` keeps it until the next `iter()`, which rebuilds the pipeline from it.
     """
 
-    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer, *, dp_rank: int, dp_world_size: int) -> None:
+    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer | None, *, dp_rank: int, dp_world_size: int) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.dp_rank = dp_rank
@@ -281,7 +282,7 @@ class PackedEvalDataset(IterableDataset):
     back in order). Its `stats` describe the whole eval set (identical on every rank).
     """
 
-    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer, *, dp_rank: int, dp_world_size: int) -> None:
+    def __init__(self, cfg: PipelineConfig, tokenizer: SFTTokenizer | None, *, dp_rank: int, dp_world_size: int) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.dp_rank = dp_rank

@@ -10,6 +10,10 @@ Formats (`data.format`; `auto` decides per row by the fields present, in this or
 - prompt_completion: `prompt` + `completion` strings (loss on the completion); lists of messages in both
   (TRL's conversational form) are rendered as one chat, trained on the completion's assistant turns.
 - text: `text` (continued pre-training; every token is trained: `tokenize_text` may return ids alone).
+- tokens: `input_ids` (+ optional `loss_mask` or `labels`, `document_ids`): already token ids, no tokenizer
+  (see token_format.py).
+- `module:attr`: the user's `fn(row, where, tokenizer) -> (input_ids, loss_mask)` or a `TokenizedSample`
+  (posttrain/extensions.py); `tokenizer` is None in a run without one.
 Every problem with a row raises `BadRowError` naming `file:line` and the field, e.g.
 `data/a.jsonl:7: messages[2].role is 'bot'; ...`.
 """
@@ -23,8 +27,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from posttrain.datasets.errors import BadRowError, DataError
+from posttrain.datasets.token_format import token_row_arrays
 
-FORMATS = ("chat", "sharegpt", "prompt_completion", "text")
+FORMATS = ("chat", "sharegpt", "prompt_completion", "text", "tokens")
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -61,6 +66,8 @@ class TokenizedSample:
     input_ids: np.ndarray  # int64 [n]
     loss_mask: np.ndarray  # bool [n]
     where: str
+    # int64 [n] 0, 0, 1, 1, ...: several documents in one sample (pre-packed token rows); None: one document
+    segment_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -76,13 +83,15 @@ def detect_format(row: dict[str, Any], where: str) -> str:
         return "prompt_completion"
     if "text" in row:
         return "text"
+    if "input_ids" in row:
+        return "tokens"
     hint = ""
     if "chosen" in row or "rejected" in row:
         hint = " (chosen/rejected is a preference row, for the dpo recipe)"
     elif "prompt" in row:
         hint = " (a prompt needs a completion field next to it)"
     raise BadRowError(
-        f"{where}: the row has none of the fields messages, conversations, prompt+completion or text "
+        f"{where}: the row has none of the fields messages, conversations, prompt+completion or text (nor input_ids) "
         f"(it has {sorted(row)}){hint}; {_FIX}, or set data.format"
     )
 
@@ -204,10 +213,50 @@ def _tokenize(row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer
     raise DataError(f"data.format = {fmt!r} is not one of auto, {', '.join(FORMATS)}")
 
 
-def tokenize_row(row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer) -> TokenizedSample:
-    """Validate one row in format `fmt` ("auto" detects it) and tokenize it."""
+_USER_FORMATS: dict[str, Any] = {}
+
+
+def load_user_format(fmt: str) -> Any:
+    """The user's row format `module:attr`, imported once per process (each dataloader worker imports it)."""
+    if fmt not in _USER_FORMATS:
+        from posttrain.extensions import load_callable
+
+        try:
+            _USER_FORMATS[fmt] = load_callable(fmt, key="data.format")
+        except ValueError as e:
+            raise DataError(str(e)) from e
+    return _USER_FORMATS[fmt]
+
+
+def tokenize_row(
+    row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer | None, *, vocab_size: int | None = None
+) -> TokenizedSample:
+    """Validate one row in format `fmt` ("auto" detects it, "module:attr" is the user's) and tokenize it.
+
+    `tokenizer` may be None for token rows; `vocab_size` (when known) bounds their ids."""
     if fmt == "auto":
         fmt = detect_format(row, where)
+    if fmt == "tokens":
+        ids, mask, segments = token_row_arrays(row, where, vocab_size=vocab_size)
+        return TokenizedSample(ids, mask, where, segments)
+    if ":" in fmt:
+        try:
+            out = load_user_format(fmt)(row, where, tokenizer)
+        except DataError:
+            raise
+        except Exception as e:  # the user's format refused the row: a bad row like any other
+            raise BadRowError(f"{where}: data.format = {fmt} refused the row ({type(e).__name__}: {e}); {_FIX}") from e
+        if isinstance(out, TokenizedSample):
+            return out
+        ids, mask = out
+        if len(ids) != len(mask):
+            raise DataError(f"data.format = {fmt}: returned {len(ids)} ids but {len(mask)} mask values for {where}")
+        return TokenizedSample(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), where)
+    if tokenizer is None:
+        raise DataError(
+            f"{where}: a {fmt} row needs a tokenizer and this run has none; set tokenizer.path, or give "
+            f"pre-tokenized rows (input_ids) with data.format = tokens"
+        )
     try:
         ids, mask = _tokenize(row, fmt, where, tokenizer)
     except DataError:

@@ -12,6 +12,8 @@ those files for one data shard (a DP rank x dataloader worker), row by row, neve
   servers answer).
 - arrow: the IPC stream files a Hugging Face `datasets.save_to_disk` folder holds (state.json order);
   `datasets` itself is not needed.
+- npy / bin: memory-mapped token ids, one document per row (see token_files.py; their `.idx.npy` document
+  indexes are not data files).
 
 Sharding, with S = dp_world_size * num_workers shards and shard s = rank * num_workers + worker_id: when there
 are at least `FILE_SHARDING_MIN_FILES_PER_SHARD * S` files each shard owns whole files (file i of the epoch's
@@ -27,15 +29,20 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, BinaryIO
 
 from posttrain.datasets.counter_rng import CounterRNG
 from posttrain.datasets.errors import BadRowError, DataError
+from posttrain.datasets.token_files import INDEX_SUFFIX, TokenDocuments
 
 FILE_SHARDING_MIN_FILES_PER_SHARD = 4
 _READ_CHUNK = 1 << 20
 _PARQUET_BATCH_ROWS = 1024
-_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_KINDS = {
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+    ".npy": "npy", ".bin": "bin",  # memory-mapped token ids (token_files.py)
+}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _REMOTE_STREAMING = ("http", "https")
 
@@ -102,8 +109,10 @@ def _has_glob(spec: str) -> bool:
 
 
 def file_kind(path: str) -> str | None:
-    """jsonl / json / parquet / arrow from the file name (a compression suffix is looked through)."""
+    """jsonl / json / parquet / arrow / npy / bin from the file name (a compression suffix is looked through)."""
     name = path.split("?", 1)[0].rsplit("/", 1)[-1].lower()
+    if name.endswith(INDEX_SUFFIX):
+        return None  # the document index of a token file
     for comp in _COMPRESSIONS:
         if name.endswith(comp):
             name = name[: -len(comp)]
@@ -213,7 +222,7 @@ def resolve_data_files(spec: str, *, field: str = "data.path") -> list[DataFile]
     if kind is None:
         raise DataError(
             f"{field} = {spec!r} has an unsupported file type; use .jsonl, .json, .parquet or .arrow "
-            f"(optionally compressed, e.g. .jsonl.gz) or a save_to_disk folder"
+            f"(optionally compressed, e.g. .jsonl.gz), token ids in .npy / .DTYPE.bin, or a save_to_disk folder"
         )
     return [DataFile(spec, kind)]
 
@@ -440,7 +449,18 @@ def _iter_arrow(path: str, cursor: FileCursor, keep: Callable[[int], bool]) -> I
         source.close()
 
 
-_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, "arrow": _iter_arrow}
+def _iter_token_file(path: str, cursor: FileCursor, keep: Callable[[int], bool], *, kind: str) -> Iterator[SourceRow]:
+    documents = TokenDocuments(path, kind)
+    for index in range(cursor.row, len(documents)):
+        cursor.row = index + 1
+        if keep(index):
+            yield SourceRow({"input_ids": documents[index]}, f"{path} row {index}")
+
+
+_READERS = {
+    "jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, "arrow": _iter_arrow,
+    "npy": partial(_iter_token_file, kind="npy"), "bin": partial(_iter_token_file, kind="bin"),
+}
 
 
 def iter_file_rows(

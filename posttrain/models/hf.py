@@ -20,6 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from posttrain.models.common.heads import get_head, is_head_param
+from posttrain.models.common.lora import base_param_name, is_adapter_param, lora_modules
+from posttrain.models.common.stacked_names import expand_stacked, is_stacked, split_row_index
 from posttrain.models.registry import ModelSpec, get_model_spec, get_model_spec_for, resolve_args
 
 CONFIG_NAME = "config.json"
@@ -68,7 +71,10 @@ def spec_for_hf_config(config: dict[str, Any]) -> ModelSpec:
     try:
         return get_model_spec(model_type)
     except KeyError as err:
-        raise ValueError(f"config.json model_type {model_type!r} is not supported: {err.args[0]}") from None
+        raise ValueError(
+            f"config.json model_type {model_type!r} has no native posttrain implementation ({err.args[0]}); "
+            f"set model.backend = \"hf\" to train it through transformers, or port it (README, 'Adding a model')"
+        ) from None
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -104,7 +110,11 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, name: str, hf_name: st
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, folder: str | os.PathLike[str], spec: ModelSpec) -> None:
     """Stream every tensor of the folder's safetensors into ``model``; error on missing or unexpected keys."""
-    params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
+    # a tied head appears once, as tok_embeddings.weight; a LoRA base under its Linear's name; adapters and
+    # non-LM heads are not in base checkpoints
+    params = {
+        base_param_name(n): p for n, p in model.named_parameters() if not (is_adapter_param(n) or is_head_param(n))
+    }
     tied = bool(getattr(model.args, "tie_embeddings", False))
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -113,15 +123,22 @@ def load_hf_weights(model: nn.Module, folder: str | os.PathLike[str], spec: Mode
             for hf_name in f.keys():
                 if _IGNORED_HF_KEYS.match(hf_name):
                     continue
-                name = spec.from_hf_name(hf_name)
+                name, row = split_row_index(spec.from_hf_name(hf_name) or "")  # row: one expert of [E, ...]
                 if name == "output.weight" and tied:
                     continue  # some tied checkpoints store lm_head too; the embedding is the weight
-                if name is None or name not in params:
+                if not name or name not in params or (row is not None and row >= params[name].shape[0]):
                     unexpected.append(hf_name)
                     continue
-                _copy_into(params[name], f.get_tensor(hf_name), name, hf_name)
-                loaded.add(name)
-    missing = [f"{spec.to_hf_name(n) or n} (-> {n})" for n in params if n not in loaded]
+                target = params[name] if row is None else params[name][row]
+                _copy_into(target, f.get_tensor(hf_name), name, hf_name)
+                loaded.add(name if row is None else f"{name}[{row}]")
+
+    def fully_loaded(n: str) -> bool:
+        if is_stacked(spec.to_hf_name(n) or ""):
+            return all(f"{n}[{i}]" in loaded for i in range(params[n].shape[0]))
+        return n in loaded
+
+    missing = [f"{spec.to_hf_name(n) or n} (-> {n})" for n in params if not fully_loaded(n)]
     if missing or unexpected:
         lines = [f"checkpoint {folder} does not match the {spec.name} model built from its config.json:"]
         if missing:
@@ -181,16 +198,24 @@ class _ExportEntry:
     tensor: torch.Tensor  # maybe a DTensor
     rows: int | None  # keep the first `rows` rows (drop vocabulary padding)
     nbytes: int
+    lora: Any = None  # a LoRALinear whose update scaling * B @ A is merged into this base weight
 
 
 def _export_entries(model: nn.Module, spec: ModelSpec, dtype: torch.dtype | None) -> list[_ExportEntry]:
     args = model.args
     entries = []
+    loras = lora_modules(model)
     for raw_name, tensor in model.state_dict(keep_vars=True).items():
         name = _WRAPPER_PARTS.sub("", raw_name)
+        if is_adapter_param(name):
+            continue  # merged into its base weight below
+        lora = None
+        if base_param_name(name) != name:  # a LoRA base: exported merged, under its Linear's name
+            name = base_param_name(name)
+            lora = loras.get(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
         if name == "output.weight" and args.tie_embeddings:
             continue
-        hf_name = spec.to_hf_name(name)
+        hf_name = name if is_head_param(name) else spec.to_hf_name(name)
         if hf_name is None:
             raise KeyError(f"{name} has no Hugging Face name in the {spec.name} adapter")
         shape = list(tensor.shape)
@@ -198,7 +223,7 @@ def _export_entries(model: nn.Module, spec: ModelSpec, dtype: torch.dtype | None
         if name in ("tok_embeddings.weight", "output.weight") and shape[0] != args.vocab_size:
             rows = shape[0] = args.vocab_size
         itemsize = (dtype or tensor.dtype).itemsize
-        entries.append(_ExportEntry(hf_name, tensor, rows, itemsize * int(torch.Size(shape).numel())))
+        entries.append(_ExportEntry(hf_name, tensor, rows, itemsize * int(torch.Size(shape).numel()), lora))
     return entries
 
 
@@ -241,6 +266,8 @@ def save_hf(
     rank 0 writes. Existing ``model*.safetensors`` files and index in ``out_dir`` are replaced.
     """
     model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "save_hf"):  # the hf backend's wrapper writes through transformers' save_pretrained
+        return model.save_hf(out_dir, tokenizer=tokenizer)
     spec = get_model_spec_for(model)
     out = Path(out_dir)
     writer = _is_writer()
@@ -262,12 +289,21 @@ def save_hf(
         tensors: dict[str, torch.Tensor] = {}
         for entry in shard:
             full = _full_tensor(entry.tensor.detach())
+            if entry.lora is not None:  # W + scaling * B @ A, in fp32
+                b = _full_tensor(entry.lora.lora_b.weight.detach()).float()
+                a = _full_tensor(entry.lora.lora_a.weight.detach()).float()
+                full = (full.float() + entry.lora.scaling * (b @ a)).to(full.dtype)
             if not writer:
                 continue
             if entry.rows is not None:
                 full = full[: entry.rows]
             full = full.to(device="cpu", dtype=dtype or full.dtype).contiguous()
             saved_dtype = saved_dtype or full.dtype
+            if is_stacked(entry.hf_name):  # MoE experts [E, ...]: one tensor per expert, as HF checkpoints hold them
+                for row_name, row in zip(expand_stacked(entry.hf_name, full.shape[0]), full):
+                    tensors[row_name] = row.clone()
+                    weight_map[row_name] = file_name
+                continue
             tensors[entry.hf_name] = full.clone() if full.untyped_storage().nbytes() != full.nbytes else full
             weight_map[entry.hf_name] = file_name
         if writer:
@@ -280,6 +316,11 @@ def save_hf(
             _write_json(out / SAFE_WEIGHTS_INDEX_NAME, index)
         config = spec.hf_config_from_args(model.args)
         config["torch_dtype"] = str(saved_dtype or torch.float32).removeprefix("torch.")
+        head = get_head(model)
+        if head is not None:  # a value / classification head: HF's *ForSequenceClassification (score.weight)
+            config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
+                                       for a in config.get("architectures", [])]
+            config["num_labels"] = head.out_features
         _write_json(out / CONFIG_NAME, config)
         generation_config = getattr(model, "hf_generation_config", None) or {
             key: getattr(model.args, key)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 # Families shipped with posttrain; each package exposes MODEL_SPEC and is imported on first lookup.
-BUILTIN_FAMILIES = ("llama3", "qwen3")
+BUILTIN_FAMILIES = ("llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,27 @@ def list_model_specs() -> list[ModelSpec]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """A family by its posttrain name ("llama3", "qwen3") or HF model_type ("llama", "qwen3")."""
+    """A family by its posttrain name ("llama3", "qwen3"), HF model_type ("llama", "qwen3"), or a user's
+    ``ModelSpec`` named by import path ("my_pkg.models:MY_SPEC"), registered on first use."""
     _load_builtins()
+    if name not in _SPECS and ":" in name:
+        _register_import_path(name)
     if name not in _SPECS:
         raise KeyError(f"unknown model {name!r}; known families and HF model types: {sorted(_SPECS)}")
     return _SPECS[name]
+
+
+def _register_import_path(path: str) -> None:
+    from posttrain.extensions import load_object
+
+    try:
+        spec = load_object(path, key="model.name")
+    except ValueError as e:
+        raise KeyError(str(e)) from e
+    if not isinstance(spec, ModelSpec):
+        raise KeyError(f"model.name = {path!r} is a {type(spec).__name__}, not a posttrain.models.registry.ModelSpec")
+    register_model_spec(spec)
+    _SPECS[path] = spec
 
 
 def get_model_spec_for(model: nn.Module) -> ModelSpec:
@@ -114,3 +130,19 @@ def build_model(
         model.to_empty(device=device)
         model.init_weights()
     return model
+
+
+def resolve_scratch_args(spec: ModelSpec, flavor: str, *, vocab_size: int = 0, overrides: dict | None = None) -> Any:
+    """Args of a model built from scratch: the flavor, its fields replaced by `overrides` (e.g. dim, n_layers)
+    and its vocabulary by `vocab_size` (0 keeps the flavor's). Special-token ids the new vocabulary does not
+    hold (a flavor's HF ids) are dropped, so an HF export stays loadable."""
+    fields = dict(overrides or {})
+    if vocab_size:
+        fields["vocab_size"] = vocab_size
+    args = resolve_args(spec, flavor, **fields)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(args, name, None)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and any(i is not None and i >= args.vocab_size for i in ids):
+            setattr(args, name, None)
+    return args

@@ -29,6 +29,9 @@ from posttrain.models.hf import (
     safetensors_files,
     spec_for_hf_config,
 )
+from posttrain.models.common.heads import is_head_param
+from posttrain.models.common.lora import base_param_name, is_adapter_param
+from posttrain.models.common.stacked_names import expand_stacked, is_stacked
 from posttrain.models.registry import ModelSpec, build_model, get_model_spec_for
 
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # derived buffers some checkpoints store
@@ -43,6 +46,15 @@ SliceReader = Callable[[str, tuple[slice, ...]], torch.Tensor]
 def canonical_name(name: str) -> str:
     """A parameter name without wrapper segments: ``layers.0._checkpoint_wrapped_module.x`` -> ``layers.0.x``."""
     return _WRAPPER_PARTS.sub("", name)
+
+
+def base_model_name(name: str) -> str | None:
+    """The name a parameter has in the base model's checkpoint: wrappers removed, a LoRA base weight under
+    its Linear's name; None for parameters no base checkpoint holds (LoRA adapters, non-LM heads)."""
+    name = canonical_name(name)
+    if is_adapter_param(name) or is_head_param(name):
+        return None
+    return base_param_name(name)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -84,7 +96,9 @@ def fill_local_shards(
     """
     filled = []
     for raw_name, param in model.named_parameters():  # a tied head appears once, as tok_embeddings.weight
-        name = canonical_name(raw_name)
+        name = base_model_name(raw_name)
+        if name is None:
+            continue  # adapters and extra heads are initialized on their own
         if names is not None and name not in names:
             continue
         local, slices = local_shard(param)
@@ -109,7 +123,7 @@ def load_full_state_dict_sharded(model: nn.Module, state_dict: dict[str, torch.T
     For tests and small models, where every rank may hold the full state; each rank copies only its slices.
     """
     vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
-    sd = {canonical_name(k): v for k, v in state_dict.items()}
+    sd = {base_param_name(canonical_name(k)): v for k, v in state_dict.items()}
 
     def read(name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         return sd[name][slices]
@@ -133,15 +147,25 @@ def _hf_tensors(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 
 def _check_checkpoint(model: nn.Module, spec: ModelSpec, tensors: dict[str, tuple[Path, tuple[int, ...]]],
-                      folder: Path) -> None:
+                      folder: Path, vocab_size: int | None = None) -> None:
     """Every parameter present with its shape (vocabulary rows up to vocab_size), no unexpected weights."""
     args = getattr(model, "args", None)
-    vocab_size = getattr(args, "vocab_size", None)
+    vocab_size = vocab_size or getattr(args, "vocab_size", None)
     tied = bool(getattr(args, "tie_embeddings", False))
     missing, bad_shape, expected = [], [], set()
     for raw_name, param in model.named_parameters():
-        name = canonical_name(raw_name)
+        name = base_model_name(raw_name)
+        if name is None:
+            continue
         hf_name = spec.to_hf_name(name)
+        if hf_name is not None and is_stacked(hf_name):  # MoE experts [E, ...]: one checkpoint tensor per row
+            for row_name in expand_stacked(hf_name, param.shape[0]):
+                if row_name not in tensors:
+                    missing.append(f"{row_name} (-> {name})")
+                elif tensors[row_name][1] != tuple(param.shape[1:]):
+                    bad_shape.append(f"{row_name}: checkpoint {tensors[row_name][1]}, model {tuple(param.shape[1:])}")
+                expected.add(row_name)
+            continue
         if hf_name is None or hf_name not in tensors:
             missing.append(f"{hf_name or '?'} (-> {name})")
             continue
@@ -177,22 +201,38 @@ def _param_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def load_hf_weights_sharded(model: nn.Module, hf_dir: str | os.PathLike[str], spec: ModelSpec | None = None) -> None:
+def load_hf_weights_sharded(
+    model: nn.Module,
+    hf_dir: str | os.PathLike[str],
+    spec: ModelSpec | None = None,
+    *,
+    checkpoint_vocab_size: int | None = None,
+) -> None:
     """Read an HF safetensors folder straight into the local shards of a parallelized, ``to_empty``'d model.
 
     Every rank calls it (no collectives); each reads only the slices its shards own. Vocabulary padding rows
     are zeroed; a tied head is the embedding (a stored ``lm_head.weight`` is then ignored). Non-persistent
     buffers (RoPE) are recomputed. Raises, naming the keys, when the checkpoint lacks a parameter, has one of
     another shape, or holds weights the model has no place for.
+
+    ``checkpoint_vocab_size``: the checkpoint's vocabulary when the model's was grown (added tokens); rows
+    from there on are zeroed here (see ``posttrain.models.vocab_growth``). LoRA base weights load under
+    their Linear's name; adapters and non-LM heads are left alone (initialize them afterwards).
     """
     folder = resolve_hf_folder(hf_dir)
     spec = spec or spec_for_hf_config(read_hf_config(folder))
     tensors = _hf_tensors(folder)
-    _check_checkpoint(model, spec, tensors, folder)
-    vocab_size = getattr(getattr(model, "args", None), "vocab_size", None)
+    _check_checkpoint(model, spec, tensors, folder, checkpoint_vocab_size)
+    vocab_size = checkpoint_vocab_size or getattr(getattr(model, "args", None), "vocab_size", None)
 
     def read(name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         hf_name = spec.to_hf_name(name)
+        if is_stacked(hf_name):  # the rows of a stacked (MoE expert) parameter, one checkpoint tensor each
+            rows = expand_stacked(hf_name, slices[0].stop)[slices[0]]
+            return torch.stack([read_hf(row, slices[1:]) for row in rows])
+        return read_hf(hf_name, slices)
+
+    def read_hf(hf_name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         # one open per tensor: its mapping (and the pages it touched) is released right after
         with safe_open(str(tensors[hf_name][0]), framework="pt", device="cpu") as f:
             return f.get_slice(hf_name)[slices]

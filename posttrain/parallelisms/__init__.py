@@ -22,6 +22,9 @@ from posttrain.parallelisms.parallel_dims import ParallelDims
 PARALLELIZE_MODULES: dict[str, str] = {
     "llama3": "posttrain.models.llama3.parallelize",
     "qwen3": "posttrain.models.qwen3.parallelize",
+    "gemma3": "posttrain.models.gemma3.parallelize",
+    "qwen3_moe": "posttrain.models.qwen3_moe.parallelize",
+    "gpt_oss": "posttrain.models.gpt_oss.parallelize",
 }
 
 

@@ -33,7 +33,11 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_choice: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); world size 1 needs none."""
+    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); world size 1 needs none.
+
+    `timeout_s` bounds every collective: a rank that hangs makes the others fail with a timeout error naming
+    the collective instead of waiting forever.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -33,6 +33,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from posttrain.parallelisms.lora_tp import adapt_tp_plan_for_lora
+
 
 @dataclass
 class TPPlan:
@@ -147,9 +149,15 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan) -> None:
     if args is not None:
         check_tp_degree(args, tp_mesh.size())
     tied = getattr(args, "tie_embeddings", False)
+    plan = adapt_tp_plan_for_lora(model, plan)  # LoRA-adapted Linears: shard the base and adapters
+    # SequenceParallel re-creates parameters with requires_grad=True: keep frozen ones (LoRA) frozen
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     for block in model.layers.children():
         parallelize_module(block, tp_mesh, plan.block, src_data_rank=None)
     parallelize_module(model, tp_mesh, plan.root, src_data_rank=None)
     if tied:
         model.output.weight = model.tok_embeddings.weight
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     model.register_forward_pre_hook(_output_fn_pre_hook, with_kwargs=True)

@@ -10,7 +10,8 @@ from torch import nn
 from posttrain.config import JobConfig
 from posttrain.datasets.dataloader import build_sft_dataloader
 from posttrain.losses import chunked_cross_entropy
-from posttrain.trainer import LossOutput, Trainer
+from posttrain.extensions import load_callable
+from posttrain.trainer import LossFn, LossOutput, Trainer
 
 
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.Tensor, *, chunk_size: int) -> LossOutput:
@@ -24,11 +25,30 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.T
         document_ids=batch["document_ids"],
         output_fn=output_fn,
     )
-    return LossOutput(loss_sum=loss_sum, n_targets=n_targets)
+    # MoE families: routing statistics of this forward (logged per target token like the loss), and
+    # coef * load-balancing loss, weighted by this micro-batch's targets like the cross-entropy
+    moe_metrics = getattr(model, "moe_metrics", None)
+    metrics = {k: v * n_targets for k, v in moe_metrics().items()} if moe_metrics is not None else {}
+    moe_aux_loss = getattr(model, "moe_aux_loss", None)
+    aux = moe_aux_loss() if moe_aux_loss is not None else None
+    if aux is not None:
+        loss_sum = loss_sum + aux * n_targets
+    return LossOutput(loss_sum=loss_sum, n_targets=n_targets, metrics=metrics)
+
+
+def build_loss_fn(cfg: JobConfig) -> LossFn:
+    """`training.loss`: the chunked cross-entropy, or the user's `fn(model, batch, n_global) -> LossOutput`."""
+    if cfg.training.loss == "cross_entropy":
+        return partial(sft_loss, chunk_size=cfg.training.loss_chunk_size)
+    try:
+        return load_callable(cfg.training.loss, key="training.loss")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
 
 def run(cfg: JobConfig) -> None:
-    trainer = Trainer(cfg)
+    loss_fn = build_loss_fn(cfg)
+    trainer = Trainer(cfg)  # no tokenizer for token-id data (data.format = tokens): tokenizer is None
     trainer.data_loader = build_sft_dataloader(
         cfg.data,
         trainer.tokenizer,
@@ -37,8 +57,9 @@ def run(cfg: JobConfig) -> None:
         dp_rank=trainer.dp_rank,
         dp_world_size=trainer.dp_degree,
         seed=cfg.job.seed,
+        vocab_size=trainer.model_args.vocab_size,
     )
     trainer.resume()
-    trainer.fit(partial(sft_loss, chunk_size=cfg.training.loss_chunk_size))
+    trainer.fit(loss_fn)
     trainer.export_hf()
     trainer.close()

@@ -115,3 +115,15 @@ def test_torchrun_two_ranks_fsdp(tmp_path: Path) -> None:
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
     assert (out / "checkpoints" / "step-3").is_dir()
     assert (out / "hf" / "config.json").is_file()
+
+
+def test_deferred_gradient_sync_gives_the_same_losses(tmp_path: Path) -> None:
+    """FSDP with gradient accumulation: reducing once after the last micro-batch changes nothing numerically."""
+    common = ["--training.steps", "3", "--training.micro_batch_size", "1", "--checkpoint.save_final", "false"]
+    every, deferred = tmp_path / "every", tmp_path / "deferred"
+    _run(_train_cmd(every, *common, nproc=2), timeout=300)
+    _run(_train_cmd(deferred, *common, "--parallelism.defer_grad_sync", "true", nproc=2), timeout=300)
+    a, b = _losses(every), _losses(deferred)
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -52,7 +52,7 @@ def test_no_arguments_gives_the_defaults():
 
 
 def test_every_field_has_help_and_a_supported_type():
-    supported = {str, int, float, bool, list[str], list[int], list[float], float | None, int | None, str | None}
+    supported = {str, int, float, bool, dict, list[str], list[int], list[float], float | None, int | None, str | None}
     for section in SECTIONS:
         for info in section_keys(section).values():
             assert info.help, f"{info.dotted} has no help metadata"

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import (
+    AuxRequest,
     BlockMask,
     and_masks,
     create_block_mask,
@@ -100,16 +101,18 @@ class SDPABackend:
         dense = mask_mod(b, h, q_idx, kv_idx)
         return dense.expand(batch, seq_len, seq_len).unsqueeze(1)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+    ) -> torch.Tensor:
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
         # Kernels that take an explicit mask do not all support GQA, so expand k/v instead of enable_gqa.
         if gqa:
             n_rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 # Compiled once per process, lazily. On the CPU the eager (unfused, exact) path is used instead: compiling
@@ -170,7 +173,12 @@ class FlexBackend:
         mask_mod = _compose(document_ids, extra_mask_mod)
         return _create_block_mask_fn(device)(mask_mod, batch, None, seq_len, seq_len, device=device)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float | None = None,
+        *, return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention output [B, H, S, D]; with ``return_lse`` also the log-sum-exp of each query's scores
+        [B, H, S] (natural log)."""
         if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise NotImplementedError(
                 "FlexAttention has no backward on CPU (forward under torch.no_grad() works); "
@@ -178,11 +186,16 @@ class FlexBackend:
             )
         gqa = q.shape[1] != k.shape[1]
         fn = _flex_attention_fn(q.device)
+        kwargs: dict[str, Any] = dict(block_mask=mask, enable_gqa=gqa, scale=scale)
+        if return_lse:
+            kwargs["return_aux"] = AuxRequest(lse=True)
         if fn is flex_attention:  # the unfused path is chosen on purpose here; silence torch's advice
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
-        return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
+                out = fn(q, k, v, **kwargs)
+        else:
+            out = fn(q, k, v, **kwargs)
+        return (out[0], out[1].lse) if return_lse else out
 
 
 AttentionBackend = SDPABackend | FlexBackend
@@ -217,6 +230,8 @@ class Attention(nn.Module):
         norm_eps: float = 1e-6,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        softmax_scale: float | None = None,
+        zero_centered_qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if n_heads % n_kv_heads:
@@ -225,12 +240,14 @@ class Attention(nn.Module):
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
         self.backend = backend
+        self.softmax_scale = softmax_scale  # None: 1 / sqrt(head_dim)
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
-        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        norm_kw = dict(eps=norm_eps, zero_centered=zero_centered_qk_norm)
+        self.q_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
@@ -244,9 +261,13 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary_emb(q, k, cos, sin)
-        out = self.backend(q, k, v, mask)  # [B, H, S, D]
+        out = self.attend(q, k, v, mask)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
         return self.wo(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """Hook: the attention of rotated q [B, Hq, S, D], k, v [B, Hkv, S, D] (GPT-OSS adds sinks here)."""
+        return self.backend(q, k, v, mask, self.softmax_scale)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):

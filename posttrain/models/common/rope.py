@@ -50,9 +50,56 @@ def llama3_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, An
     return torch.where(is_medium, smoothed, scaled), 1.0
 
 
+def linear_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Position interpolation: every frequency divided by ``factor`` (Gemma 3's global layers)."""
+    inv_freq, _ = default_inv_freq(head_dim, rope_theta, rope_scaling)
+    return inv_freq / float(rope_scaling["factor"]), 1.0
+
+
+def yarn_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (GPT-OSS): high frequencies kept, low ones interpolated by ``factor``, a linear ramp between the
+    ``beta_fast`` / ``beta_slow`` correction dimensions; cos/sin scaled by the attention factor
+    (``0.1 ln(factor) + 1`` unless given). Mirrors transformers' ``_compute_yarn_parameters``."""
+    try:
+        factor = float(rope_scaling["factor"])
+        original = rope_scaling["original_max_position_embeddings"]
+    except KeyError as err:
+        raise ValueError(f"rope_scaling of type 'yarn' needs {err.args[0]!r}: {rope_scaling}") from None
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = rope_scaling.get("beta_fast") or 32
+    beta_slow = rope_scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (head_dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(rope_theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation_factor = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
 INV_FREQ_FUNCTIONS: dict[str, InvFreqFn] = {
     "default": default_inv_freq,
     "llama3": llama3_inv_freq,
+    "linear": linear_inv_freq,
+    "yarn": yarn_inv_freq,
 }
 
 

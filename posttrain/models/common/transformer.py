@@ -25,6 +25,7 @@ from posttrain.models.common.attention import (
     build_attention_backend,
 )
 from posttrain.models.common.feed_forward import FeedForward
+from posttrain.models.common.lora import effective_weight
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import RotaryEmbedding
 
@@ -138,6 +139,20 @@ class Transformer(nn.Module):
         self.tie_weights()
         return self
 
+    def attention_kind(self, layer_id: int) -> str:
+        """Hook: which (cos, sin, mask) of ``attention_inputs`` layer ``layer_id`` uses. One kind here."""
+        return "global"
+
+    def attention_inputs(
+        self, position_ids: torch.Tensor, document_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, AttentionMask]]:
+        """(cos, sin, mask) per attention kind, built once per forward and shared by the layers of that kind.
+        Families with several kinds (Gemma 3: sliding-window and global layers with their own RoPE bases)
+        override this and ``attention_kind``."""
+        bsz, seq_len = position_ids.shape
+        cos, sin = self.rope(position_ids, dtype=dtype)
+        return {"global": (cos, sin, self.build_attention_mask(document_ids, bsz, seq_len, position_ids.device))}
+
     def extra_mask_mod(self) -> MaskMod | None:
         """Hook: a mask_mod ANDed with causal & same-document (e.g. a sliding window). None here."""
         return None
@@ -164,13 +179,12 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(bsz, seq_len)
         h = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(position_ids, dtype=h.dtype)
-        mask = self.build_attention_mask(document_ids, bsz, seq_len, device)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+        inputs = self.attention_inputs(position_ids, document_ids, h.dtype)
+        for name, layer in self.layers.items():
+            h = layer(h, *inputs[self.attention_kind(int(name))])
         h = self.norm(h)
         if output_fn is not None:
-            return output_fn(h, self.output.weight)
+            return output_fn(h, effective_weight(self.output))  # LoRA on the head: merged weight
         logits = self.output(h)
         if self.args.padded_vocab_size != self.args.vocab_size:
             logits = logits[..., : self.args.vocab_size]

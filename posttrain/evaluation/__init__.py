@@ -1,0 +1,1 @@
+"""Task metrics computed on held-out data after (or between) training runs."""

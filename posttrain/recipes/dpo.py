@@ -1,0 +1,192 @@
+"""Direct preference optimization: sigmoid DPO, conservative DPO (label smoothing), IPO and SimPO.
+
+One micro-batch holds packed [chosen, rejected] pairs (see `posttrain.datasets.preference`); one policy forward
+scores both answers of every pair, the chunked head giving per-sequence sums of token log-probs. Reference
+log-probs (`dpo.reference = "model"`) come from a frozen copy of the starting model, built and sharded like
+the policy, evaluated under no_grad; with `dpo.precompute_reference` it scores every pair once before training
+and is freed. With a LoRA policy (`lora.rank > 0`) the reference is the policy itself with its adapters
+switched off (their scaling set to 0 for that forward): the frozen base IS the starting model, so no second
+copy exists. `dpo.reference = "none"` (and SimPO, which is reference-free) needs no reference at all.
+
+The trainer averages over pairs: a batch's `n_targets` is its pair count. Logged per pair: loss,
+reward_accuracy (ties count one half, so a policy equal to its reference scores 0.5), reward_margin,
+chosen_reward / rejected_reward (implicit rewards) and chosen_logp / rejected_logp (policy sums); with
+data.eval_path the same on held-out pairs as eval_*, before training and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from functools import partial
+
+import torch
+from torch import nn
+
+from posttrain.config import JobConfig
+from posttrain.config.sections import DPOSection
+from posttrain.losses.preference import preference_loss, sequence_log_probs
+from posttrain.models.common.lora import LoRALinear, has_lora
+from posttrain.recipes.pairwise import (
+    build_preference_loader,
+    evaluate_pairs,
+    every_pair_once,
+)
+from posttrain.trainer import LossOutput, Trainer, build_training_model
+
+logger = logging.getLogger("posttrain")
+
+
+def pair_log_probs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen log-probs, rejected log-probs, chosen lengths, rejected lengths), each `[pairs]`, from one forward."""
+    output_fn = partial(
+        sequence_log_probs, labels=batch["labels"], sequence_ids=batch["sequence_ids"],
+        n_sequences=2 * int(batch["n_targets"]), vocab_size=model.args.vocab_size, chunk_size=chunk_size,
+    )
+    logps, lengths = model(
+        batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
+    )
+    return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model's LoRA adapters contribute nothing inside the block (base + 0 * B A = base, exactly)."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in zip(modules, saved):
+            m.scaling = scaling
+
+
+class ReferenceLogProbs:
+    """Where reference log-probs come from: a frozen model scored per batch (the LoRA policy itself with its
+    adapters off when `adapters_off`), or a table filled once by `precompute`."""
+
+    def __init__(self, model: nn.Module | None, *, chunk_size: int, adapters_off: bool = False) -> None:
+        self.model = model
+        self.chunk_size = chunk_size
+        self.adapters_off = adapters_off
+        self.table: torch.Tensor | None = None  # [pairs in the dataset, 2] once precomputed
+
+    def _score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with adapters_disabled(self.model) if self.adapters_off else nullcontext():
+            chosen, rejected, _, _ = pair_log_probs(self.model, batch, chunk_size=self.chunk_size)
+        return chosen.float(), rejected.float()
+
+    @torch.no_grad()
+    def precompute(self, batches, n_pairs: int, device: torch.device, to_device) -> None:
+        """Score every pair of `batches` (this rank's, as `every_pair_once` gives them) once, keep the table and
+        drop the reference model."""
+        table = torch.full((n_pairs, 2), float("nan"), dtype=torch.float32, device=device)
+        for cpu_batch, _ in batches:  # a repeated batch (kept for FSDP's collectives) writes the same values
+            batch = to_device(cpu_batch)
+            table[batch["pair_ids"]] = torch.stack(self._score(batch), dim=1)
+        self.table = table
+        self.model = None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if self.table is not None:
+            ref = self.table[batch["pair_ids"]]
+            return ref[:, 0], ref[:, 1]
+        if self.model is None:
+            return None, None
+        return self._score(batch)
+
+
+def dpo_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    n_global: torch.Tensor | None,
+    *,
+    dpo: DPOSection,
+    reference: ReferenceLogProbs,
+    chunk_size: int,
+) -> LossOutput:
+    """Summed preference loss of the micro-batch's pairs, with per-pair metric sums."""
+    chosen, rejected, chosen_len, rejected_len = pair_log_probs(model, batch, chunk_size=chunk_size)
+    ref_chosen, ref_rejected = (None, None) if dpo.loss_type == "simpo" else reference(batch)
+    out = preference_loss(
+        chosen, rejected, ref_chosen, ref_rejected, loss_type=dpo.loss_type, beta=dpo.beta,
+        label_smoothing=dpo.label_smoothing, simpo_gamma=dpo.simpo_gamma,
+        chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+    )
+    margin = out.chosen_rewards - out.rejected_rewards
+    metrics = {
+        "reward_accuracy": ((margin > 0).float() + 0.5 * (margin == 0).float()).sum(),
+        "reward_margin": margin.sum(),
+        "chosen_reward": out.chosen_rewards.sum(),
+        "rejected_reward": out.rejected_rewards.sum(),
+        "chosen_logp": chosen.detach().sum(),
+        "rejected_logp": rejected.detach().sum(),
+    }
+    n_pairs = torch.tensor(int(batch["n_targets"]), device=chosen.device)
+    return LossOutput(loss_sum=out.losses.sum(), n_targets=n_pairs, metrics=metrics)
+
+
+def check_dpo_config(dpo: DPOSection) -> None:
+    if dpo.beta <= 0:
+        raise SystemExit(f"dpo.beta must be > 0, got {dpo.beta}")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        raise SystemExit(f"dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+    if dpo.loss_type == "ipo" and dpo.label_smoothing:
+        raise SystemExit("dpo.label_smoothing applies to the sigmoid and simpo losses; set it to 0 for ipo")
+
+
+def build_reference(trainer: Trainer) -> nn.Module:
+    """A frozen copy of the policy's starting point (same model.* settings and seed), sharded like it."""
+    reference = build_training_model(
+        replace(trainer.cfg, activation_checkpoint=replace(trainer.cfg.activation_checkpoint, mode="none")),
+        parallel_dims=trainer.parallel_dims, device=trainer.device, mixed_precision=trainer.mixed_precision,
+        tokenizer_vocab_size=trainer.tokenizer.vocab_size,
+    )
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def run(cfg: JobConfig) -> None:
+    dpo = cfg.dpo
+    check_dpo_config(dpo)
+    trainer = Trainer(cfg)
+    chunk_size = cfg.training.loss_chunk_size
+    trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
+    eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False) if cfg.data.eval_path else None
+
+    needs_reference = dpo.reference == "model" and dpo.loss_type != "simpo"
+    if needs_reference and has_lora(trainer.model):  # the frozen base is the reference: no second copy
+        reference = ReferenceLogProbs(trainer.model, chunk_size=chunk_size, adapters_off=True)
+    else:
+        reference = ReferenceLogProbs(build_reference(trainer) if needs_reference else None, chunk_size=chunk_size)
+    loss_fn = partial(dpo_loss, dpo=dpo, reference=reference, chunk_size=chunk_size)
+    eval_reference = reference
+    if needs_reference and dpo.precompute_reference:
+        if eval_loader is not None:  # the held-out pairs get their own table from the same model
+            eval_reference = ReferenceLogProbs(reference.model, chunk_size=chunk_size, adapters_off=reference.adapters_off)
+            eval_reference.precompute(
+                every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer._to_device
+            )
+        reference.precompute(
+            every_pair_once(trainer, trainer.data_loader), len(trainer.data_loader.pairs), trainer.device,
+            trainer._to_device,
+        )
+        logger.info("reference log-probs precomputed for %d pairs; reference model freed", len(trainer.data_loader.pairs))
+    eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, chunk_size=chunk_size)
+
+    trainer.resume()
+    if eval_loader is not None and trainer.step == 0:
+        trainer.metrics.log(0, evaluate_pairs(trainer, eval_loader, eval_fn))
+    trainer.fit(loss_fn)
+    if eval_loader is not None:
+        trainer.metrics.log(trainer.step, evaluate_pairs(trainer, eval_loader, eval_fn))
+    trainer.export_hf()
+    trainer.close()
