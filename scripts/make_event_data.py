@@ -85,8 +85,9 @@ def main() -> None:
     write_token_file(out / "train.npy", train)
     eval_types = rng.integers(N_TYPES, size=N_EVAL)
     with open(out / "eval.jsonl", "w") as f:
-        for t in eval_types:
-            f.write(json.dumps({"input_ids": sample_sequence(world, int(t), rng), "user_type": int(t)}) + "\n")
+        f.writelines(
+            json.dumps({"input_ids": sample_sequence(world, int(t), rng), "user_type": int(t)}) + "\n" for t in eval_types
+        )
     summary = {
         "seed": args.seed,
         "n_events": N_EVENTS,

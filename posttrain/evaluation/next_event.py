@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def baseline_recall_at_k(
     if kind == "bigram":
         follow: dict[int, Counter] = defaultdict(Counter)
         for seq in train:
-            for a, b in zip(seq[:-1], seq[1:]):
+            for a, b in pairwise(seq):
                 follow[int(a)][int(b)] += 1
         for a, counts in follow.items():
             top = [e for e, _ in counts.most_common(kmax)]

@@ -9,8 +9,8 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.datasets.dataloader import build_sft_dataloader
-from posttrain.losses import chunked_cross_entropy
 from posttrain.extensions import load_callable
+from posttrain.losses import chunked_cross_entropy
 from posttrain.trainer import LossFn, LossOutput, Trainer
 
 
