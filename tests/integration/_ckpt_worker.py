@@ -8,6 +8,9 @@ to <out>/final_<tag>.pt.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import argparse
 import json
 from pathlib import Path
@@ -108,3 +111,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: gloo's threads can abort the process there ("terminate called without an
+    # active exception") after all work and the process-group shutdown are done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
