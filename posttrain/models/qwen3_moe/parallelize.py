@@ -1,4 +1,4 @@
-"""Qwen3-MoE's parallelization: FSDP (experts sharded like every other weight, on their expert dimension),
+"""Parallelization of the MoE families (Qwen3-MoE, GPT-OSS): FSDP (experts sharded like every other weight, on their expert dimension),
 activation checkpointing and compile in the shared order. No tensor parallelism and no expert parallelism
 yet: ``parallelism.tp > 1`` is refused."""
 
@@ -14,7 +14,7 @@ from posttrain.parallelisms.tensor_parallel import TPPlan
 
 def tp_plan(model: nn.Module, *, loss_parallel: bool = False) -> TPPlan:
     raise NotImplementedError(
-        "tensor parallelism is not implemented for MoE models (qwen3_moe); set parallelism.tp=1 and shard "
+        "tensor parallelism is not implemented for the MoE families (qwen3_moe, gpt_oss); set parallelism.tp=1 and shard "
         "with FSDP (parallelism.dp_shard); expert parallelism is planned"
     )
 
