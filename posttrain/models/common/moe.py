@@ -170,3 +170,58 @@ __all__ = [
     "GROUPED_MM_ALIGN", "ExpertGroups", "GroupedExperts", "MoE", "expert_load_imbalance", "grouped_mm_supported",
     "load_balancing_loss", "sort_by_expert",
 ]
+
+
+class MoEModelHooks:
+    """What the SFT loss and the trainer's MFU ask of an MoE model, shared by the MoE families. A model lists
+    this before `Transformer` in its bases and sets `moe_layer_type` (the module class holding `aux_loss` and
+    `tokens_per_expert`); its args carry `router_aux_loss_coef`, `n_experts` and `n_experts_per_tok`."""
+
+    moe_layer_type: type[nn.Module]
+
+    def moe_layers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, self.moe_layer_type)]
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """``router_aux_loss_coef`` * the mean over MoE layers of their load-balancing loss in the last
+        forward (differentiable); None when the coefficient is 0 or nothing was routed yet."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if not losses or self.args.router_aux_loss_coef == 0:
+            return None
+        return self.args.router_aux_loss_coef * torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def moe_metrics(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the last forward: the raw load-balancing loss (mean over layers) and the
+        load imbalance (max / mean tokens per expert, mean over layers; 1 = balanced)."""
+        layers = [m for m in self.moe_layers() if m.tokens_per_expert is not None]
+        if not layers:
+            return {}
+        return {
+            "moe_aux_loss": torch.stack([m.aux_loss.detach().float() for m in layers]).mean(),
+            "moe_load_imbalance": torch.stack([expert_load_imbalance(m.tokens_per_expert) for m in layers]).mean(),
+        }
+
+    def tokens_per_expert(self) -> dict[str, torch.Tensor]:
+        """Routed (token, slot) counts per expert of the last forward, by layer name."""
+        return {
+            name: m.tokens_per_expert
+            for name, m in self.named_modules()
+            if isinstance(m, self.moe_layer_type) and m.tokens_per_expert is not None
+        }
+
+    def param_active_fraction(self, name: str) -> float:
+        """The share of parameter ``name`` one token computes with: top_k / n_experts for expert weights,
+        1 otherwise. The trainer's MFU uses it to count active parameters only."""
+        if ".experts." in f".{name}":
+            return self.args.n_experts_per_tok / self.args.n_experts
+        return 1.0
+
+    def active_params_per_token(self) -> int:
+        """Parameters one token computes with: attention, router, top_k experts per MoE layer, the output head
+        (not an untied input embedding: a lookup is no matmul). What MFU counts; gpt-oss-120b: 5.13B."""
+        return sum(
+            int(p.shape.numel() * self.param_active_fraction(n))
+            for n, p in self.named_parameters()
+            if self.args.tie_embeddings or not n.startswith("tok_embeddings.")
+        )

@@ -17,7 +17,7 @@ from posttrain.models.common.attention import (
     FlexBackend,
     sliding_window_mask_mod,
 )
-from posttrain.models.common.moe import ExpertGroups, expert_load_imbalance, load_balancing_loss, sort_by_expert
+from posttrain.models.common.moe import ExpertGroups, MoEModelHooks, load_balancing_loss, sort_by_expert
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.transformer import Transformer, TransformerBlock
 from posttrain.models.gpt_oss.args import SLIDING, GptOssArgs
@@ -140,7 +140,9 @@ class GptOssMoE(nn.Module):
         self.experts.init_weights(init_std, out_std)
 
 
-class GptOssModel(Transformer):
+class GptOssModel(MoEModelHooks, Transformer):
+    moe_layer_type = GptOssMoE
+
     def __init__(self, args: GptOssArgs) -> None:
         super().__init__(args)
         for block in self.layers.values():
@@ -172,45 +174,3 @@ class GptOssModel(Transformer):
             )
             inputs["sliding"] = (cos, sin, mask)
         return inputs
-
-    # ---- MoE hooks, same contract as Qwen3MoeModel (used by the SFT loss and the trainer's MFU)
-
-    def moe_layers(self) -> list[GptOssMoE]:
-        return [m for m in self.modules() if isinstance(m, GptOssMoE)]
-
-    def moe_aux_loss(self) -> torch.Tensor | None:
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        if not losses or self.args.router_aux_loss_coef == 0:
-            return None
-        return self.args.router_aux_loss_coef * torch.stack(losses).mean()
-
-    @torch.no_grad()
-    def moe_metrics(self) -> dict[str, torch.Tensor]:
-        layers = [m for m in self.moe_layers() if m.tokens_per_expert is not None]
-        if not layers:
-            return {}
-        return {
-            "moe_aux_loss": torch.stack([m.aux_loss.detach().float() for m in layers]).mean(),
-            "moe_load_imbalance": torch.stack([expert_load_imbalance(m.tokens_per_expert) for m in layers]).mean(),
-        }
-
-    def tokens_per_expert(self) -> dict[str, torch.Tensor]:
-        return {
-            name: m.tokens_per_expert
-            for name, m in self.named_modules()
-            if isinstance(m, GptOssMoE) and m.tokens_per_expert is not None
-        }
-
-    def param_active_fraction(self, name: str) -> float:
-        if ".experts." in f".{name}":
-            return self.args.n_experts_per_tok / self.args.n_experts
-        return 1.0
-
-    def active_params_per_token(self) -> int:
-        """Parameters one token computes with: attention, router, top_k experts per MoE layer, the output head
-        (not an untied input embedding: a lookup is no matmul). What MFU counts; gpt-oss-120b: 5.13B."""
-        return sum(
-            int(p.shape.numel() * self.param_active_fraction(n))
-            for n, p in self.named_parameters()
-            if self.args.tie_embeddings or not n.startswith("tok_embeddings.")
-        )
