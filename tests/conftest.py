@@ -54,3 +54,53 @@ def smollm2_dir() -> Path:
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 GGUF not available: {e}")
     return converter.convert_smollm2(out_dir)
+
+
+# ---------------------------------------------------------------- leftover processes
+# Every process a test starts inherits this variable, also those that start their own session (torchrun's
+# workers, Ray's raylet and workers). At the end of the session any that still run are reported and killed:
+# a leftover process holding the CI job's output open kept an earlier CI run from ever finishing.
+_SESSION_VAR = "POSTTRAIN_TEST_SESSION"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(_SESSION_VAR, f"{os.getpid()}-{os.urandom(6).hex()}")
+
+
+def _processes_of_this_session() -> list[tuple[int, str]]:
+    marker = f"{_SESSION_VAR}={os.environ.get(_SESSION_VAR, '')}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append((int(entry.name), cmdline))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not Path("/proc").is_dir() or _SESSION_VAR not in os.environ:
+        return
+    import signal
+    import time
+
+    leftovers = _processes_of_this_session()
+    if not leftovers:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(leftovers)} process(es) started by tests were still running at the end; killed:"]
+    lines += [f"  pid {pid}: {cmd[:200]}" for pid, cmd in leftovers]
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line("\n".join(lines), yellow=True)
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.2)
