@@ -47,6 +47,7 @@ class PreemptionFlag:
         self._lock = threading.Lock()
         self._previous: dict[int, object] = {}
         self._group: dist.ProcessGroup | None = None
+        self._owner_pid = os.getpid()
         if threading.current_thread() is not threading.main_thread():
             logger.warning("preemption signals are not handled: the trainer is not in the main thread")
             return
@@ -77,6 +78,12 @@ class PreemptionFlag:
                     self._arm_watchdog(signum)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._owner_pid:
+            # A forked child (a data-loader worker) inherits this handler; there the signal must act as
+            # usual, or the parent's shutdown (SIGTERM, then join) waits on the worker forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.received = signum
         self._arm_watchdog(signum)
 

@@ -80,7 +80,29 @@ def _processes_of_this_session() -> list[tuple[int, str]]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
         found.append((int(entry.name), cmdline))
-    return found
+    return found + [p for p in _descendants(os.getpid()) if p[0] not in {pid for pid, _ in found}]
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """Processes forked below `root` (a fork does not show a variable set after exec in /proc/PID/environ)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append((pid, cmd))
+        todo.extend(children.get(pid, []))
+    return out
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -18,8 +18,12 @@ counters): save it per rank (e.g. torch.save), not as a sharded tensor.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import re
 import signal
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -39,9 +43,42 @@ _SUMMED = tuple(DataStats.keys())
 
 def _ignore_preemption_signals(worker_id: int) -> None:
     """Data workers ignore SIGTERM / SIGUSR1: schedulers signal every process of a job, and the training
-    process answers by checkpointing and shutting its workers down itself (posttrain/preemption.py)."""
+    process answers by checkpointing and shutting its workers down itself (posttrain/preemption.py).
+
+    They die with their training process, however it ends: a rank killed by SIGKILL (or os._exit) would
+    otherwise leave them running for good (blocked flushing a queue nobody reads), holding the dead rank's
+    inherited sockets -- its peers' collectives then wait on a connection that never closes."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _kill_data_workers() -> None:
+    """At interpreter exit multiprocessing terminates (SIGTERM) and then joins its daemonic children; data workers
+    ignore SIGTERM (above), so a loader still alive at exit -- e.g. when a worker's DataError ends the program --
+    would keep the process from ever exiting. Registered after multiprocessing's own exit hook, this runs first."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+    for child in children:
+        child.kill()
+
+
+atexit.register(_kill_data_workers)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the process that forked it exits (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
 
 
 class SFTDataLoader:
@@ -88,11 +125,18 @@ class SFTDataLoader:
         try:
             batch = next(self._iterator)
         except DataError as e:
+            self._stop_workers()  # the stream ends here; its workers must not outlive it
             raise _without_worker_traceback(e) from e
         shard_stats = dict(batch["stats"])
         self._shard_stats[str(shard_stats.pop("shard"))] = shard_stats
         batch["stats"] = self.stats
         return batch
+
+    def _stop_workers(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's (private) multi-worker iterator
+        if shutdown is not None:
+            shutdown()
 
     def __len__(self) -> int:
         """Batches per pass of an eval loader (packs the eval set on first use); a training loader has none."""

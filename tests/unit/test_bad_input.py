@@ -131,3 +131,28 @@ def test_no_assistant_turn_is_counted_not_silently_dropped(tmp_path):
     rows = [CHAT, {"messages": [{"role": "user", "content": "only a question"}]}, CHAT]
     stats = _run(write_jsonl(tmp_path / "d.jsonl", rows))[-1]["stats"]
     assert (stats["rows_read"], stats["dropped_no_target"], stats["samples"]) == (3, 1, 2)
+
+
+def test_a_data_error_from_a_worker_lets_the_program_exit(tmp_path):
+    """Data workers ignore SIGTERM (preemption is the trainer's business), so multiprocessing's exit hook
+    (terminate, then join) once waited forever on the worker of a loader still alive when the error ended the
+    program; a CI run hung there after every test had passed."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    path = _with_bad_line(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_bad_input import _run
+        try:
+            _run({str(path)!r}, num_workers=1)
+        except Exception as e:
+            kept = e  # the traceback keeps the loader (and its worker) alive until exit
+            print("raised", type(e).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "raised BadRowError" in proc.stdout, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
