@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.models.common.heads import get_head, is_head_param
-from posttrain.models.common.lora import base_param_name, is_adapter_param, lora_modules
+from posttrain.models.common.lora import base_param_name, expert_lora_update, is_adapter_param, lora_modules
 from posttrain.models.common.stacked_names import expand_stacked, is_stacked, split_row_index
 from posttrain.models.registry import ModelSpec, get_model_spec, get_model_spec_for, resolve_args
 
@@ -199,6 +199,7 @@ class _ExportEntry:
     rows: int | None  # keep the first `rows` rows (drop vocabulary padding)
     nbytes: int
     lora: Any = None  # a LoRALinear whose update scaling * B @ A is merged into this base weight
+    experts: Any = None  # an experts module with LoRA: its update of this stacked weight is merged in
 
 
 def _export_entries(model: nn.Module, spec: ModelSpec, dtype: torch.dtype | None) -> list[_ExportEntry]:
@@ -215,6 +216,10 @@ def _export_entries(model: nn.Module, spec: ModelSpec, dtype: torch.dtype | None
             lora = loras.get(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
         if name == "output.weight" and args.tie_embeddings:
             continue
+        owner = model.get_submodule(raw_name.rpartition(".")[0])
+        experts = None  # LoRA on stacked experts: (the experts module, this parameter's name in it)
+        if getattr(owner, "lora", None) is not None and hasattr(owner, "lora_update"):
+            experts = (owner, name.rpartition(".")[2])
         hf_name = name if is_head_param(name) else spec.to_hf_name(name)
         if hf_name is None:
             raise KeyError(f"{name} has no Hugging Face name in the {spec.name} adapter")
@@ -223,7 +228,7 @@ def _export_entries(model: nn.Module, spec: ModelSpec, dtype: torch.dtype | None
         if name in ("tok_embeddings.weight", "output.weight") and shape[0] != args.vocab_size:
             rows = shape[0] = args.vocab_size
         itemsize = (dtype or tensor.dtype).itemsize
-        entries.append(_ExportEntry(hf_name, tensor, rows, itemsize * int(torch.Size(shape).numel()), lora))
+        entries.append(_ExportEntry(hf_name, tensor, rows, itemsize * int(torch.Size(shape).numel()), lora, experts))
     return entries
 
 
@@ -293,6 +298,10 @@ def save_hf(
                 b = _full_tensor(entry.lora.lora_b.weight.detach()).float()
                 a = _full_tensor(entry.lora.lora_a.weight.detach()).float()
                 full = (full.float() + entry.lora.scaling * (b @ a)).to(full.dtype)
+            if entry.experts is not None:  # stacked experts: W + their adapters' update, in fp32
+                update = expert_lora_update(*entry.experts)
+                if update is not None:
+                    full = (full.float() + update).to(full.dtype)
             if not writer:
                 continue
             if entry.rows is not None:

@@ -104,15 +104,39 @@ class SDPABackend:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
     ) -> torch.Tensor:
-        gqa = q.shape[1] != k.shape[1]
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-        # Kernels that take an explicit mask do not all support GQA, so expand k/v instead of enable_gqa.
-        if gqa:
-            n_rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return sdpa_attention(q, k, v, mask, scale)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
+    """SDPA with the is_causal fast path (mask None) or a dense boolean mask [B, 1, Sq, Sk]."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
+    if gqa and q.shape[2] < k.shape[2]:  # KV-cache decoding: fold each group's query heads into the query axis
+        return _grouped_query_attention(q, k, v, mask, scale)
+    # Kernels that take an explicit mask do not all support GQA, so expand k/v instead of enable_gqa.
+    if gqa:
+        n_rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _grouped_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """GQA with a mask and no k/v copies: q [B, Hq, S, D] -> [B, Hkv, n_rep * S, D] (query head h uses kv head
+    h // n_rep), the mask [B, 1, S, T] repeated per folded row; what a decode step against a long cache wants."""
+    bsz, n_heads, seq_len, head_dim = q.shape
+    n_kv = k.shape[1]
+    n_rep = n_heads // n_kv
+    q = q.reshape(bsz, n_kv, n_rep * seq_len, head_dim)
+    if mask.shape[-2] != 1:
+        mask = mask.expand(bsz, 1, seq_len, mask.shape[-1]).repeat(1, 1, n_rep, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(bsz, n_heads, seq_len, head_dim)
 
 
 # Compiled once per process, lazily. On the CPU the eager (unfused, exact) path is used instead: compiling
@@ -178,7 +202,9 @@ class FlexBackend:
         *, return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output [B, H, S, D]; with ``return_lse`` also the log-sum-exp of each query's scores
-        [B, H, S] (natural log)."""
+        [B, H, S] (natural log). A dense mask (KV-cache decoding, see kv_cache.py) goes through SDPA."""
+        if not isinstance(mask, BlockMask) and not return_lse:
+            return sdpa_attention(q, k, v, mask, scale)
         if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise NotImplementedError(
                 "FlexAttention has no backward on CPU (forward under torch.no_grad() works); "
@@ -250,8 +276,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, **norm_kw) if qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
     ) -> torch.Tensor:
+        """``kv_cache``: a ``LayerKVCache`` (kv_cache.py) that stores this call's k/v and returns what the
+        queries attend to; None (training) attends to this call's k/v only."""
         bsz, seq_len, _ = x.shape
         q = self.wq(x).view(bsz, seq_len, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)
@@ -261,6 +289,8 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary_emb(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
         out = self.attend(q, k, v, mask)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
         return self.wo(out)

@@ -81,24 +81,63 @@ class ExpertGroups:
         """Each row's expert bias, from ``b`` [E, out]."""
         return b[self.row_expert]
 
+    def lora(self, h: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
+        """Rows of group e times expert e's low-rank update: ``scaling * (h A_e^T) B_e^T`` (an ``ExpertLoRA``:
+        A [E, r, in], B [E, out, r]); two grouped matmuls through the rank, never the [E, out, in] product.
+
+        ``torch._grouped_mm`` wants 16-byte strides, so on the grouped path a rank that is not a multiple of
+        16 bytes is padded with zero rows of A / columns of B (exact: they add zeros)."""
+        a, b = adapter.lora_a.weight, adapter.lora_b.weight
+        if self.grouped:
+            multiple = max(1, 16 // a.element_size())
+            pad = -a.shape[1] % multiple
+            if pad:
+                a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        return self.mm(self.mm(h, a.transpose(-2, -1)), b.transpose(-2, -1)) * adapter.scaling
+
 
 class GroupedExperts(nn.Module):
     """``n_experts`` SwiGLU MLPs as stacked weights in HF's per-expert Linear layout:
-    w1 (gate) [E, hidden, dim], w3 (up) [E, hidden, dim], w2 (down) [E, dim, hidden]."""
+    w1 (gate) [E, hidden, dim], w3 (up) [E, hidden, dim], w2 (down) [E, dim, hidden].
+
+    With LoRA (target ``experts``), ``lora`` holds two ``ExpertLoRA``: ``gate_up`` (dim -> 2 * hidden: one
+    adapter over gate and up together, rows [gate; up], as transformers' fused ``gate_up_proj``) and ``down``.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int) -> None:
         super().__init__()
         self.n_experts = n_experts
+        self.hidden_dim = hidden_dim
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.lora: nn.ModuleDict | None = None  # ExpertLoRA slots, set by posttrain.models.common.lora.apply_lora
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, dim] sorted by expert, ``counts[e]`` rows for expert e; returns [N, dim]."""
         groups = ExpertGroups(x, counts)
         h = groups.pad(x)
-        h = F.silu(groups.mm(h, self.w1.transpose(-2, -1))) * groups.mm(h, self.w3.transpose(-2, -1))
-        return groups.unpad(groups.mm(h, self.w2.transpose(-2, -1)))
+        gate, up = groups.mm(h, self.w1.transpose(-2, -1)), groups.mm(h, self.w3.transpose(-2, -1))
+        if self.lora is not None:
+            gate_up = groups.lora(h, self.lora["gate_up"])
+            gate, up = gate + gate_up[:, : self.hidden_dim], up + gate_up[:, self.hidden_dim :]
+        h = F.silu(gate) * up
+        out = groups.mm(h, self.w2.transpose(-2, -1))
+        if self.lora is not None:
+            out = out + groups.lora(h, self.lora["down"])
+        return groups.unpad(out)
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Adapter slots for LoRA on the experts: name -> (in, out)."""
+        dim = self.w1.shape[-1]
+        return {"gate_up": (dim, 2 * self.hidden_dim), "down": (self.hidden_dim, dim)}
+
+    def lora_update(self, param_name: str, deltas: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The slice of the slots' updates (``deltas[slot]`` [E, out, in]) that merges into ``param_name``."""
+        rows = {"w1": slice(0, self.hidden_dim), "w3": slice(self.hidden_dim, 2 * self.hidden_dim)}
+        if param_name in rows:
+            return deltas["gate_up"][:, rows[param_name]]
+        return deltas["down"] if param_name == "w2" else None
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=init_std)

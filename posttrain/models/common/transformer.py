@@ -25,6 +25,7 @@ from posttrain.models.common.attention import (
     build_attention_backend,
 )
 from posttrain.models.common.feed_forward import FeedForward
+from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import effective_weight
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import RotaryEmbedding
@@ -99,8 +100,10 @@ class TransformerBlock(nn.Module):
         # depth-scaled init for the projections that write into the residual stream
         self._out_std = args.init_std / math.sqrt(2 * args.n_layers)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, init_std: float) -> None:
@@ -157,6 +160,11 @@ class Transformer(nn.Module):
         """Hook: a mask_mod ANDed with causal & same-document (e.g. a sliding window). None here."""
         return None
 
+    def mask_mod_of_kind(self, kind: str) -> MaskMod | None:
+        """Hook: the extra mask_mod that ``attention_inputs`` composes into attention kind ``kind``'s mask; the
+        KV-cache decode path builds its masks from it. Families with a sliding kind override this."""
+        return self.extra_mask_mod()
+
     def build_attention_mask(self, document_ids: torch.Tensor | None, batch: int, seq_len: int,
                              device: torch.device) -> AttentionMask:
         """The one mask of this forward, shared by every layer."""
@@ -170,10 +178,14 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         output_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Any:
         """input_ids [B, S]; position_ids [B, S] (default arange; restart them per packed document);
         document_ids [B, S] (default: one document per row). Returns logits [B, S, vocab_size], or
-        ``output_fn(hidden [B, S, dim] after the final norm, output weight [padded_vocab, dim])``."""
+        ``output_fn(hidden [B, S, dim] after the final norm, output weight [padded_vocab, dim])``.
+        ``kv_cache`` (inference): see ``posttrain.models.common.kv_cache`` for what position_ids mean then."""
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, position_ids, document_ids, output_fn, kv_cache)
         bsz, seq_len = input_ids.shape
         device = input_ids.device
         if position_ids is None:
@@ -182,6 +194,37 @@ class Transformer(nn.Module):
         inputs = self.attention_inputs(position_ids, document_ids, h.dtype)
         for name, layer in self.layers.items():
             h = layer(h, *inputs[self.attention_kind(int(name))])
+        return self._output(h, output_fn)
+
+    def _forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        output_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None,
+        kv_cache: KVCache,
+    ) -> Any:
+        """The forward with a KV cache: a prefill from slot 0 (position_ids None; the training masks) or new
+        tokens at per-row positions (dense masks over the cached slots, one per attention kind)."""
+        if document_ids is not None:
+            raise ValueError("document_ids (packed rows) are not supported with a KV cache")
+        bsz, seq_len = input_ids.shape
+        kv_cache.begin_forward(bsz, seq_len, position_ids)
+        from_start = position_ids is None
+        if from_start:
+            position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(bsz, seq_len)
+        h = self.tok_embeddings(input_ids)
+        inputs = self.attention_inputs(position_ids, None, h.dtype)
+        if not from_start:
+            inputs = {
+                kind: (cos, sin, kv_cache.attention_mask(position_ids, self.mask_mod_of_kind(kind)))
+                for kind, (cos, sin, _) in inputs.items()
+            }
+        for name, layer in self.layers.items():
+            h = layer(h, *inputs[self.attention_kind(int(name))], kv_cache=kv_cache.layer(name))
+        return self._output(h, output_fn)
+
+    def _output(self, h: torch.Tensor, output_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None) -> Any:
         h = self.norm(h)
         if output_fn is not None:
             return output_fn(h, effective_weight(self.output))  # LoRA on the head: merged weight

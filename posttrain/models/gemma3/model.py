@@ -9,12 +9,19 @@ Two attention kinds, each with its own RoPE and mask, built once per forward (``
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from posttrain.models.common.attention import Attention, AttentionBackend, AttentionMask, sliding_window_mask_mod
+from posttrain.models.common.attention import (
+    Attention,
+    AttentionBackend,
+    AttentionMask,
+    MaskMod,
+    sliding_window_mask_mod,
+)
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import RotaryEmbedding
 from posttrain.models.common.transformer import Transformer
@@ -76,8 +83,10 @@ class Gemma3Block(nn.Module):
         self.post_ffn_norm = norm()
         self._out_std = args.init_std / math.sqrt(2 * args.n_layers)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
+    ) -> torch.Tensor:
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, kv_cache))
         return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
     def init_weights(self, init_std: float) -> None:
@@ -101,6 +110,9 @@ class Gemma3Model(Transformer):
 
     def attention_kind(self, layer_id: int) -> str:
         return "sliding" if self.args.layer_types[layer_id] == SLIDING else "global"
+
+    def mask_mod_of_kind(self, kind: str) -> MaskMod | None:
+        return self._sliding_mask_mod if kind == "sliding" else None
 
     def attention_inputs(
         self, position_ids: torch.Tensor, document_ids: torch.Tensor | None, dtype: torch.dtype

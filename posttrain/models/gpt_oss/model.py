@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from posttrain.models.common.attention import (
     Attention,
     AttentionBackend,
     AttentionMask,
     FlexBackend,
+    MaskMod,
     sliding_window_mask_mod,
 )
 from posttrain.models.common.moe import ExpertGroups, MoEModelHooks, load_balancing_loss, sort_by_expert
@@ -42,7 +44,7 @@ def attention_with_sinks(
     Flex: one fused call that also returns lse. SDPA backend: the scores are formed explicitly (the reference
     path; memory O(S^2) per head, like HF's eager implementation).
     """
-    if isinstance(backend, FlexBackend):
+    if isinstance(backend, FlexBackend) and isinstance(mask, BlockMask):  # (KV-cache decoding: a dense mask)
         out, lse = backend(q, k, v, mask, scale, return_lse=True)
         return out * torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
     bsz, n_heads, seq_len, _ = q.shape
@@ -78,25 +80,45 @@ class GptOssAttention(Attention):
 
 
 class GptOssExperts(nn.Module):
-    """Stacked experts in HF's layout; ``forward(x sorted by expert, counts)``."""
+    """Stacked experts in HF's layout ([E, in, out]: ``x @ W[e]``); ``forward(x sorted by expert, counts)``.
+    With LoRA (target ``experts``), ``lora`` holds ``ExpertLoRA`` slots ``gate_up`` and ``down``; an adapter's
+    update [E, out, in] merges into these weights transposed."""
 
     def __init__(self, args: GptOssArgs) -> None:
         super().__init__()
         e, d, f = args.n_experts, args.dim, args.ffn_dim
+        self.n_experts = e
         self.alpha = args.swiglu_alpha
         self.limit = args.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(e, d, 2 * f))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * f))
         self.down_proj = nn.Parameter(torch.empty(e, f, d))
         self.down_proj_bias = nn.Parameter(torch.empty(e, d))
+        self.lora: nn.ModuleDict | None = None  # ExpertLoRA slots, set by posttrain.models.common.lora.apply_lora
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         groups = ExpertGroups(x, counts)
-        gate_up = groups.mm(groups.pad(x), self.gate_up_proj) + groups.bias(self.gate_up_proj_bias)
+        h = groups.pad(x)
+        gate_up = groups.mm(h, self.gate_up_proj) + groups.bias(self.gate_up_proj_bias)
+        if self.lora is not None:
+            gate_up = gate_up + groups.lora(h, self.lora["gate_up"])
         gate = gate_up[..., ::2].clamp(max=self.limit)
         up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
         h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-        return groups.unpad(groups.mm(h, self.down_proj) + groups.bias(self.down_proj_bias))
+        out = groups.mm(h, self.down_proj) + groups.bias(self.down_proj_bias)
+        if self.lora is not None:
+            out = out + groups.lora(h, self.lora["down"])
+        return groups.unpad(out)
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Adapter slots for LoRA on the experts: name -> (in, out)."""
+        d, f2 = self.gate_up_proj.shape[1:]
+        return {"gate_up": (d, f2), "down": (f2 // 2, d)}
+
+    def lora_update(self, param_name: str, deltas: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``deltas[slot]`` [E, out, in] in the layout of ``param_name`` ([E, in, out]); biases get none."""
+        slot = {"gate_up_proj": "gate_up", "down_proj": "down"}.get(param_name)
+        return None if slot is None else deltas[slot].transpose(-2, -1)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=init_std)
@@ -157,6 +179,9 @@ class GptOssModel(MoEModelHooks, Transformer):
 
     def attention_kind(self, layer_id: int) -> str:
         return "sliding" if self.args.layer_types[layer_id] == SLIDING else "global"
+
+    def mask_mod_of_kind(self, kind: str) -> MaskMod | None:
+        return self._sliding_mask_mod if kind == "sliding" else None
 
     def attention_inputs(
         self, position_ids: torch.Tensor, document_ids: torch.Tensor | None, dtype: torch.dtype

@@ -1,0 +1,223 @@
+"""The native rollout engine (posttrain.rl.rollout.native): greedy output against transformers on the real
+SmolLM2 weights and against the cache-free reference decoder on every family, sampled log-probs against the
+trainer's recomputation, sampling controls, stop tokens, and weight updates by HF name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.losses import token_log_probs
+from posttrain.models import build_model, save_hf
+from posttrain.models.greedy import greedy_generate
+from posttrain.rl.rollout import RolloutEngine, SamplingParams, build_engine
+from posttrain.rl.rollout.native import NativeEngine
+
+FAMILIES = ["llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss"]
+VOCAB = 1000  # not a multiple of 64: the embedding and head are padded
+PROMPT_LENGTHS = (5, 29, 13, 1, 21)  # gemma3 / gpt_oss debug flavors slide a 16-token window
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small decode fastest on one thread (and do not stall when the CPU is oversubscribed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # init_std 0.1: peaked logits, so greedy picks are not decided by float noise
+    return build_model(family, "debug", device="cpu", vocab_size=VOCAB, init_std=0.1, **overrides).eval()
+
+
+def random_prompts(lengths=PROMPT_LENGTHS, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(max_new_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- real weights
+
+
+def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    chats = [
+        [{"role": "user", "content": "What is 7 times 8?"}],
+        [{"role": "system", "content": "You are a concise assistant."},
+         {"role": "user", "content": "Tell me about the capital of France, and why it matters in European history."}],
+        [{"role": "user", "content": "Name three colours of the rainbow."}],
+    ]
+    prompts = []
+    for chat in chats:
+        out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+        prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    assert len({len(p) for p in prompts}) == 3
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    eos = hf.generation_config.eos_token_id
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            expected.append(out[0, len(prompt):].tolist())
+    engine = build_engine("native", smollm2_dir, device="cpu", dtype="float32")
+    assert isinstance(engine, RolloutEngine)
+    completions = engine.generate(prompts, greedy(24, stop_token_ids=(eos,)))
+    for completion, prompt, want in zip(completions, prompts, expected):
+        assert completion.prompt_ids == prompt
+        assert completion.token_ids == want
+        assert completion.finish_reason == ("stop" if want[-1] == eos else "length")
+        assert len(completion.log_probs) == len(want) and all(lp <= 0 for lp in completion.log_probs)
+    engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_cache_free_reference(family: str) -> None:
+    model = tiny_model(family)
+    prompts = random_prompts()
+    engine = NativeEngine(model, max_batch_size=3)  # two chunks, prompts of mixed lengths in each
+    completions = engine.generate(prompts, greedy(20))
+    for completion, prompt in zip(completions, prompts):
+        assert completion.token_ids == greedy_generate(model, prompt, 20)
+        assert completion.finish_reason == "length"
+
+
+def test_flex_backend_engine_matches_sdpa_engine() -> None:
+    """Flex prefill (BlockMask) + dense-mask decode, with attention sinks and a sliding window (GPT-OSS)."""
+    sdpa = tiny_model("gpt_oss")
+    flex = tiny_model("gpt_oss", attn_backend="flex")
+    flex.load_state_dict(sdpa.state_dict())
+    prompts = random_prompts((29, 29))
+    want = NativeEngine(sdpa).generate(prompts, greedy(8))
+    got = NativeEngine(flex).generate(prompts, greedy(8))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    torch.testing.assert_close(torch.tensor([c.log_probs for c in got]), torch.tensor([c.log_probs for c in want]),
+                               atol=1e-4, rtol=0)
+
+
+def recomputed_log_probs(model, prompt: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
+    """What the trainer computes: one full forward, ``token_log_probs`` of the completion tokens."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        hidden, weight = model(ids, output_fn=lambda h, w: (h, w))
+        targets = ids[:, len(prompt):]
+        return token_log_probs(hidden[:, len(prompt) - 1 : -1], weight, targets,
+                               vocab_size=model.args.vocab_size, temperature=temperature)[0]
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 50, "top_p": 0.9}], ids=["plain", "topk_topp"])
+def test_sampled_log_probs_match_full_forward_recomputation(family: str, filters: dict) -> None:
+    model = tiny_model(family)
+    prompts = random_prompts()
+    sampling = SamplingParams(max_new_tokens=24, temperature=0.7, seed=3, **filters)
+    completions = NativeEngine(model, max_batch_size=4).generate(prompts, sampling)
+    for completion, prompt in zip(completions, prompts):
+        want = recomputed_log_probs(model, prompt, completion.token_ids, 0.7)
+        torch.testing.assert_close(torch.tensor(completion.log_probs), want, atol=1e-4, rtol=0)
+
+
+def test_greedy_log_probs_are_of_the_raw_logits() -> None:
+    model = tiny_model("qwen3")
+    prompts = random_prompts((7, 12))
+    for completion, prompt in zip(NativeEngine(model).generate(prompts, greedy(10)), prompts):
+        want = recomputed_log_probs(model, prompt, completion.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(completion.log_probs), want, atol=1e-4, rtol=0)
+
+
+def test_top_k_one_is_greedy_and_a_seed_reproduces() -> None:
+    model = tiny_model("llama3")
+    engine = NativeEngine(model, max_batch_size=8)
+    prompts = random_prompts()
+    greedy_ids = [c.token_ids for c in engine.generate(prompts, greedy(16))]
+    top1 = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0.7, top_k=1, seed=0))
+    assert [c.token_ids for c in top1] == greedy_ids
+
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=1234)
+    first = engine.generate(prompts, sampling)
+    again = engine.generate(prompts, sampling)
+    other = engine.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, seed=4321))
+    assert [(c.token_ids, c.log_probs) for c in first] == [(c.token_ids, c.log_probs) for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    assert [c.token_ids for c in first] != greedy_ids  # it does sample
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    """A tiny top_p keeps just the most likely token: sampling at any temperature is then greedy."""
+    model = tiny_model("llama3")
+    prompts = random_prompts((6, 9, 14))
+    engine = NativeEngine(model)
+    want = [c.token_ids for c in engine.generate(prompts, greedy(12))]
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=2.0, top_p=1e-6, seed=5))
+    assert [c.token_ids for c in got] == want
+
+
+def test_stop_tokens_and_length_budgets_end_sequences_individually() -> None:
+    model = tiny_model("gemma3")
+    prompts = random_prompts((5, 29, 13, 1, 21, 8, 17))
+    engine = NativeEngine(model, max_batch_size=16, max_seq_len=40)
+    free = [c.token_ids for c in engine.generate(prompts, greedy(20))]
+    # per-sequence budgets: prompt + completion <= max_seq_len
+    assert [len(t) for t in free] == [min(20, 40 - len(p)) for p in prompts]
+    stops = (free[0][2], free[3][5])
+    got = engine.generate(prompts, greedy(20, stop_token_ids=stops))
+    n_stopped = 0
+    for completion, tokens in zip(got, free):
+        hits = [i for i, t in enumerate(tokens) if t in stops]
+        if hits:
+            n_stopped += 1
+            assert completion.token_ids == tokens[: hits[0] + 1]
+            assert completion.finish_reason == "stop"
+        else:
+            assert completion.token_ids == tokens
+            assert completion.finish_reason == "length"
+        assert len(completion.log_probs) == len(completion.token_ids)
+    assert 2 <= n_stopped < len(prompts)  # some stop early, some run to their budget
+
+
+def test_prompt_without_room_to_generate_is_an_error() -> None:
+    engine = NativeEngine(tiny_model("llama3"), max_seq_len=10)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.generate([list(range(10))], greedy(4))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([[]], greedy(4))
+    assert engine.generate([list(range(10))], greedy(0))[0].token_ids == []
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3", "qwen3_moe", "gpt_oss"])
+def test_update_weights_by_hf_name_makes_the_engine_that_model(family: str, tmp_path: Path) -> None:
+    """Tied embeddings (gemma3), per-expert checkpoint rows (qwen3_moe), stacked experts (gpt_oss), vocab padding."""
+    engine = NativeEngine(tiny_model(family, seed=0))
+    target = tiny_model(family, seed=1)
+    save_hf(target, tmp_path)
+    named = list(load_file(str(tmp_path / "model.safetensors")).items())
+    half = len(named) // 2
+    engine.update_weights(named[:half])  # one call per bucket
+    engine.update_weights(iter(named[half:]))
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(ids), target(ids), atol=0, rtol=0)
+    prompts = random_prompts((4, 19))
+    assert [c.token_ids for c in engine.generate(prompts, greedy(10))] == [
+        greedy_generate(target, p, 10) for p in prompts
+    ]
+    with pytest.raises(KeyError, match="model.layers.99"):
+        engine.update_weights([("model.layers.99.mlp.nonsense.weight", torch.zeros(1))])
+
+
+def test_build_engine_rejects_unknown_kinds() -> None:
+    with pytest.raises(ValueError, match="grpo.engine"):
+        build_engine("tgi", "/nowhere", device="cpu", dtype=torch.float32)
