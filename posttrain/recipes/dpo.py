@@ -27,8 +27,9 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.config.sections import DPOSection
+from posttrain.evaluation.generation import generation_eval_from_config
 from posttrain.losses.preference import preference_loss, sequence_log_probs
-from posttrain.models.common.lora import LoRALinear, has_lora
+from posttrain.models.common.lora import ExpertLoRA, LoRALinear, has_lora
 from posttrain.recipes.pairwise import (
     build_preference_loader,
     evaluate_pairs,
@@ -56,7 +57,7 @@ def pair_log_probs(
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """The model's LoRA adapters contribute nothing inside the block (base + 0 * B A = base, exactly)."""
-    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
     saved = [m.scaling for m in modules]
     for m in modules:
         m.scaling = 0.0
@@ -181,6 +182,17 @@ def run(cfg: JobConfig) -> None:
         )
         logger.info("reference log-probs precomputed for %d pairs; reference model freed", len(trainer.data_loader.pairs))
     eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, chunk_size=chunk_size)
+
+    def periodic_pair_eval() -> None:  # every evaluation.freq steps (the last step's comes after fit)
+        freq = cfg.evaluation.freq
+        if freq > 0 and trainer.step % freq == 0 and trainer.step < cfg.training.steps:
+            trainer.metrics.log(trainer.step, evaluate_pairs(trainer, eval_loader, eval_fn))
+
+    if eval_loader is not None:
+        trainer.step_hooks.append(periodic_pair_eval)
+    generation_eval = generation_eval_from_config(trainer)  # eval_accuracy on evaluation.generation_path
+    if generation_eval is not None:
+        trainer.step_hooks.append(generation_eval)
 
     trainer.resume()
     if eval_loader is not None and trainer.step == 0:

@@ -103,7 +103,9 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache)
+        # kv_cache only when decoding: the tensor-parallel input plan counts the training call's four inputs
+        extra = {} if kv_cache is None else {"kv_cache": kv_cache}
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, **extra)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self, init_std: float) -> None:

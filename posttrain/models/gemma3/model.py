@@ -86,7 +86,8 @@ class Gemma3Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
     ) -> torch.Tensor:
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, kv_cache))
+        extra = {} if kv_cache is None else {"kv_cache": kv_cache}  # (see TransformerBlock.forward)
+        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, **extra))
         return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
 
     def init_weights(self, init_std: float) -> None:
