@@ -325,6 +325,12 @@ class MetricsLogger:
             self._writer.flush()
         print(self.format_line(step, values), flush=True)
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A piece of text (e.g. sampled completions, markdown) in TensorBoard's text tab; rank 0 only."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+            self._writer.flush()
+
     def format_line(self, step: int, values: dict[str, float | int | None]) -> str:
         """One compact console line, e.g. `step 10/100 [#.........] eta 1m30s | loss 2.3456 | ...`."""
         now = time.monotonic()

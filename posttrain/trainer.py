@@ -45,6 +45,7 @@ from posttrain.optim import build_lr_scheduler, build_optimizer
 from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
 from posttrain.preemption import PreemptionFlag
+from posttrain.profiling import StepProfiler
 
 logger = logging.getLogger("posttrain")
 
@@ -204,6 +205,9 @@ class Trainer:
         self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
         self.preemption = PreemptionFlag()
         self.preempted = False  # set when a preemption signal ended fit() early (after a checkpoint)
+        self.profiler = StepProfiler(cfg.profiling, self.output_dir, rank=self.dist.rank, device=self.device)
+        # Called with no arguments after every optimizer step (e.g. periodic evaluation; see posttrain/evaluation)
+        self.step_hooks: list[Callable[[], None]] = []
         self._checkpoint_stall_s: float | None = None  # of the last save, logged with the next metrics
         self._last_saved_step: int | None = None
         self.step = 0
@@ -402,6 +406,7 @@ class Trainer:
         window: dict[str, float] = {}
         reset_peak_memory(self.device)
         while self.step < total:
+            self.profiler.at_step_boundary(self.step + 1)  # profiling.*: traces the chosen steps
             log = self.metrics.should_log(self.step + 1) or self.step + 1 == total
             m = self.train_step(loss_fn, log=log)
             for k in ("tokens", "flops", "data_wait_s"):
@@ -427,9 +432,14 @@ class Trainer:
                 self.save_checkpoint()
                 window_t0 = time.perf_counter()  # keep checkpoint time out of throughput
             self.divergence.check_limit(self.step, self._last_checkpoint_name)
+            hooks_t0 = time.perf_counter()
+            for hook in self.step_hooks:
+                hook()
+            window_t0 += time.perf_counter() - hooks_t0  # evaluation time stays out of throughput
             if self.step < total and self.preemption.stop_requested():
                 self._stop_for_preemption()
                 break
+        self.profiler.close()
         with self.preemption.busy():
             self.checkpoint.wait()  # the end-of-run save completes before the run ends
 

@@ -32,6 +32,10 @@ export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-^lo,docker}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # a hung collective raises instead of hanging
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Restarts (--max_restarts): a fresh rendezvous store each round. torchrun's agents otherwise share one store
+# across rounds and the restarted workers can read the previous round's keys (pytorch/pytorch#135712);
+# posttrain scopes them by TORCHELASTIC_RESTART_COUNT, which is exact on one node but may differ between nodes.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 cd "$(dirname "$0")/../.."
 torchrun_cmd=(python -m torch.distributed.run

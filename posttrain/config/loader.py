@@ -30,10 +30,13 @@ from posttrain.config.sections import (
     LRSchedulerSection,
     DistillSection,
     DPOSection,
+    EvaluationSection,
+    GRPOSection,
     MetricsSection,
     ModelSection,
     OptimizerSection,
     ParallelismSection,
+    ProfilingSection,
     TokenizerSection,
     TrainingSection,
 )
@@ -67,6 +70,9 @@ class JobConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     dpo: DPOSection = field(default_factory=DPOSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    profiling: ProfilingSection = field(default_factory=ProfilingSection)
 
 
 _missing = set(SECTIONS) - {f.name for f in dataclasses.fields(JobConfig)}

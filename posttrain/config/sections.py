@@ -158,7 +158,8 @@ class LoRASection:
     dropout: float = opt(0.0, "dropout on the adapters' input")
     targets: list[str] = opt(
         ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
-        "modules to adapt, by name: wq wk wv wo (attention), w1 w2 w3 (MLP), output (untied LM head)",
+        "modules to adapt, by name: wq wk wv wo (attention), w1 w2 w3 (MLP), output (untied LM head), "
+        "experts (the stacked MoE experts of qwen3_moe / gpt_oss)",
     )
 
 
@@ -198,6 +199,80 @@ class DistillSection:
     jsd_beta: float = opt(0.5, "jsd: teacher weight beta of the mixture M = beta P + (1 - beta) Q, in (0, 1)")
 
 
+@dataclass
+class GRPOSection:
+    """GRPO (job.recipe = "grpo", posttrain/rl/): the policy is model.* / lora.* / optimizer.* / parallelism.*."""
+
+    prompts: str = opt("", "training prompts: a jsonl file or glob (rows with messages or prompt, plus answer), "
+                           "or reasoning_gym:<task>[,<task>]")
+    eval_prompts: str = opt("", "held-out prompts scored greedily every eval_freq steps (same forms as prompts)")
+    eval_size: int = opt(64, "held-out prompts per evaluation")
+    system_prompt: str = opt("", "a system message put before every prompt (empty: none)")
+    instruction: str = opt("", "text appended to every user prompt, e.g. 'Put the final answer in \\boxed{}.'")
+    group_size: int = opt(8, "completions sampled per prompt (G)")
+    prompts_per_step: int = opt(8, "prompts per GRPO step; a step trains on prompts_per_step x group_size completions")
+    max_new_tokens: int = opt(256, "longest completion; longer ones are cut (finish_reason 'length')")
+    temperature: float = opt(1.0, "sampling temperature (log-probs of the policy are taken at the same temperature)")
+    top_p: float = opt(1.0, "nucleus sampling (1 = off)")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    rewards: list[str] = opt(["math_answer"], "reward functions: built-in names (math_answer, format, reasoning_gym) "
+                                              "or 'module:function'")
+    reward_weights: list[float] = opt([], "one weight per reward (default: 1 each)")
+    advantage: str = opt("std", "group advantages: (r - mean) / (std + eps), or mean-only (Dr. GRPO)",
+                         choices=("std", "none"))
+    loss_agg: str = opt("token_mean", "policy-loss average over tokens, or per sequence then over sequences",
+                        choices=("token_mean", "sequence_mean"))
+    clip_low: float = opt(0.2, "importance ratio clipped below at 1 - clip_low")
+    clip_high: float = opt(0.28, "importance ratio clipped above at 1 + clip_high (DAPO clip-higher)")
+    kl_coef: float = opt(0.0, "weight of the k3 KL to the reference model (0 = no reference model at all)")
+    kl_mode: str = opt("loss", "the KL penalty as a loss term or subtracted from the reward", choices=("loss", "reward"))
+    epochs: int = opt(1, "passes over each rollout batch")
+    minibatches: int = opt(1, "optimizer steps per epoch (the rollout batch split in this many minibatches)")
+    filter_zero_variance: bool = opt(True, "drop groups whose completions all got the same reward (no signal)")
+    overlong_buffer: int = opt(0, "DAPO soft overlong penalty over the last N tokens before max_new_tokens (0 = off)")
+    overlong_penalty: float = opt(1.0, "the overlong penalty at max_new_tokens (reaches it linearly over the buffer)")
+    old_logprobs: str = opt("recompute", "old log-probs: recomputed by the trainer, or the engine's with truncated "
+                                         "importance sampling", choices=("recompute", "engine"))
+    tis_cap: float = opt(2.0, "truncated importance-sampling cap for old_logprobs = 'engine'")
+    engine: str = opt("native", "rollout engine: posttrain's own KV-cache engine or vLLM", choices=("native", "vllm"))
+    engine_dtype: str = opt("auto", "rollout engine dtype: bf16 on GPU, fp32 on CPU",
+                            choices=("auto", "float32", "bfloat16"))
+    engine_max_batch_size: int = opt(64, "native engine: sequences decoded together")
+    gpu_memory_utilization: float = opt(0.3, "vLLM: share of device memory (of RAM on CPU) for weights + KV cache")
+    rollout_workers: int = opt(1, "rollout engine actors; each generates a share of the prompts")
+    trainer_workers: int = opt(1, "policy actors: one torch.distributed group (FSDP / TP from parallelism.*)")
+    placement: str = opt("colocated", "colocated: rollout engines share the policy's devices (time-shared); "
+                                      "split: separate devices", choices=("colocated", "split"))
+    ray_address: str = opt("", "Ray cluster to join (e.g. 'auto' or 'ray://host:10001'); empty: start a local one")
+    ray_num_cpus: int = opt(0, "local cluster only: CPUs Ray may use (0 = all of this machine)")
+    cpu_threads: int = opt(0, "torch threads per actor on CPU (0 = the machine's cores)")
+    weight_sync_bucket_mb: int = opt(256, "weight sync: tensors sent per bucket (MB)")
+    eval_freq: int = opt(0, "evaluate on eval_prompts every N steps, before training and at the end (0 = never)")
+    log_samples: int = opt(2, "completions per step written to TensorBoard text and <output_dir>/samples.jsonl")
+
+
+@dataclass
+class EvaluationSection:
+    freq: int = opt(0, "validation loss (eval_loss) on data.eval_path every N steps (0 = only at the end)")
+    max_batches: int = opt(0, "micro-batches per rank in one validation pass (0 = all of data.eval_path)")
+    generation_path: str = opt(
+        "", "jsonl of prompts with answers (messages / prompt / question + answer) for eval_accuracy (empty = off)"
+    )
+    generation_freq: int = opt(0, "generation eval every N steps (0 = only at the end)")
+    max_new_tokens: int = opt(128, "tokens generated greedily per prompt in the generation eval")
+    max_prompts: int = opt(0, "prompts scored in one generation eval (0 = all of generation_path)")
+
+
+@dataclass
+class ProfilingSection:
+    enable: bool = opt(False, "capture a torch.profiler chrome trace per rank of the chosen steps")
+    steps: list[int] = opt([], "steps to profile, e.g. [5, 6] (empty: count steps from start_step)")
+    start_step: int = opt(3, "first profiled step when steps is empty")
+    count: int = opt(1, "steps profiled from start_step when steps is empty")
+    trace_dir: str = opt("", "where traces go (default: <output_dir>/profile)")
+    memory_snapshot: bool = opt(False, "CUDA only: record the allocator over the chosen steps and dump a snapshot")
+
+
 SECTIONS: dict[str, type] = {
     "job": JobSection,
     "model": ModelSection,
@@ -214,4 +289,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoRASection,
     "dpo": DPOSection,
     "distill": DistillSection,
+    "grpo": GRPOSection,
+    "evaluation": EvaluationSection,
+    "profiling": ProfilingSection,
 }

@@ -60,7 +60,7 @@ def _validate_job(cfg: "JobConfig") -> None:
     )
 
 
-RECIPES = ("sft", "dpo", "reward_model", "distill")
+RECIPES = ("sft", "dpo", "reward_model", "distill", "grpo")
 DATA_FORMATS = ("auto", "chat", "sharegpt", "prompt_completion", "text", "tokens")
 LOSSES = ("cross_entropy",)
 

@@ -1,1 +1,2 @@
-"""Task metrics computed on held-out data after (or between) training runs."""
+"""Task metrics on held-out data: during training (validation.py: eval_loss; generation.py: eval_accuracy,
+both as trainer step hooks) and after it (next_event.py)."""

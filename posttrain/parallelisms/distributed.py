@@ -45,8 +45,31 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 1800.0) -> 
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = timedelta(seconds=timeout_s)
+        store = restart_scoped_store(world_size, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def restart_scoped_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's TCPStore seen through a prefix unique to this restart attempt; None otherwise.
+
+    torchrun's workers share the store its agent hosts (TORCHELASTIC_USE_AGENT_STORE), and the agent keeps
+    that one store across `--max-restarts` restarts (static and c10d rendezvous alike), while
+    `init_process_group` adds no per-attempt prefix. The restarted workers then find the previous attempt's
+    keys, e.g. the dead ranks' gloo addresses (or NCCL unique id), connect to them and hang in
+    `init_process_group` until the collective timeout (pytorch/pytorch#135712). TORCHELASTIC_RESTART_COUNT
+    is the same on every worker of a node (all of them restart together), so it scopes each attempt.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"posttrain/attempt_{attempt}", store)
 
 
 def destroy_distributed() -> None:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from posttrain.config import JobConfig
-from posttrain.datasets.dataloader import build_sft_dataloader
+from posttrain.datasets.dataloader import build_eval_dataloader, build_sft_dataloader
+from posttrain.evaluation.generation import generation_eval_from_config
+from posttrain.evaluation.validation import ValidationLoss
 from posttrain.extensions import load_callable
 from posttrain.losses import chunked_cross_entropy
 from posttrain.trainer import LossFn, LossOutput, Trainer
@@ -59,6 +61,21 @@ def run(cfg: JobConfig) -> None:
         seed=cfg.job.seed,
         vocab_size=trainer.model_args.vocab_size,
     )
+    if cfg.data.eval_path:  # eval_loss every evaluation.freq steps and at the end
+        eval_loader = build_eval_dataloader(
+            cfg.data,
+            trainer.tokenizer,
+            seq_len=cfg.training.seq_len,
+            micro_batch_size=trainer.micro_batch_size,
+            dp_rank=trainer.dp_rank,
+            dp_world_size=trainer.dp_degree,
+            vocab_size=trainer.model_args.vocab_size,
+        )
+        e = cfg.evaluation
+        trainer.step_hooks.append(ValidationLoss(trainer, eval_loader, freq=e.freq, max_batches=e.max_batches))
+    generation_eval = generation_eval_from_config(trainer)  # eval_accuracy on evaluation.generation_path
+    if generation_eval is not None:
+        trainer.step_hooks.append(generation_eval)
     trainer.resume()
     trainer.fit(loss_fn)
     trainer.export_hf()
