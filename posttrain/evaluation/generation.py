@@ -172,9 +172,10 @@ class GenerationEval:
         cfg = trainer.cfg
         if cfg.model.head != "lm":
             raise SystemExit(f"evaluation.generation_path needs model.head = 'lm' (it is {cfg.model.head!r})")
-        if trainer.dist.world_size > 1 and (cfg.model.backend != "native" or cfg.lora.rank > 0):
+        if (trainer.dist.world_size > 1 or cfg.compile.enabled) and (cfg.model.backend != "native" or cfg.lora.rank > 0):
             raise SystemExit(
-                "evaluation.generation_path on several ranks gathers the weights into a plain native model: it "
+                "evaluation.generation_path on several ranks (or with compile.enabled) gathers the weights into a "
+                "plain native model: it "
                 "needs model.backend = 'native' and no LoRA (lora.rank = 0); evaluate the exported model instead"
             )
         self.trainer = trainer
@@ -189,7 +190,9 @@ class GenerationEval:
     def evaluate(self) -> dict[str, float]:
         t = self.trainer
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        model = t.model if world == 1 else full_weight_copy(t.model)
+        # Compiled blocks (fullgraph, training shapes) would recompile or break on every decode length: use a plain copy.
+        plain = world == 1 and not t.cfg.compile.enabled
+        model = t.model if plain else full_weight_copy(t.model)
         mine = list(range(rank, len(self.prompts), world))
         t0 = time.perf_counter()
         outputs = greedy_completions(model, [self.prompts[i] for i in mine], max_new_tokens=self.max_new_tokens,
@@ -200,8 +203,9 @@ class GenerationEval:
             correct += float(self.scorer(text, self.samples[i]) == 1.0)
             new_tokens += len(ids)
         totals = torch.tensor([correct, new_tokens], dtype=torch.float64, device=t.device)
-        if world > 1:
+        if not plain:
             del model
+        if world > 1:
             dist.all_reduce(totals)
         n = len(self.prompts)
         return {"eval_accuracy": float(totals[0]) / n, "eval_prompts": n,
