@@ -17,6 +17,7 @@ RECIPES = {
     "dpo": "posttrain.recipes.dpo",
     "reward_model": "posttrain.recipes.reward_model",
     "distill": "posttrain.recipes.distill",
+    "grpo": "posttrain.rl.controller",
 }
 
 

@@ -1,0 +1,528 @@
+"""GRPO: the single controller (the Ray driver) and its loop, readable top to bottom.
+
+    python train.py --config train_configs/debug_grpo.toml          (job.recipe = "grpo")
+
+Roles (posttrain/rl/workers.py) are Ray actors: `grpo.trainer_workers` PolicyWorkers forming one
+torch.distributed group (the ordinary Trainer: FSDP / TP / LoRA / optimizer / checkpoints; the reference
+model lives in them too), `grpo.rollout_workers` RolloutWorkers each holding an engine, and reward functions
+run as Ray tasks. `grpo.placement = "colocated"` puts rollout worker i on the devices of policy rank i
+(time-shared: the loop never runs both at once); "split" gives each its own. Ray starts a local cluster
+unless `grpo.ray_address` names one.
+
+One step:
+  prompts -> G completions each (engines) -> rewards (tasks) -> overlong penalty -> drop zero-variance
+  groups -> old / reference log-probs (policy group) -> KL-in-reward -> group advantages ->
+  epochs x minibatches optimizer steps -> weight sync to the engines (timed) -> metrics -> checkpoint.
+A restart with the same output_dir resumes from the latest checkpoint: policy, optimizer, lr schedule, RNG,
+prompt stream and step; rollouts of a step are seeded by (job.seed, step), so the resumed run continues as
+the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posttrain.config import JobConfig, config_to_dict
+from posttrain.config.sections import GRPOSection
+from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.metrics import MetricsLogger
+from posttrain.rl.batches import chunk, split_evenly
+from posttrain.rl.reward_tasks import score_rewards
+from posttrain.rl.workers import PolicyWorker, RolloutWorker
+
+logger = logging.getLogger("posttrain")
+
+# End-of-turn tokens of common chat templates: generation stops at any of them that the vocabulary has.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+_ACCURACY_REWARDS = ("math_answer", "reasoning_gym")
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def check_grpo_config(cfg: JobConfig) -> GRPOSection:
+    g = cfg.grpo
+
+    def require(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise SystemExit(f"grpo.{key} {why}")
+
+    require(bool(g.prompts), "prompts", "is empty: name a jsonl file / glob or reasoning_gym:<task>")
+    if not cfg.model.hf_path:
+        raise SystemExit("GRPO starts from a checkpoint: set model.hf_path (e.g. an SFT run's <output_dir>/hf)")
+    require(g.group_size >= 2, "group_size", f"must be >= 2 (group-relative advantages), got {g.group_size}")
+    require(g.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+    require(g.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+    require(g.temperature >= 0, "temperature", "must be >= 0")
+    require(0 < g.top_p <= 1, "top_p", "must be in (0, 1]")
+    require(g.epochs >= 1 and g.minibatches >= 1, "epochs", "and grpo.minibatches must be >= 1")
+    require(bool(g.rewards), "rewards", "is empty")
+    require(not g.reward_weights or len(g.reward_weights) == len(g.rewards), "reward_weights",
+            f"has {len(g.reward_weights)} entries for {len(g.rewards)} rewards")
+    require(g.clip_low >= 0 and g.clip_high >= 0, "clip_low", "and grpo.clip_high must be >= 0")
+    require(g.kl_coef >= 0, "kl_coef", "must be >= 0")
+    require(g.tis_cap > 0, "tis_cap", "must be > 0")
+    require(g.old_logprobs == "recompute" or g.epochs * g.minibatches == 1, "old_logprobs",
+            "= 'engine' (TIS against the engine's log-probs) needs grpo.epochs = grpo.minibatches = 1; "
+            "use 'recompute' for several updates per step")
+    require(g.rollout_workers >= 1 and g.trainer_workers >= 1, "rollout_workers", "and grpo.trainer_workers must be >= 1")
+    require(g.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
+    if g.engine == "vllm" and cfg.lora.rank > 0:
+        logger.info("LoRA with the vLLM engine: adapters are merged into the synced weights")
+    return g
+
+
+def _absolute(path: str) -> str:
+    """Actors may start in another working directory: local paths travel as absolute ones."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
+def resolved_config(cfg: JobConfig) -> JobConfig:
+    g = cfg.grpo
+    prompts = g.prompts if g.prompts.startswith("reasoning_gym:") else _absolute(g.prompts)
+    eval_prompts = g.eval_prompts if g.eval_prompts.startswith("reasoning_gym:") else _absolute(g.eval_prompts)
+    return replace(
+        cfg,
+        job=replace(cfg.job, output_dir=str(Path(cfg.job.output_dir).resolve())),
+        model=replace(cfg.model, hf_path=_absolute(cfg.model.hf_path)),
+        tokenizer=replace(cfg.tokenizer, path=_absolute(cfg.tokenizer.path), add_tokens_file=_absolute(cfg.tokenizer.add_tokens_file)),
+        grpo=replace(g, prompts=prompts, eval_prompts=eval_prompts),
+    )
+
+
+def stop_token_ids(tokenizer: HFTokenizer, hf_path: str) -> tuple[int, ...]:
+    """The eos token, the generation config's eos ids and the template's end-of-turn tokens."""
+    ids = set()
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    gen_config = Path(hf_path) / "generation_config.json"
+    if gen_config.is_file():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    for token in _END_OF_TURN:
+        token_id = tokenizer.token_id(token)
+        if token_id is not None:
+            ids.add(token_id)
+    return tuple(sorted(ids))
+
+
+def start_ray(g: GRPOSection, *, bundles: int) -> None:
+    import ray
+
+    if g.ray_address:
+        ray.init(address=g.ray_address, log_to_driver=True)
+        return
+    cpus = g.ray_num_cpus or os.cpu_count() or 1
+    ray.init(address="local", num_cpus=max(cpus, bundles), include_dashboard=False, log_to_driver=True)
+
+
+def place_actors(cfg: JobConfig, g: GRPOSection):
+    """Policy and rollout actors on placement-group bundles: colocated shares bundle i between policy rank i
+    and rollout worker i (half of its GPU / CPU each); split gives every actor a bundle of its own."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # training.device: "cuda" / "cpu" as said; "auto" uses GPUs when the cluster has any (the driver may have none)
+    gpu = cfg.training.device == "cuda" or (cfg.training.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    colocated = g.placement == "colocated"
+    n_bundles = max(g.trainer_workers, g.rollout_workers) if colocated else g.trainer_workers + g.rollout_workers
+    bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+    pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy="PACK")
+    ray.get(pg.ready())
+    share = 0.5 if colocated else 1.0
+
+    def on(index: int) -> dict[str, Any]:
+        return {
+            "num_cpus": share,
+            "num_gpus": share if gpu else 0,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+        }
+
+    policy = [ray.remote(PolicyWorker).options(**on(i)).remote() for i in range(g.trainer_workers)]
+    engine_dtype = g.engine_dtype if g.engine_dtype != "auto" else ("bfloat16" if gpu else "float32")
+    engine_kw: dict[str, Any] = {"max_batch_size": g.engine_max_batch_size} if g.engine == "native" else {
+        "gpu_memory_utilization": g.gpu_memory_utilization, "seed": cfg.job.seed}
+    rollouts = [
+        ray.remote(RolloutWorker).options(**on(j if colocated else g.trainer_workers + j)).remote(
+            g.engine, cfg.model.hf_path, device="cuda" if gpu else "cpu", dtype=engine_dtype,
+            threads=g.cpu_threads, **engine_kw,
+        )
+        for j in range(g.rollout_workers)
+    ]
+    return pg, policy, rollouts
+
+
+# ------------------------------------------------------------------------------------------ loop pieces
+
+
+def generate(rollouts: list, prompt_ids: list[list[int]], sampling) -> tuple[list[Any], float]:
+    """Completions of `prompt_ids` (in order), the prompts split over the engines; and the seconds it took."""
+    import ray
+
+    t0 = time.perf_counter()
+    pieces = chunk(prompt_ids, -(-len(prompt_ids) // len(rollouts)))
+    refs = [
+        worker.generate.remote(piece, replace(sampling, seed=None if sampling.seed is None else sampling.seed + j))
+        for j, (worker, piece) in enumerate(zip(rollouts, pieces))
+    ]
+    completions = [c for part in ray.get(refs) for c in part]
+    return completions, time.perf_counter() - t0
+
+
+_score_task = None  # score_rewards as a Ray task, made once per process
+
+
+def score(reward_names: list[str], weights: list[float], texts: list[str], samples: list[dict], *,
+          tasks: int = 2) -> tuple[torch.Tensor, dict[str, float], float]:
+    """Weighted rewards [N] from Ray tasks over chunks of the completions, per-reward means, seconds."""
+    import ray
+
+    global _score_task
+    t0 = time.perf_counter()
+    if _score_task is None:
+        _score_task = ray.remote(num_cpus=0)(score_rewards)
+    remote = _score_task
+    size = -(-len(texts) // tasks)
+    refs = [remote.remote(reward_names, texts[i : i + size], samples[i : i + size]) for i in range(0, len(texts), size)]
+    per_fn: list[list[float]] = [[] for _ in reward_names]
+    errors = 0
+    for part, n_errors in ray.get(refs):
+        for k, scores in enumerate(part):
+            per_fn[k].extend(scores)
+        errors += n_errors
+    table = torch.tensor(per_fn, dtype=torch.float32)  # [n_fns, N]
+    rewards = (torch.tensor(weights, dtype=torch.float32)[:, None] * table).sum(0)
+    stats = {f"reward/{name}": float(table[k].mean()) for k, name in enumerate(reward_names)}
+    stats["reward_errors"] = float(errors)
+    for k, name in enumerate(reward_names):
+        if name in _ACCURACY_REWARDS:
+            stats["accuracy"] = float((table[k] >= 1.0 - 1e-6).float().mean())
+            break
+    return rewards, stats, time.perf_counter() - t0
+
+
+def policy_log_probs(policy: list, dp: tuple[list[int], int], rows: list[dict], *, old: bool, ref: bool,
+                     entropy: bool) -> dict[str, list]:
+    """Per-token log-probs of every row, each data-parallel rank scoring its share (ranks of one TP group
+    get the same rows); the results come back in row order."""
+    import ray
+
+    dp_ranks, dp_degree = dp
+    shares = split_evenly(rows, dp_degree)
+    results = ray.get([w.log_probs.remote(shares[r], old=old, ref=ref, entropy=entropy) for w, r in zip(policy, dp_ranks)])
+    by_dp = {r: res for r, res in zip(dp_ranks, results)}
+    out: dict[str, list] = {}
+    for key in ("old_logp", "ref_logp", "entropy"):
+        if not by_dp[0][key]:
+            continue
+        values = [None] * len(rows)
+        for r in range(dp_degree):
+            for j, v in enumerate(by_dp[r][key]):
+                i = r + j * dp_degree
+                if i < len(rows):
+                    values[i] = v
+        out[key] = values
+    return out
+
+
+def train_minibatch(policy: list, dp: tuple[list[int], int], rows: list[dict]) -> dict[str, float]:
+    import ray
+
+    dp_ranks, dp_degree = dp
+    shares = split_evenly(rows, dp_degree)
+    return ray.get([w.train_minibatch.remote(shares[r]) for w, r in zip(policy, dp_ranks)])[0]
+
+
+def sync_weights(policy: list, rollouts: list, bucket_bytes: int) -> tuple[float, int]:
+    """Policy -> engines through the Ray object store, bucket by bucket: (seconds, tensors sent)."""
+    import ray
+
+    t0 = time.perf_counter()
+    streams = [w.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for w in policy]
+    pending = []
+    for bucket in streams[0]:  # rank 0 yields; the other ranks take part in the gathers and yield nothing
+        pending += [r.update_weights.remote(bucket) for r in rollouts]
+    for stream in streams[1:]:
+        for ref in stream:
+            ray.get(ref)
+    sent = ray.get(pending)
+    return time.perf_counter() - t0, sum(sent[:: max(len(rollouts), 1)])
+
+
+def evaluate(rollouts: list, tokenizer: HFTokenizer, eval_set: list[dict], prompt_ids: list[list[int]], g: GRPOSection,
+             stops: tuple[int, ...]) -> dict[str, float]:
+    """Greedy completions of the held-out prompts, scored by the rewards: eval_reward_mean, eval_accuracy."""
+    from posttrain.rl.rollout.base import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    completions, _ = generate(rollouts, prompt_ids, greedy)
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    rewards, stats, _ = score(g.rewards, g.reward_weights or [1.0] * len(g.rewards), texts, eval_set)
+    out = {"eval_reward_mean": float(rewards.mean())}
+    if "accuracy" in stats:
+        out["eval_accuracy"] = stats["accuracy"]
+    return out
+
+
+# grpo_loss's per-token sums (divided by its "tokens" sum here) and the names they are logged under
+_LOSS_STATS = {"pg_loss": "pg_loss", "ratio": "ratio_mean", "clip_low": "clip_frac_low", "clip_high": "clip_frac_high",
+               "kl": "kl", "tis_weight": "tis_weight", "tis_truncated": "tis_truncated_frac", "entropy": "entropy"}
+
+
+def token_means(update_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Per-token means of the loss statistics, averaged over the step's optimizer steps."""
+    out: dict[str, float] = {}
+    for key, name in _LOSS_STATS.items():
+        values = [u[key] / u["tokens"] for u in update_metrics if key in u and u.get("tokens")]
+        if values:
+            out[name] = sum(values) / len(values)
+    if "clip_frac_low" in out:
+        out["clip_frac"] = out["clip_frac_low"] + out.get("clip_frac_high", 0.0)
+    return out
+
+
+class SampleLog:
+    """A few completions per step: `<output_dir>/samples.jsonl` and TensorBoard text."""
+
+    def __init__(self, output_dir: Path, metrics: MetricsLogger) -> None:
+        self.path = output_dir / "samples.jsonl"
+        self.metrics = metrics
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, rows: list[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        text = "\n\n".join(
+            f"**reward {r['reward']:.3f}** ({r['finish_reason']})  \nprompt: `{r['prompt']}`  \n"
+            f"completion: `{r['completion']}`" for r in rows
+        )
+        self.metrics.log_text("samples", text, step)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def run(cfg: JobConfig) -> None:
+    import ray
+
+    from posttrain.rl.algorithms import group_advantages, kl_k3, overlong_penalty, zero_variance_groups
+    from posttrain.rl.prompts import PromptSource
+    from posttrain.rl.rollout.base import SamplingParams
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    g = check_grpo_config(cfg)
+    cfg = resolved_config(cfg)
+    g = cfg.grpo
+    output_dir = Path(cfg.job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = HFTokenizer(cfg.tokenizer.path or cfg.model.hf_path, pad_token=cfg.tokenizer.pad_token or None)
+    stops = stop_token_ids(tokenizer, cfg.model.hf_path)
+    weights = list(g.reward_weights) or [1.0] * len(g.rewards)
+    framing = {"system_prompt": g.system_prompt or None, "instruction": g.instruction or None}
+    prompts = PromptSource(g.prompts, seed=cfg.job.seed, **framing)
+    eval_set = []
+    if g.eval_prompts and g.eval_freq:  # a different seed: reasoning-gym items never overlap the training ones
+        source = PromptSource(g.eval_prompts, seed=cfg.job.seed + 1, shuffle=False, field="grpo.eval_prompts", **framing)
+        eval_set = source.next_batch(min(g.eval_size, len(source)))
+
+    def encode(sample: dict[str, Any]) -> list[int]:
+        ids, _ = tokenizer.tokenize_messages(sample["messages"], add_generation_prompt=True)
+        return ids
+
+    eval_ids = [encode(s) for s in eval_set]
+    total = cfg.training.steps
+    metrics = MetricsLogger(cfg.metrics, output_dir, rank=0, total_steps=total)
+    samples_log = SampleLog(output_dir, metrics)
+    colocated = g.placement == "colocated"
+    start_ray(g, bundles=max(g.trainer_workers, g.rollout_workers) if colocated else g.trainer_workers + g.rollout_workers)
+    # SIGTERM (scancel, pod deletion) ends the run through the `finally` below, so a local Ray cluster goes too
+    # (installed after ray.init, whose own handler aborts the process)
+    previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        # ---- actors: the policy group (rendezvous at rank 0's node), the engines
+        _placement_group, policy, rollouts = place_actors(cfg, g)
+        master_addr, master_port = ray.get(policy[0].address.remote())
+        infos = ray.get([
+            w.setup.remote(cfg, rank=r, world_size=g.trainer_workers, master_addr=master_addr, master_port=master_port)
+            for r, w in enumerate(policy)
+        ])
+        dp = ([i["dp_rank"] for i in infos], infos[0]["dp_degree"])
+        # the policy's trainer wrote its own view (steps counted in optimizer steps); the run's config is this one
+        (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+        # ---- resume (policy, optimizer, lr, RNG via the trainer's CheckpointManager; prompt stream and step here)
+        step = 0
+        resumed = ray.get([w.resume.remote() for w in policy])[0]
+        if resumed is not None:
+            step = resumed["step"]
+            prompts.load_state_dict(resumed["controller"]["prompts"])
+            metrics.truncate_after(step)
+            samples_log.truncate_after(step)
+            logger.info("resumed GRPO from step %d", step)
+        bucket_bytes = g.weight_sync_bucket_mb * 2**20
+        # The engines start from model.hf_path; after a resume (or with vocabulary growth, LoRA, ...) the policy
+        # differs: one sync brings them level.
+        t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes)
+        logger.info("weight sync: %d tensors in %.2fs", n_tensors, t_sync)
+        if g.eval_freq and eval_set and step == 0:
+            metrics.log(0, evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
+
+        need_ref = g.kl_coef > 0
+        recompute_old = g.old_logprobs == "recompute" and (g.epochs > 1 or g.minibatches > 1)
+        while step < total:
+            step += 1
+            t_step = time.perf_counter()
+            # ---- 1. sample prompts, G completions each
+            batch = prompts.next_batch(g.prompts_per_step)
+            prompt_ids = [encode(s) for s in batch]
+            sampling = SamplingParams(
+                max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                stop_token_ids=stops, seed=(cfg.job.seed * 1_000_003 + step * 7_919) % (2**31),
+            )
+            group_prompts = [ids for ids in prompt_ids for _ in range(g.group_size)]
+            group_samples = [s for s in batch for _ in range(g.group_size)]
+            completions, t_generate = generate(rollouts, group_prompts, sampling)
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+
+            # ---- 2. rewards (Ray tasks), overlong penalty
+            rewards, reward_stats, t_reward = score(g.rewards, weights, texts, group_samples)
+            task_rewards = rewards.clone()
+            if g.overlong_buffer > 0:
+                rewards = rewards + overlong_penalty(lengths, g.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+
+            # ---- 3. groups with no reward variance carry no signal: dropped (or kept) by config
+            flat = zero_variance_groups(rewards, g.group_size)
+            keep_group = ~flat if g.filter_zero_variance else torch.ones_like(flat)
+            kept = [i for i in range(len(completions)) if keep_group[i // g.group_size]]
+            rows = [
+                {"prompt_ids": completions[i].prompt_ids, "token_ids": completions[i].token_ids,
+                 "engine_logp": completions[i].log_probs, "advantage": 0.0}
+                for i in kept
+            ]
+
+            # ---- 4. old / reference log-probs from the policy group
+            t0 = time.perf_counter()
+            scored = {}
+            if rows and (recompute_old or need_ref):
+                scored = policy_log_probs(policy, dp, rows, old=recompute_old, ref=need_ref, entropy=False)
+            for key, values in scored.items():
+                if key != "entropy":
+                    for row, v in zip(rows, values):
+                        row[key] = v
+            t_logprobs = time.perf_counter() - t0
+            kl_values = []
+            if need_ref and rows:
+                for row in rows:
+                    base = torch.tensor(row.get("old_logp") or row["engine_logp"])
+                    kl_values.append(kl_k3(base, torch.tensor(row["ref_logp"])))
+
+            # ---- 5. advantages over the kept groups (KL as a reward penalty when kl_mode = "reward")
+            kept_rewards = rewards[kept] if kept else torch.zeros(0)
+            if need_ref and g.kl_mode == "reward" and rows:
+                kept_rewards = kept_rewards - g.kl_coef * torch.stack([k.sum() for k in kl_values])
+            advantages = group_advantages(kept_rewards, g.group_size, scale=g.advantage) if rows else kept_rewards
+            for row, a in zip(rows, advantages.tolist()):
+                row["advantage"] = a
+
+            # ---- 6. policy update: epochs x minibatches optimizer steps
+            t0 = time.perf_counter()
+            update_metrics: list[dict[str, float]] = []
+            train_tokens = 0
+            if rows:
+                order = torch.Generator().manual_seed(cfg.job.seed * 31 + step)
+                for _ in range(g.epochs):
+                    permuted = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
+                    for minibatch in chunk(permuted, -(-len(permuted) // g.minibatches)):
+                        update_metrics.append(train_minibatch(policy, dp, minibatch))
+                        train_tokens += sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in minibatch)
+            else:
+                logger.warning("step %d: every group had the same reward for all completions; no update", step)
+            t_update = time.perf_counter() - t0
+
+            # ---- 7. weight sync to the engines (timed)
+            t_sync = 0.0
+            if rows:
+                t_sync, _ = sync_weights(policy, rollouts, bucket_bytes)
+
+            # ---- 8. metrics
+            t_total = time.perf_counter() - t_step
+            generated = float(lengths.sum())
+            m: dict[str, Any] = {
+                "reward_mean": float(task_rewards.mean()),
+                "reward_std": float(task_rewards.std()) if len(task_rewards) > 1 else 0.0,
+                **reward_stats,
+                "response_len_mean": float(lengths.mean()),
+                "response_len_max": float(lengths.max()),
+                "response_clipped_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                "groups_kept_frac": float(keep_group.float().mean()),
+                "rollout_tokens_per_s": generated / max(t_generate, 1e-9),
+                "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if train_tokens else None,
+                "tokens_per_s": train_tokens / max(t_update, 1e-9) if train_tokens else None,
+                "time/generate": t_generate, "time/reward": t_reward, "time/logprobs": t_logprobs,
+                "time/update": t_update, "time/sync": t_sync, "time/step": t_total,
+            }
+            if kl_values:
+                m["kl_rollout"] = float(torch.cat(kl_values).mean())  # k3(old policy, reference) per token
+            if update_metrics:
+                last = update_metrics[-1]
+                m["lr"], m["grad_norm"] = last.get("lr"), last.get("grad_norm")
+                m["loss"] = sum(u["loss"] for u in update_metrics) / len(update_metrics)
+                m.update(token_means(update_metrics))
+            if g.eval_freq and eval_set and (step % g.eval_freq == 0 or step == total):
+                m.update(evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
+            metrics.log(step, m)
+            logger.info(
+                "step %d: reward %.3f (std %.3f) accuracy %s | length %.1f | generate %.1fs reward %.1fs logprobs %.1fs "
+                "update %.1fs sync %.2fs", step, m["reward_mean"], m["reward_std"],
+                f"{m['accuracy']:.3f}" if "accuracy" in m else "-", m["response_len_mean"], t_generate, t_reward,
+                t_logprobs, t_update, t_sync,
+            )
+            if g.log_samples:
+                shown = list(range(0, len(completions), max(1, len(completions) // g.log_samples)))[: g.log_samples]
+                samples_log.write(step, [
+                    {"prompt": tokenizer.decode(completions[i].prompt_ids), "completion": texts[i],
+                     "reward": float(rewards[i]), "answer": str(group_samples[i].get("answer", "")),
+                     "finish_reason": completions[i].finish_reason}
+                    for i in shown
+                ])
+
+            # ---- 9. checkpoint (policy, optimizer, lr, RNG, prompt stream, step)
+            if (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0) or (
+                cfg.checkpoint.save_final and step == total
+            ):
+                state = {"step": step, "prompts": prompts.state_dict()}
+                ray.get([w.save.remote(step, state) for w in policy])
+
+        ray.get([w.export_hf.remote() for w in policy])
+        ray.get([w.close.remote() for w in policy] + [r.close.remote() for r in rollouts])
+    finally:
+        metrics.close()
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)

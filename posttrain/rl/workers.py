@@ -1,0 +1,306 @@
+"""The roles of the GRPO loop as plain classes; the controller makes them Ray actors (`ray.remote(cls)`).
+
+* `PolicyWorker`: one per trainer rank. Together they form one torch.distributed group and train SPMD with
+  the ordinary `Trainer` (FSDP / TP from `parallelism.*`, LoRA, optimizer, lr schedule, checkpoints). The
+  frozen reference model lives in the same actors: the policy with its LoRA adapters off, or a second copy
+  built and sharded like the policy. Rows of completions are fed to `trainer.train_step` as micro-batches.
+* `RolloutWorker`: one rollout engine (native or vLLM), generating and taking weight updates.
+
+Nothing here knows about Ray except `PolicyWorker.address` (a free port for the process group's rendezvous).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.config import JobConfig
+from posttrain.config.sections import GRPOSection
+from posttrain.losses import token_log_probs
+from posttrain.metrics import MetricsLogger
+from posttrain.models.common.lora import LoRALinear, has_lora
+from posttrain.rl.batches import chunk, completion_batch, response_values
+from posttrain.rl.weight_sync import hf_weight_buckets
+from posttrain.trainer import LossOutput, Trainer, build_training_model
+
+logger = logging.getLogger("posttrain")
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Ray starts actors with OMP_NUM_THREADS=1; a CPU actor that computes wants the machine's cores."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))
+
+
+# ------------------------------------------------------------------------------------------ policy
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """LoRA adapters contribute nothing inside the block: the frozen base is the reference model."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in zip(modules, saved):
+            m.scaling = scaling
+
+
+def response_log_probs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, temperature: float, chunk_size: int, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs `[B, S]` of the labels (0 where the label is -100) at `temperature`, and with
+    `entropy` the per-token entropy of the same distribution (no gradient). Only response positions are projected."""
+    labels = batch["labels"]
+    mask = labels != -100
+    vocab_size = model.args.vocab_size
+
+    def output_fn(hidden: torch.Tensor, weight: torch.Tensor):
+        h = hidden[mask]
+        logp = token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
+                               temperature=temperature)
+        if h.shape[0] == 0 and torch.is_grad_enabled():  # padding rows only: a (zero) gradient still reaches
+            logp = logp + 0.0 * hidden.sum()  # every parameter, so the backward (and FSDP's reduce) runs alike
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                w = weight[:vocab_size]
+                pieces = []
+                for start in range(0, h.shape[0], chunk_size):
+                    logits = (h[start : start + chunk_size].float() @ w.float().T) / temperature
+                    p = torch.log_softmax(logits, dim=-1)
+                    pieces.append(-(p.exp() * p).sum(-1))
+                ent = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+        return logp, ent
+
+    flat_logp, flat_ent = model(
+        batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
+    )
+    logp = torch.zeros(mask.shape, dtype=flat_logp.dtype, device=flat_logp.device).masked_scatter(mask, flat_logp)
+    ent = None
+    if flat_ent is not None:
+        ent = torch.zeros(mask.shape, dtype=torch.float32, device=flat_ent.device).masked_scatter(mask, flat_ent)
+    return logp, ent
+
+
+def grpo_loss_fn(
+    model: nn.Module, batch: dict[str, torch.Tensor], n_global: Any, *, grpo: GRPOSection, chunk_size: int
+) -> LossOutput:
+    """The clipped GRPO objective of one micro-batch (a sum, normalised by the trainer over the minibatch)."""
+    from posttrain.rl.algorithms import grpo_loss
+
+    temperature = grpo.temperature if grpo.temperature > 0 else 1.0
+    logp, entropy = response_log_probs(model, batch, temperature=temperature, chunk_size=chunk_size, entropy=True)
+    mask = batch["labels"] != -100
+    # old_logp: the trainer-side log-probs of the policy that sampled the batch. Recomputed before the update
+    # when there are several updates per step; with one update the policy is still that policy, so the
+    # forward's own detached values are the same numbers. old_logprobs = "engine" (one update per step, see
+    # check_grpo_config) adds the truncated importance-sampling weight min(exp(old - engine), tis_cap).
+    engine_mode = grpo.old_logprobs == "engine"
+    old = batch.get("old_logp")
+    if old is None:
+        old = logp.detach()
+    loss_sum, n_units, stats = grpo_loss(
+        logp, old, batch["advantages"], mask,
+        clip_low=grpo.clip_low, clip_high=grpo.clip_high,
+        ref_logp=batch.get("ref_logp") if grpo.kl_mode == "loss" and grpo.kl_coef > 0 else None,
+        kl_coef=grpo.kl_coef if grpo.kl_mode == "loss" else 0.0,
+        engine_logp=batch.get("engine_logp") if engine_mode else None,
+        tis_cap=grpo.tis_cap if engine_mode else None,
+        agg=grpo.loss_agg, entropy=entropy,
+    )
+    # stats are sums over tokens; the controller divides each by the "tokens" sum (the trainer's division by
+    # the loss units cancels out)
+    return LossOutput(loss_sum=loss_sum, n_targets=torch.as_tensor(n_units), metrics=stats)
+
+
+class _MicroBatchFeed:
+    """The trainer's `data_loader` during an update: the micro-batches queued for the next `train_step`."""
+
+    def __init__(self) -> None:
+        self.queue: deque[dict[str, torch.Tensor]] = deque()
+
+    def __iter__(self) -> _MicroBatchFeed:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self.queue:
+            raise RuntimeError("the trainer asked for more micro-batches than the controller sent")
+        return self.queue.popleft()
+
+    def state_dict(self) -> dict[str, Any]:  # nothing to resume: the controller regenerates rollouts
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class PolicyWorker:
+    """One rank of the policy trainer group (with its share of the reference model)."""
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port: the rendezvous of the group when this is rank 0."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, cfg: JobConfig, *, rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, Any]:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if not torch.cuda.is_available():
+            set_cpu_threads(cfg.grpo.cpu_threads)
+        self.grpo = cfg.grpo
+        self.updates_per_step = cfg.grpo.epochs * cfg.grpo.minibatches
+        micro = max(cfg.training.micro_batch_size, 1)
+        # The lr schedule counts optimizer steps (epochs x minibatches per GRPO step); a trainer step takes
+        # however many micro-batches the controller sends (grad_accum is set per update below).
+        trainer_cfg = replace(cfg, training=replace(
+            cfg.training, steps=cfg.training.steps * self.updates_per_step, micro_batch_size=micro,
+            batch_size=micro * world_size,
+        ), metrics=replace(cfg.metrics, tensorboard=False))
+        self.trainer = Trainer(trainer_cfg)
+        # The controller writes metrics.jsonl / tb/: this trainer's own logger is switched off.
+        self.trainer.metrics.close()
+        self.trainer.metrics = MetricsLogger(cfg.metrics, cfg.job.output_dir, rank=-1, total_steps=cfg.training.steps)
+        self.feed = _MicroBatchFeed()
+        self.trainer.data_loader = self.feed
+        self.chunk_size = cfg.training.loss_chunk_size
+        self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
+        self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
+        self.reference: nn.Module | None = None
+        self.reference_is_policy = False
+        if cfg.grpo.kl_coef > 0:
+            if has_lora(self.trainer.model):  # the frozen base is the reference: no second copy
+                self.reference_is_policy = True
+            else:
+                self.reference = build_training_model(
+                    replace(cfg, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none")),
+                    parallel_dims=self.trainer.parallel_dims, device=self.trainer.device,
+                    mixed_precision=self.trainer.mixed_precision,
+                    tokenizer_vocab_size=self.trainer.tokenizer.vocab_size if self.trainer.tokenizer else 0,
+                )
+                self.reference.requires_grad_(False)
+                self.reference.eval()
+        return {"dp_rank": self.trainer.dp_rank, "dp_degree": self.trainer.dp_degree,
+                "device": str(self.trainer.device), "vocab_size": self.trainer.model_args.vocab_size}
+
+    # -- checkpoints: the trainer's manager, plus the controller's state (prompt stream, counters) --------
+
+    def _state(self, controller_state: Any) -> dict[str, Any]:
+        from posttrain.checkpoint import Shared
+
+        return {**self.trainer.checkpoint_state(), "controller": Shared(controller_state)}
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the latest complete checkpoint of output_dir: {"step", "controller"}, or None."""
+        if not self.trainer.cfg.checkpoint.resume:
+            return None
+        state = self._state(None)
+        step = self.trainer.checkpoint.load(state, source_rank=self.trainer._per_rank_source)
+        if step is None:
+            return None
+        self.trainer.step = step * self.updates_per_step
+        return {"step": step, "controller": state["controller"].obj}
+
+    def save(self, step: int, controller_state: Any) -> None:
+        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer._rank_layout())
+        self.trainer.checkpoint.wait()
+
+    # -- scoring ---------------------------------------------------------------------------------------
+
+    def _micro_batches(self, rows: list[dict[str, Any]], *, sequence_targets: bool = False):
+        for piece in chunk(rows, self.micro):
+            yield piece, completion_batch(piece, pad_id=self.pad_id, sequence_targets=sequence_targets)
+
+    @torch.no_grad()
+    def log_probs(self, rows: list[dict[str, Any]], *, old: bool, ref: bool, entropy: bool) -> dict[str, list]:
+        """Per-token log-probs of each row's response under the policy (`old`, with the `entropy`) and the
+        reference (`ref`), as lists per row. Every rank of the group calls it with its own rows."""
+        temperature = self.grpo.temperature if self.grpo.temperature > 0 else 1.0
+        out: dict[str, list] = {"old_logp": [], "ref_logp": [], "entropy": []}
+        model = self.trainer.model
+        model.eval()
+        try:
+            for piece, cpu_batch in self._micro_batches(rows):
+                batch = self.trainer._to_device(cpu_batch)
+                if old or entropy:
+                    logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
+                                                   entropy=entropy)
+                    if old:
+                        out["old_logp"] += response_values(logp.float().cpu(), piece)
+                    if entropy:
+                        out["entropy"] += response_values(ent.cpu(), piece)
+                if ref:
+                    ref_model = model if self.reference_is_policy else self.reference
+                    with adapters_disabled(model) if self.reference_is_policy else nullcontext():
+                        ref_logp, _ = response_log_probs(ref_model, batch, temperature=temperature,
+                                                         chunk_size=self.chunk_size)
+                    out["ref_logp"] += response_values(ref_logp.float().cpu(), piece)
+        finally:
+            model.train()
+        return out
+
+    # -- training --------------------------------------------------------------------------------------
+
+    def train_minibatch(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step on this rank's rows of a minibatch (every rank sends as many micro-batches)."""
+        from functools import partial
+
+        sequence_targets = self.grpo.loss_agg == "sequence_mean"
+        batches = [b for _, b in self._micro_batches(rows, sequence_targets=sequence_targets)]
+        self.feed.queue.extend(batches)
+        self.trainer.grad_accum = len(batches)
+        loss_fn = partial(grpo_loss_fn, grpo=self.grpo, chunk_size=self.chunk_size)
+        metrics = self.trainer.train_step(loss_fn)
+        return {k: float(v) for k, v in metrics.items() if v is not None}
+
+    # -- weight sync and export ------------------------------------------------------------------------
+
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's HF-named full weights in buckets (a Ray streaming generator; rank 0 yields)."""
+        yield from hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device="cpu")
+
+    def export_hf(self) -> None:
+        self.trainer.export_hf()
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+# ------------------------------------------------------------------------------------------ rollout
+
+
+class RolloutWorker:
+    """One rollout engine. Its weights start from `model.hf_path` and follow the policy through syncs."""
+
+    def __init__(self, kind: str, hf_path: str, *, device: str, dtype: str, threads: int = 0, **engine_kw: Any) -> None:
+        from posttrain.rl.rollout import build_engine
+
+        if device == "cpu":
+            set_cpu_threads(threads)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        self.engine = build_engine(kind, hf_path, device=device, dtype=torch_dtype, **engine_kw)
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Any) -> list[Any]:
+        return self.engine.generate(prompt_token_ids, sampling)
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        self.engine.update_weights(named_tensors)
+        return len(named_tensors)
+
+    def close(self) -> None:
+        self.engine.close()

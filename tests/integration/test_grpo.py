@@ -1,0 +1,170 @@
+"""GRPO end to end through `train.py` and Ray (a local cluster each run starts and shuts down): the debug run's
+reward rises over a run that is SIGKILLed and resumed from its checkpoint, and the vLLM engine runs the same loop.
+
+The warm start (scripts/make_grpo_warmstart.py: arithmetic data + a short SFT of the debug Qwen3) is built once
+into the test cache and reused. Every run gets its own marker in the environment, inherited by every Ray
+process it starts; after each run no process carrying the marker may be left (killed by pid and reported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+_MARKER = "POSTTRAIN_GRPO_TEST_RUN"
+
+
+@pytest.fixture(scope="module")
+def warm_start() -> Path:
+    """`<cache>/grpo-warmstart-<hash>/` with data/{train,eval}.jsonl and sft/hf (about a minute, once)."""
+    sources = [REPO / "scripts" / "make_grpo_warmstart.py", REPO / "scripts" / "make_arith_prompts.py",
+               REPO / "train_configs" / "debug_grpo_sft.toml"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    cache = Path(os.environ.get("POSTTRAIN_TEST_CACHE", REPO / "tests" / ".cache"))  # as tests/conftest.py
+    out = cache / f"grpo-warmstart-{digest}"
+    if not (out / "sft" / "hf" / "model.safetensors").is_file():
+        proc = subprocess.run([sys.executable, "scripts/make_grpo_warmstart.py", "--out-dir", str(out)], cwd=REPO,
+                              check=False, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"the warm start failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def _cmd(warm: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "train.py", "--config", "train_configs/debug_grpo.toml",
+        "--model.hf_path", str(warm / "sft" / "hf"),
+        "--grpo.prompts", str(warm / "data" / "train.jsonl"),
+        "--grpo.eval_prompts", str(warm / "data" / "eval.jsonl"),
+        "--job.output_dir", str(out), "--metrics.tensorboard", "false", *extra,
+    ]
+
+
+def _marked_processes(tag: str) -> list[tuple[int, str]]:
+    marker = f"{_MARKER}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(entry.name), cmd.strip()))
+        except OSError:
+            continue
+    return found
+
+
+def _kill_marked(tag: str) -> list[tuple[int, str]]:
+    """SIGKILL every process of the run (by pid); return those that were still there."""
+    leftovers = _marked_processes(tag)
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.time() + 10
+    while _marked_processes(tag) and time.time() < deadline:
+        time.sleep(0.1)
+    return leftovers
+
+
+def _wait_for_exit(tag: str, timeout: float = 20) -> list[tuple[int, str]]:
+    """Processes of the run still alive `timeout` seconds after it ended (Ray's take a moment to exit)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = [(pid, cmd) for pid, cmd in _marked_processes(tag) if not _is_zombie(pid)]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return _marked_processes(tag)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    tag = uuid.uuid4().hex
+    try:
+        proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, _MARKER: tag})
+        assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        left = _wait_for_exit(tag)
+        assert not left, f"processes left behind by the run: {left}"
+        return proc
+    finally:
+        _kill_marked(tag)
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows}
+
+
+def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_start: Path) -> None:
+    """One run of the debug config, SIGKILLed after its step-4 checkpoint, then restarted: it resumes, re-runs
+    step 5 exactly (same prompts, seeds and weights: same rollouts), and over the 16 steps reward_mean rises."""
+    out = tmp_path / "run"
+    cmd = _cmd(warm_start, out, "--training.steps", "16", "--checkpoint.interval", "4", "--checkpoint.keep_last", "0",
+               "--grpo.eval_freq", "0")
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, _MARKER: tag})
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-4").is_dir() or 5 not in _metrics(out):
+            assert proc.poll() is None, "the run ended before its step-4 checkpoint and step 5 appeared"
+            assert time.time() < deadline, "no step-4 checkpoint within 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        _kill_marked(tag)  # Ray's raylet, GCS and workers outlive a SIGKILLed driver
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not _marked_processes(tag), "Ray processes of the killed run survived"
+    before = _metrics(out)
+    assert max(before) < 16, "the run finished before it was killed; the test proves nothing"
+
+    proc = _run(cmd)
+    assert "resumed GRPO from step" in proc.stderr + proc.stdout
+    m = _metrics(out)
+    assert sorted(m) == list(range(1, 17))
+    # step 5 was re-run from the step-4 checkpoint
+    assert m[5]["reward_mean"] == pytest.approx(before[5]["reward_mean"])
+    assert m[5]["response_len_mean"] == pytest.approx(before[5]["response_len_mean"])
+    rewards = [m[s]["reward_mean"] for s in range(1, 17)]
+    print("reward_mean per step:", [round(r, 3) for r in rewards])
+    for key in ("reward_mean", "reward/format"):  # the rise is the format reward's (README, "RL: GRPO")
+        values = [m[s][key] for s in range(1, 17)]
+        first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+        assert last > first + 0.2, f"{key} did not rise clearly: {values}"
+    for key in ("loss", "accuracy", "response_len_mean", "rollout_tokens_per_s", "time/sync", "entropy", "clip_frac"):
+        assert m[16].get(key) is not None, key
+    assert (out / "samples.jsonl").is_file() and (out / "checkpoints" / "step-16").is_dir()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")
+def test_grpo_with_vllm_engine(tmp_path: Path, warm_start: Path) -> None:
+    out = tmp_path / "vllm"
+    _run(_cmd(warm_start, out, "--grpo.engine", "vllm", "--training.steps", "2", "--checkpoint.interval", "0",
+              "--checkpoint.save_final", "false", "--grpo.eval_freq", "0", "--grpo.prompts_per_step", "4"), timeout=420)
+    m = _metrics(out)
+    assert sorted(m) == [1, 2]
+    assert all(0.0 <= m[s]["reward_mean"] <= 2.0 and m[s]["time/sync"] is not None for s in (1, 2))

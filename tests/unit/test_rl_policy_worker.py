@@ -1,0 +1,81 @@
+"""The GRPO policy worker without Ray: reference / old log-probs, an update through the trainer core (KL in the
+loss, several minibatches, sequence-mean), and the checkpoint round trip with the controller's state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import parse_config
+from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.models import save_hf
+from posttrain.models.registry import get_model_spec, resolve_scratch_args
+from posttrain.rl.workers import PolicyWorker
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _flat(values: list[list[float]]) -> list[float]:
+    return [v for row in values for v in row]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    spec = get_model_spec("qwen3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 64, "n_layers": 1, "ffn_dim": 128})
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights()
+    out = tmp_path_factory.mktemp("tiny_hf")
+    save_hf(model, out, tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    return out
+
+
+def _rows(n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(10, 1000, (5 + i,), generator=g).tolist()
+        tokens = torch.randint(10, 1000, (3 + i % 2,), generator=g).tolist()
+        rows.append({"prompt_ids": prompt, "token_ids": tokens, "advantage": 1.0 if i % 2 else -1.0})
+    return rows
+
+
+def test_policy_worker_scores_updates_and_checkpoints(tiny_hf: Path, tmp_path: Path) -> None:
+    cfg = parse_config([
+        "--job.recipe", "grpo", "--job.output_dir", str(tmp_path), "--model.hf_path", str(tiny_hf),
+        "--grpo.prompts", "unused.jsonl", "--grpo.kl_coef", "0.1", "--grpo.minibatches", "2",
+        "--grpo.loss_agg", "sequence_mean", "--training.micro_batch_size", "2", "--training.steps", "3",
+        "--optimizer.lr", "1e-2", "--metrics.tensorboard", "false", "--grpo.cpu_threads", "2",
+    ])
+    worker = PolicyWorker()
+    info = worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+    assert info["dp_degree"] == 1
+    rows = _rows()
+    scored = worker.log_probs(rows, old=True, ref=True, entropy=True)
+    for key in ("old_logp", "ref_logp", "entropy"):
+        assert [len(v) for v in scored[key]] == [len(r["token_ids"]) for r in rows], key
+    assert _flat(scored["old_logp"]) == pytest.approx(_flat(scored["ref_logp"]))  # the policy starts as its reference
+    for row, old, ref in zip(rows, scored["old_logp"], scored["ref_logp"]):
+        row["old_logp"], row["ref_logp"] = old, ref
+
+    first = worker.train_minibatch(rows[:2])
+    assert first["ratio"] / first["tokens"] == pytest.approx(1.0, abs=1e-5)  # on-policy: ratio 1
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    second = worker.train_minibatch(rows[2:])
+    assert second["kl"] > 0  # the first update moved the policy away from the reference
+    after = worker.log_probs(rows, old=True, ref=True, entropy=False)
+    assert _flat(after["ref_logp"]) == pytest.approx(_flat(scored["ref_logp"]))  # the reference stays frozen
+    assert _flat(after["old_logp"]) != pytest.approx(_flat(scored["old_logp"]))
+
+    worker.save(1, {"step": 1, "prompts": {"epoch": 0, "position": 8}})
+    resumed = PolicyWorker()
+    resumed.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+    state = resumed.resume()
+    assert state == {"step": 1, "controller": {"step": 1, "prompts": {"epoch": 0, "position": 8}}}
+    again = resumed.log_probs(rows, old=True, ref=False, entropy=False)
+    assert _flat(again["old_logp"]) == pytest.approx(_flat(after["old_logp"]), abs=1e-6)
+    resumed.close()  # last opened, first closed: each trainer restores the signal handlers it found
+    worker.close()
