@@ -46,7 +46,7 @@ def _cmd(warm: Path, out: Path, *extra: str) -> list[str]:
         sys.executable, "train.py", "--config", "train_configs/debug_grpo.toml",
         "--model.hf_path", str(warm / "sft" / "hf"),
         "--grpo.prompts", str(warm / "data" / "train.jsonl"),
-        "--grpo.eval_prompts", str(warm / "data" / "eval.jsonl"),
+        "--grpo.eval_prompts", str(warm / "data" / "train.jsonl"),
         "--job.output_dir", str(out), "--metrics.tensorboard", "false", *extra,
     ]
 
@@ -118,10 +118,11 @@ def _metrics(out: Path) -> dict[int, dict]:
 
 def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_start: Path) -> None:
     """One run of the debug config, SIGKILLed after its step-4 checkpoint, then restarted: it resumes, re-runs
-    step 5 exactly (same prompts, seeds and weights: same rollouts), and over the 16 steps reward_mean rises."""
+    step 5 exactly (same prompts, seeds and weights: same rollouts), and over the 20 steps the accuracy rises,
+    sampled (reward_mean of the math_answer reward) and greedy (eval_accuracy at steps 0 and 20)."""
     out = tmp_path / "run"
-    cmd = _cmd(warm_start, out, "--training.steps", "16", "--checkpoint.interval", "4", "--checkpoint.keep_last", "0",
-               "--grpo.eval_freq", "0")
+    cmd = _cmd(warm_start, out, "--training.steps", "20", "--checkpoint.interval", "4", "--checkpoint.keep_last", "0",
+               "--grpo.eval_freq", "20")
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, _MARKER: tag})
@@ -140,24 +141,24 @@ def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_
             proc.wait()
     assert not _marked_processes(tag), "Ray processes of the killed run survived"
     before = _metrics(out)
-    assert max(before) < 16, "the run finished before it was killed; the test proves nothing"
+    assert max(before) < 20, "the run finished before it was killed; the test proves nothing"
 
     proc = _run(cmd)
     assert "resumed GRPO from step" in proc.stderr + proc.stdout
     m = _metrics(out)
-    assert sorted(m) == list(range(1, 17))
+    assert sorted(m) == list(range(0, 21))  # step 0: the eval before training
     # step 5 was re-run from the step-4 checkpoint
     assert m[5]["reward_mean"] == pytest.approx(before[5]["reward_mean"])
     assert m[5]["response_len_mean"] == pytest.approx(before[5]["response_len_mean"])
-    rewards = [m[s]["reward_mean"] for s in range(1, 17)]
-    print("reward_mean per step:", [round(r, 3) for r in rewards])
-    for key in ("reward_mean", "reward/format"):  # the rise is the format reward's (README, "RL: GRPO")
-        values = [m[s][key] for s in range(1, 17)]
-        first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
-        assert last > first + 0.2, f"{key} did not rise clearly: {values}"
+    accuracy = [m[s]["accuracy"] for s in range(1, 21)]
+    print("sampled accuracy per step:", [round(a, 3) for a in accuracy])
+    assert [m[s]["reward_mean"] for s in range(1, 21)] == accuracy  # math_answer scores 0 or 1
+    first, last = sum(accuracy[:3]) / 3, sum(accuracy[-5:]) / 5
+    assert last > first + 0.1, f"the sampled accuracy did not rise clearly: {accuracy}"
+    assert m[20]["eval_accuracy"] >= m[0]["eval_accuracy"] + 0.1, (m[0]["eval_accuracy"], m[20]["eval_accuracy"])
     for key in ("loss", "accuracy", "response_len_mean", "rollout_tokens_per_s", "time/sync", "entropy", "clip_frac"):
-        assert m[16].get(key) is not None, key
-    assert (out / "samples.jsonl").is_file() and (out / "checkpoints" / "step-16").is_dir()
+        assert m[20].get(key) is not None, key
+    assert (out / "samples.jsonl").is_file() and (out / "checkpoints" / "step-20").is_dir()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")
