@@ -1,7 +1,7 @@
 """Run commands (plain or torchrun) side by side and leave no process behind, pass or fail.
 
 torchrun starts its workers in their own sessions, so killing torchrun's process group misses them. Every
-process started here inherits a unique ``POSTTRAIN_REAP_TAG`` in its environment; when the runs end (or
+process started here inherits a unique tag in its environment (``_process_tags.py``); when the runs end (or
 time out, or the test fails) every process carrying the tag is killed by pid and waited for.
 """
 
@@ -17,8 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
+from _process_tags import TAG_VAR, kill_tagged
+
 REPO = Path(__file__).resolve().parents[2]
-_TAG = "POSTTRAIN_REAP_TAG"
 
 
 def free_port() -> int:
@@ -33,21 +34,6 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             f"--master_port={free_port()}", *args]
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Live processes whose environment carries ``tag``."""
-    marker = f"{_TAG}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return pids
-
-
 def _reap(tag: str, procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -55,14 +41,7 @@ def _reap(tag: str, procs: list[subprocess.Popen]) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-    deadline = time.time() + 10
-    while (pids := tagged_pids(tag)) and time.time() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.05)
+    kill_tagged(tag)
     for proc in procs:
         proc.wait()
 
@@ -71,7 +50,7 @@ def run_side_by_side(cmds: list[list[str]], *, timeout: float = 240) -> list[sub
     """Start every command at once (cwd: the repository, OMP_NUM_THREADS=1), wait for all, reap them all.
     Returns their CompletedProcess (stdout and stderr together in ``stdout``) in order."""
     tag = uuid.uuid4().hex
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{_TAG: tag},
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{TAG_VAR: tag},
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs: list[subprocess.Popen] = []
     logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]  # files, not pipes: no run blocks on a full pipe

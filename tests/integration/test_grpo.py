@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _process_tags import TAG_VAR, kill_tagged, tagged_pids, wait_until_none_left
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e '.[rl]')"),
 ]
-_MARKER = "POSTTRAIN_GRPO_TEST_RUN"
 
 
 @pytest.fixture(scope="module")
@@ -54,64 +54,17 @@ def _cmd(warm: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _marked_processes(tag: str) -> list[tuple[int, str]]:
-    marker = f"{_MARKER}={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append((int(entry.name), cmd.strip()))
-        except OSError:
-            continue
-    return found
-
-
-def _kill_marked(tag: str) -> list[tuple[int, str]]:
-    """SIGKILL every process of the run (by pid); return those that were still there."""
-    leftovers = _marked_processes(tag)
-    for pid, _ in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    deadline = time.time() + 10
-    while _marked_processes(tag) and time.time() < deadline:
-        time.sleep(0.1)
-    return leftovers
-
-
-def _wait_for_exit(tag: str, timeout: float = 20) -> list[tuple[int, str]]:
-    """Processes of the run still alive `timeout` seconds after it ended (Ray's take a moment to exit)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = [(pid, cmd) for pid, cmd in _marked_processes(tag) if not _is_zombie(pid)]
-        if not alive:
-            return []
-        time.sleep(0.2)
-    return _marked_processes(tag)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     tag = uuid.uuid4().hex
     try:
         proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, _MARKER: tag})
+                              env={**os.environ, TAG_VAR: tag})
         assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        left = _wait_for_exit(tag)
+        left = wait_until_none_left(tag, timeout=20)  # Ray's processes take a moment to exit
         assert not left, f"processes left behind by the run: {left}"
         return proc
     finally:
-        _kill_marked(tag)
+        kill_tagged(tag)
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -128,7 +81,7 @@ def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_
                "--grpo.eval_freq", "20")
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, _MARKER: tag})
+                            start_new_session=True, env={**os.environ, TAG_VAR: tag})
     try:
         deadline = time.time() + 300
         while not (out / "checkpoints" / "step-4").is_dir() or 5 not in _metrics(out):
@@ -138,11 +91,11 @@ def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
-        _kill_marked(tag)  # Ray's raylet, GCS and workers outlive a SIGKILLed driver
+        kill_tagged(tag)  # Ray's raylet, GCS and workers outlive a SIGKILLed driver
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not _marked_processes(tag), "Ray processes of the killed run survived"
+    assert not tagged_pids(tag), "Ray processes of the killed run survived"
     before = _metrics(out)
     assert max(before) < 20, "the run finished before it was killed; the test proves nothing"
 
