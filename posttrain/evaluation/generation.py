@@ -157,6 +157,7 @@ def full_weight_copy(model: nn.Module) -> nn.Module:
     plain.load_state_dict(state, strict=True, assign=True)
     if hasattr(plain, "tie_weights"):  # assign=True replaced the parameters: share the head again
         plain.tie_weights()
+    plain.init_buffers(device)  # non-persistent buffers (RoPE frequencies) are in no state dict: to_empty left garbage
     return plain.eval()
 
 
