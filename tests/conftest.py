@@ -68,19 +68,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _processes_of_this_session() -> list[tuple[int, str]]:
-    marker = f"{_SESSION_VAR}={os.environ.get(_SESSION_VAR, '')}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        found.append((int(entry.name), cmdline))
-    return found + [p for p in _descendants(os.getpid()) if p[0] not in {pid for pid, _ in found}]
+    from _process_tags import command_line, tagged_pids
+
+    pids = tagged_pids(os.environ.get(_SESSION_VAR, ""), var=_SESSION_VAR)
+    return [(pid, command_line(pid)) for pid in pids] + [p for p in _descendants(os.getpid()) if p[0] not in pids]
 
 
 def _descendants(root: int) -> list[tuple[int, str]]:
@@ -93,14 +84,12 @@ def _descendants(root: int) -> list[tuple[int, str]]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    from _process_tags import command_line
+
     out, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        out.append((pid, cmd))
+        out.append((pid, command_line(pid)))
         todo.extend(children.get(pid, []))
     return out
 
@@ -115,7 +104,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not leftovers:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"{len(leftovers)} process(es) started by tests were still running at the end; killed:"]
+    lines = [f"\n{len(leftovers)} process(es) started by tests were still running at the end; killed:"]
     lines += [f"  pid {pid}: {cmd[:200]}" for pid, cmd in leftovers]
     if reporter is not None:
         reporter.ensure_newline()

@@ -30,6 +30,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi, GPT-2 style)
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
 logger = logging.getLogger(__name__)
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -93,6 +96,20 @@ class HFTokenizer:
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` when it is a single vocabulary entry, else None."""
         return self.hf.get_vocab().get(token)
+
+    def stop_ids(self, generation_config_dir: str | Path | None = None) -> tuple[int, ...]:
+        """Where generation stops: the eos token, whichever common end-of-turn tokens the vocabulary has, and
+        the eos ids of ``generation_config_dir/generation_config.json`` when there is one."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for token in END_OF_TURN_TOKENS:
+            token_id = self.token_id(token)
+            if token_id is not None:
+                ids.add(token_id)
+        config = Path(generation_config_dir) / "generation_config.json" if generation_config_dir else None
+        if config is not None and config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        return tuple(sorted(ids))
 
     def add_special_tokens(self, tokens: Iterable[str]) -> int:
         """Add tokens that must never be split (special tokens, semantic-ID tokens); returns how many were new.

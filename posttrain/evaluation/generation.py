@@ -38,7 +38,6 @@ from posttrain.evaluation.validation import evaluation_due
 
 logger = logging.getLogger("posttrain")
 
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 _NUMBER = r"[+-]?\d(?:\d|,\d{3})*(?:\.\d+)?"
 _ANSWER_IS = re.compile(r"answer(?:\s+is)?\s*[:=]?\s*(?:\*\*|\$|\s)*(" + _NUMBER + ")", re.IGNORECASE)
 _ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUMBER)
@@ -73,16 +72,6 @@ def read_generation_prompts(path: str | Path, *, limit: int = 0) -> list[dict[st
     if not rows:
         raise SystemExit(f"evaluation.generation_path = {path} holds no rows")
     return rows
-
-
-def stop_ids(tokenizer: Any) -> tuple[int, ...]:
-    """The eos token and whichever common end-of-turn tokens the tokenizer has."""
-    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
-    for token in _END_OF_TURN:
-        token_id = tokenizer.token_id(token)
-        if token_id is not None:
-            ids.add(token_id)
-    return tuple(sorted(ids))
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -185,7 +174,7 @@ class GenerationEval:
         self.samples = read_generation_prompts(path, limit=max_prompts)
         tok = trainer.tokenizer
         self.prompts = [tok.tokenize_messages(s["messages"], add_generation_prompt=True)[0] for s in self.samples]
-        self.stop = stop_ids(tok)
+        self.stop = tok.stop_ids()
         self.scorer = scorer or default_scorer()
 
     def evaluate(self) -> dict[str, float]:

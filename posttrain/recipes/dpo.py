@@ -17,8 +17,7 @@ data.eval_path the same on held-out pairs as eval_*, before training and at the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 
@@ -29,7 +28,7 @@ from posttrain.config import JobConfig
 from posttrain.config.sections import DPOSection
 from posttrain.evaluation.generation import generation_eval_from_config
 from posttrain.losses.preference import preference_loss, sequence_log_probs
-from posttrain.models.common.lora import ExpertLoRA, LoRALinear, has_lora
+from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.recipes.pairwise import (
     build_preference_loader,
     evaluate_pairs,
@@ -52,20 +51,6 @@ def pair_log_probs(
         batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
     )
     return logps[0::2], logps[1::2], lengths[0::2], lengths[1::2]
-
-
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """The model's LoRA adapters contribute nothing inside the block (base + 0 * B A = base, exactly)."""
-    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
-    saved = [m.scaling for m in modules]
-    for m in modules:
-        m.scaling = 0.0
-    try:
-        yield
-    finally:
-        for m, scaling in zip(modules, saved):
-            m.scaling = scaling
 
 
 class ReferenceLogProbs:

@@ -41,8 +41,6 @@ from posttrain.rl.workers import PolicyWorker, RolloutWorker
 
 logger = logging.getLogger("posttrain")
 
-# End-of-turn tokens of common chat templates: generation stops at any of them that the vocabulary has.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 _ACCURACY_REWARDS = ("math_answer", "reasoning_gym")
 
 
@@ -97,22 +95,6 @@ def resolved_config(cfg: JobConfig) -> JobConfig:
         tokenizer=replace(cfg.tokenizer, path=_absolute(cfg.tokenizer.path), add_tokens_file=_absolute(cfg.tokenizer.add_tokens_file)),
         grpo=replace(g, prompts=prompts, eval_prompts=eval_prompts),
     )
-
-
-def stop_token_ids(tokenizer: HFTokenizer, hf_path: str) -> tuple[int, ...]:
-    """The eos token, the generation config's eos ids and the template's end-of-turn tokens."""
-    ids = set()
-    if tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
-    gen_config = Path(hf_path) / "generation_config.json"
-    if gen_config.is_file():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    for token in _END_OF_TURN:
-        token_id = tokenizer.token_id(token)
-        if token_id is not None:
-            ids.add(token_id)
-    return tuple(sorted(ids))
 
 
 def start_ray(g: GRPOSection, *, bundles: int) -> None:
@@ -338,7 +320,7 @@ def run(cfg: JobConfig) -> None:
     output_dir = Path(cfg.job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = HFTokenizer(cfg.tokenizer.path or cfg.model.hf_path, pad_token=cfg.tokenizer.pad_token or None)
-    stops = stop_token_ids(tokenizer, cfg.model.hf_path)
+    stops = tokenizer.stop_ids(cfg.model.hf_path)  # eos, end-of-turn tokens, generation_config's eos ids
     weights = list(g.reward_weights) or [1.0] * len(g.rewards)
     framing = {"system_prompt": g.system_prompt or None, "instruction": g.instruction or None}
     prompts = PromptSource(g.prompts, seed=cfg.job.seed, **framing)

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 def score_rewards(reward_names: list[str], texts: list[str], samples: list[dict]) -> tuple[list[list[float]], int]:
     """Each reward function's score of each completion ([n_fns][n]) and the number of failed scorings
-    (an exception, NaN or inf scores 0 and is counted; see `posttrain.rl.rewards.score_completions`)."""
-    from posttrain.rl.rewards import get_reward_fn, score_completions
+    (an exception, NaN or inf scores 0 and is counted; see `posttrain.rl.rewards.score_each`)."""
+    from posttrain.rl.rewards import get_reward_fn, score_each
 
-    per_fn, errors = [], 0
-    for name in reward_names:
-        scores, n_errors = score_completions([(get_reward_fn(name), 1.0)], texts, samples)
-        per_fn.append([float(s) for s in scores])
-        errors += n_errors
-    return per_fn, errors
+    return score_each([(get_reward_fn(name), 1.0) for name in reward_names], texts, samples)

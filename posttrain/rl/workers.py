@@ -16,7 +16,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
 from posttrain.losses import token_log_probs
 from posttrain.metrics import MetricsLogger
-from posttrain.models.common.lora import LoRALinear, has_lora
+from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.batches import chunk, completion_batch, response_values
 from posttrain.rl.weight_sync import hf_weight_buckets
 from posttrain.trainer import LossOutput, Trainer, build_training_model
@@ -42,20 +42,6 @@ def set_cpu_threads(threads: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ policy
-
-
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """LoRA adapters contribute nothing inside the block: the frozen base is the reference model."""
-    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = [m.scaling for m in modules]
-    for m in modules:
-        m.scaling = 0.0
-    try:
-        yield
-    finally:
-        for m, scaling in zip(modules, saved):
-            m.scaling = scaling
 
 
 def response_log_probs(

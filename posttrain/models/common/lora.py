@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -293,3 +294,18 @@ def init_lora_adapters(model: nn.Module, seed: int) -> None:
 
 def adapter_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if is_adapter_param(n))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The model's LoRA adapters (linear and expert) contribute nothing inside the block (base + 0 * B A = base,
+    exactly): the frozen base serves as the reference model without a second copy."""
+    modules = [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in zip(modules, saved):
+            m.scaling = scaling

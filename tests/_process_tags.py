@@ -18,9 +18,9 @@ def _environ(pid: int) -> list[bytes]:
         return []
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Every live process (not a zombie) whose environment holds TAG_VAR=tag."""
-    needle = f"{TAG_VAR}={tag}".encode()
+def tagged_pids(tag: str, var: str = TAG_VAR) -> list[int]:
+    """Every live process (not a zombie) whose environment holds var=tag."""
+    needle = f"{var}={tag}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid() or needle not in _environ(int(entry.name)):
@@ -52,3 +52,10 @@ def wait_until_none_left(tag: str, timeout: float = 10.0) -> list[int]:
     while (left := tagged_pids(tag)) and time.time() < deadline:
         time.sleep(0.1)
     return left
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
