@@ -251,6 +251,22 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _merged_full_tensor(entry: _ExportEntry) -> torch.Tensor:
+    """The entry's whole tensor with its LoRA update merged in, in fp32 then back to its dtype: W + scaling * B @ A
+    for a LoRA linear, W + the adapters' update for stacked experts. Gathers DTensors: a collective, so every
+    rank calls it for every entry, in the same order."""
+    full = _full_tensor(entry.tensor.detach())
+    if entry.lora is not None:
+        b = _full_tensor(entry.lora.lora_b.weight.detach()).float()
+        a = _full_tensor(entry.lora.lora_a.weight.detach()).float()
+        full = (full.float() + entry.lora.scaling * (b @ a)).to(full.dtype)
+    if entry.experts is not None:
+        update = expert_lora_update(*entry.experts)
+        if update is not None:
+            full = (full.float() + update).to(full.dtype)
+    return full
+
+
 def _is_writer() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
@@ -293,15 +309,7 @@ def save_hf(
     for shard, file_name in zip(shards, names):
         tensors: dict[str, torch.Tensor] = {}
         for entry in shard:
-            full = _full_tensor(entry.tensor.detach())
-            if entry.lora is not None:  # W + scaling * B @ A, in fp32
-                b = _full_tensor(entry.lora.lora_b.weight.detach()).float()
-                a = _full_tensor(entry.lora.lora_a.weight.detach()).float()
-                full = (full.float() + entry.lora.scaling * (b @ a)).to(full.dtype)
-            if entry.experts is not None:  # stacked experts: W + their adapters' update, in fp32
-                update = expert_lora_update(*entry.experts)
-                if update is not None:
-                    full = (full.float() + update).to(full.dtype)
+            full = _merged_full_tensor(entry)
             if not writer:
                 continue
             if entry.rows is not None:

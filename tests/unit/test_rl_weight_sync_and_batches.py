@@ -74,3 +74,29 @@ def test_weight_buckets_merge_lora(tmp_path) -> None:
     q = merged["model.layers.0.self_attn.q_proj.weight"]
     expected = lora.base.weight + lora.scaling * lora.lora_b.weight @ lora.lora_a.weight
     assert torch.allclose(q, expected.detach(), atol=1e-6)
+
+
+def test_weight_buckets_merge_expert_lora_like_save_hf(tmp_path) -> None:
+    """LoRA on stacked MoE experts: the synced experts are W + their adapters' update, as save_hf writes them."""
+    from posttrain.models import build_model
+    from posttrain.models.common.lora import adapters_disabled, apply_lora, init_lora_adapters
+
+    torch.manual_seed(0)
+    model = build_model("qwen3_moe", "debug", device="cpu", vocab_size=256)
+    apply_lora(model, rank=4, alpha=8, targets=("wq", "experts"))
+    init_lora_adapters(model, seed=1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b.weight"):
+                p.normal_(std=0.1)
+    synced = {n: t for b in hf_weight_buckets(model, bucket_bytes=2**16) for n, t in b}
+    save_hf(model, tmp_path / "hf")
+    saved = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert synced.keys() == saved.keys()
+    expert_names = [n for n in saved if ".experts." in n]
+    assert expert_names
+    for name in saved:
+        assert torch.equal(synced[name], saved[name]), name
+    with adapters_disabled(model):  # scaling 0: the base weights
+        base = {n: t for b in hf_weight_buckets(model) for n, t in b}
+    assert all(not torch.equal(synced[n], base[n]) for n in expert_names)  # the expert adapters were merged
