@@ -51,26 +51,16 @@ def build_loss_fn(cfg: JobConfig) -> LossFn:
 def run(cfg: JobConfig) -> None:
     loss_fn = build_loss_fn(cfg)
     trainer = Trainer(cfg)  # no tokenizer for token-id data (data.format = tokens): tokenizer is None
-    trainer.data_loader = build_sft_dataloader(
-        cfg.data,
-        trainer.tokenizer,
+    layout = dict(
         seq_len=cfg.training.seq_len,
         micro_batch_size=trainer.micro_batch_size,
         dp_rank=trainer.dp_rank,
         dp_world_size=trainer.dp_degree,
-        seed=cfg.job.seed,
         vocab_size=trainer.model_args.vocab_size,
     )
+    trainer.data_loader = build_sft_dataloader(cfg.data, trainer.tokenizer, seed=cfg.job.seed, **layout)
     if cfg.data.eval_path:  # eval_loss every evaluation.freq steps and at the end
-        eval_loader = build_eval_dataloader(
-            cfg.data,
-            trainer.tokenizer,
-            seq_len=cfg.training.seq_len,
-            micro_batch_size=trainer.micro_batch_size,
-            dp_rank=trainer.dp_rank,
-            dp_world_size=trainer.dp_degree,
-            vocab_size=trainer.model_args.vocab_size,
-        )
+        eval_loader = build_eval_dataloader(cfg.data, trainer.tokenizer, **layout)
         e = cfg.evaluation
         trainer.step_hooks.append(ValidationLoss(trainer, eval_loader, freq=e.freq, max_batches=e.max_batches))
     generation_eval = generation_eval_from_config(trainer)  # eval_accuracy on evaluation.generation_path
