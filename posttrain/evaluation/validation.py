@@ -61,9 +61,8 @@ def local_validation_loss(
 
 
 class ValidationLoss:
-    """A trainer step hook: logs `eval_loss` / `eval_tokens` every `freq` steps and at the last step.
-
-    `global_sum([numbers])` sums over data-parallel ranks (the trainer's `_global_sum`)."""
+    """A trainer step hook: logs `eval_loss` / `eval_tokens` every `freq` steps and at the last step (summed over
+    data-parallel ranks with the trainer's `_global_sum`)."""
 
     def __init__(self, trainer: Any, eval_loader: Iterable[dict[str, Any]], *, freq: int, max_batches: int) -> None:
         self.trainer = trainer
