@@ -314,7 +314,7 @@ def run(cfg: JobConfig) -> None:
     from posttrain.rl.rollout.base import SamplingParams
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    g = check_grpo_config(cfg)
+    check_grpo_config(cfg)
     cfg = resolved_config(cfg)
     g = cfg.grpo
     output_dir = Path(cfg.job.output_dir)
