@@ -34,6 +34,7 @@ import torch
 from posttrain.config import JobConfig, config_to_dict
 from posttrain.config.sections import GRPOSection
 from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.inference.engine import SamplingParams
 from posttrain.metrics import MetricsLogger
 from posttrain.rl.batches import chunk, split_evenly
 from posttrain.rl.reward_tasks import score_rewards
@@ -244,8 +245,6 @@ def sync_weights(policy: list, rollouts: list, bucket_bytes: int) -> tuple[float
 def evaluate(rollouts: list, tokenizer: HFTokenizer, eval_set: list[dict], prompt_ids: list[list[int]], g: GRPOSection,
              stops: tuple[int, ...]) -> dict[str, float]:
     """Greedy completions of the held-out prompts, scored by the rewards: eval_reward_mean, eval_accuracy."""
-    from posttrain.rl.rollout.base import SamplingParams
-
     greedy = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0, stop_token_ids=stops)
     completions, _ = generate(rollouts, prompt_ids, greedy)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
@@ -311,7 +310,6 @@ def run(cfg: JobConfig) -> None:
 
     from posttrain.rl.algorithms import group_advantages, kl_k3, overlong_penalty, zero_variance_groups
     from posttrain.rl.prompts import PromptSource
-    from posttrain.rl.rollout.base import SamplingParams
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_grpo_config(cfg)

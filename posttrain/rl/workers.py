@@ -25,6 +25,7 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
+from posttrain.inference import build_engine
 from posttrain.losses import token_log_probs
 from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
@@ -274,8 +275,6 @@ class RolloutWorker:
     """One rollout engine. Its weights start from `model.hf_path` and follow the policy through syncs."""
 
     def __init__(self, kind: str, hf_path: str, *, device: str, dtype: str, threads: int = 0, **engine_kw: Any) -> None:
-        from posttrain.rl.rollout import build_engine
-
         if device == "cpu":
             set_cpu_threads(threads)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

@@ -10,7 +10,7 @@ from posttrain.models import load_hf, save_hf
 from posttrain.models.common.lora import LoRALinear
 from posttrain.models.registry import get_model_spec, resolve_scratch_args
 from posttrain.rl.batches import completion_batch, response_values, split_evenly
-from posttrain.rl.rollout.native import NativeEngine
+from posttrain.inference.native import NativeEngine
 from posttrain.rl.weight_sync import hf_weight_buckets
 
 

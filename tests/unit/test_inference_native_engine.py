@@ -1,4 +1,4 @@
-"""The native rollout engine (posttrain.rl.rollout.native): greedy output against transformers on the real
+"""The native rollout engine (posttrain.inference.native): greedy output against transformers on the real
 SmolLM2 weights and against the cache-free reference decoder on every family, sampled log-probs against the
 trainer's recomputation, sampling controls, stop tokens, and weight updates by HF name."""
 
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from posttrain.losses import token_log_probs
 from posttrain.models import build_model, save_hf
 from posttrain.models.greedy import greedy_generate
-from posttrain.rl.rollout import RolloutEngine, SamplingParams, build_engine
-from posttrain.rl.rollout.native import NativeEngine
+from posttrain.inference import GenerationEngine, SamplingParams, build_engine
+from posttrain.inference.native import NativeEngine
 
 FAMILIES = ["llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss"]
 VOCAB = 1000  # not a multiple of 64: the embedding and head are padded
@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir: Path) -> N
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
             expected.append(out[0, len(prompt):].tolist())
     engine = build_engine("native", smollm2_dir, device="cpu", dtype="float32")
-    assert isinstance(engine, RolloutEngine)
+    assert isinstance(engine, GenerationEngine)
     completions = engine.generate(prompts, greedy(24, stop_token_ids=(eos,)))
     for completion, prompt, want in zip(completions, prompts, expected):
         assert completion.prompt_ids == prompt

@@ -1,4 +1,4 @@
-"""The native rollout engine: posttrain's own model, a preallocated KV cache, batched decoding.
+"""The native generation engine: posttrain's own model, a preallocated KV cache, batched decoding.
 
 ``generate`` sorts the prompts by length (less padding), then per chunk of ``max_batch_size`` prompts:
 
@@ -27,41 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.inference.engine import Completion, SamplingParams
+from posttrain.inference.sampling import sample_next_tokens
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import base_param_name, is_adapter_param
 from posttrain.models.common.stacked_names import split_row_index
 from posttrain.models.hf import load_hf
 from posttrain.models.registry import ModelSpec, get_model_spec_for
-from posttrain.rl.rollout.base import Completion, SamplingParams
 
 # checkpoint keys that are derived buffers, not weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def sample_next_tokens(
-    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token ids [B] and their log-probs [B] (fp32) from last-position logits [B, V]."""
-    logits = logits.float()
-    if sampling.temperature == 0:
-        ids = logits.argmax(dim=-1)
-        return ids, torch.log_softmax(logits, dim=-1).gather(1, ids[:, None]).squeeze(1)
-    scaled = logits / sampling.temperature
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    filtered = scaled
-    if 0 < sampling.top_k < filtered.shape[-1]:
-        kth = torch.topk(filtered, sampling.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = filtered.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = filtered.softmax(dim=-1)
-    ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return ids, log_probs.gather(1, ids[:, None]).squeeze(1)
 
 
 def _last_position_logits(rows: torch.Tensor, cols: torch.Tensor, vocab_size: int):
@@ -74,7 +49,7 @@ def _last_position_logits(rows: torch.Tensor, cols: torch.Tensor, vocab_size: in
 
 
 class NativeEngine:
-    """``RolloutEngine`` over a posttrain ``Transformer`` of any family (already on its device and dtype).
+    """``GenerationEngine`` over a posttrain ``Transformer`` of any family (already on its device and dtype).
 
     ``max_seq_len`` caps prompt + completion (default: the model's ``args.max_seq_len``). The model is used
     in place: ``update_weights`` writes into its parameters.
