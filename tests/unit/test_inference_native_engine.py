@@ -221,3 +221,54 @@ def test_update_weights_by_hf_name_makes_the_engine_that_model(family: str, tmp_
 def test_build_engine_rejects_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="grpo.engine"):
         build_engine("tgi", "/nowhere", device="cpu", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- scheduling
+
+
+class ForwardCounter:
+    """Counts the model's forwards: prefill rows (full prompts) and decode steps (one token per slot)."""
+
+    def __init__(self, model) -> None:
+        self.prefill_rows = self.decode_steps = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        if ids.shape[1] == 1 and kwargs.get("position_ids") is not None:
+            self.decode_steps += 1
+        else:
+            self.prefill_rows += ids.shape[0]
+
+
+def test_prompt_sharing_prefills_each_prompt_once_and_samples_each_completion() -> None:
+    """A GRPO group: 4 prompts x 6 completions on 8 slots, so most prompts are split across refills."""
+    model = tiny_model("qwen3")
+    counter = ForwardCounter(model)
+    prompts = random_prompts((5, 17, 9, 12))
+    group = [p for p in prompts for _ in range(6)]
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    completions = NativeEngine(model, max_batch_size=8, steps_per_check=3).generate(group, sampling)
+    assert counter.prefill_rows == len(prompts)
+    for completion, prompt in zip(completions, group):
+        assert completion.prompt_ids == prompt and len(completion.token_ids) == 12
+        want = recomputed_log_probs(model, prompt, completion.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(completion.log_probs), want, atol=1e-4, rtol=0)
+    for i in range(len(prompts)):
+        assert len({tuple(c.token_ids) for c in completions[6 * i : 6 * i + 6]}) > 1  # the completions differ
+    greedy_group = NativeEngine(model, max_batch_size=8).generate(group, greedy(12))
+    assert [c.token_ids for c in greedy_group] == [greedy_generate(model, p, 12) for p in group]
+
+
+def test_continuous_batching_refills_a_finished_slot_at_once() -> None:
+    """One request with 24 new tokens and eight with 3 (budgets from max_seq_len) on 4 slots: the short ones
+    cycle through 3 slots while the long one runs, so the call takes about as many decode steps as the long
+    request alone (a static batch of 4 would wait for it: 23 + 2 + 2 steps)."""
+    model = tiny_model("llama3")
+    prompts = random_prompts((16,) + (37,) * 8, seed=4)
+    counter = ForwardCounter(model)
+    engine = NativeEngine(model, max_batch_size=4, max_seq_len=40, steps_per_check=2)
+    completions = engine.generate(prompts, greedy(24))
+    assert [len(c.token_ids) for c in completions] == [24] + [3] * 8
+    assert counter.decode_steps <= 24
+    assert [c.token_ids for c in completions] == [greedy_generate(model, p, 40 - len(p)) for p in prompts]
