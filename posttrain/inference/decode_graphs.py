@@ -1,6 +1,6 @@
-"""CUDA graphs of the decode step, one per batch-size bucket.
+"""CUDA graphs of the decode step, one per (batch-size bucket, attended-length bucket).
 
-A step over ``n`` slots (``decode_step``) has fixed shapes and reads and writes only persistent buffers (the
+A step over ``n`` slots attending to ``length`` cache positions (``decode_step``) has fixed shapes and reads and writes only persistent buffers (the
 slot cache, the slot state, the weights), so it is captured once per bucket and replayed: one launch per token
 instead of hundreds of kernel launches from Python. The graphs share one memory pool and are captured from
 the largest bucket down. Sampling inside a graph uses the device's default generator (graph-safe in PyTorch);
@@ -15,11 +15,12 @@ import torch
 
 
 class DecodeGraphs:
-    """``replay(n)`` runs the captured ``step(n)``. Capturing runs each step twice first (warm-up): call this
-    when a step changes nothing that matters (all slots free)."""
+    """``replay(shape)`` runs the captured ``step(shape)``, a shape being ``(slots, length)``. Capturing runs each
+    step twice first (warm-up): call this when a step changes nothing that matters (all slots free)."""
 
-    def __init__(self, step: Callable[[int], None], sizes: Iterable[int], *, warmup: int = 2) -> None:
-        sizes = sorted(set(sizes), reverse=True)
+    def __init__(self, step: Callable[[tuple[int, int]], None], shapes: Iterable[tuple[int, int]], *,
+                 warmup: int = 2) -> None:
+        sizes = sorted(set(shapes), key=lambda shape: shape[0] * shape[1], reverse=True)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -28,7 +29,7 @@ class DecodeGraphs:
                     step(n)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         for n in sizes:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -36,5 +37,5 @@ class DecodeGraphs:
             self.graphs[n] = graph
         torch.cuda.synchronize()
 
-    def replay(self, n: int) -> None:
-        self.graphs[n].replay()
+    def replay(self, shape: tuple[int, int]) -> None:
+        self.graphs[shape].replay()

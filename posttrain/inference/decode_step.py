@@ -68,12 +68,18 @@ class SlotState:
         for buf in (self.tokens, self.positions, self.out_tokens, self.out_log_probs, self.n_generated,
                     self.budgets, self.done):
             buf[:n] = buf.index_select(0, source_rows)
-        self.done[n:] = True
+        self.free(torch.arange(n, self.done.numel(), device=self.done.device))
+
+    def free(self, rows: torch.Tensor) -> None:
+        """Mark ``rows`` free: done, feeding at position 0 (inside any attended length)."""
+        self.done[rows] = True
+        self.positions[rows] = 0
 
 
 def decode_step(model: nn.Module, state: SlotState, cache: SlotKVCache, n: int, sampling: SamplingParams,
                 generator: torch.Generator | None) -> None:
-    """Advance slots ``0 .. n-1`` by one token (``cache`` is the cache of those rows)."""
+    """Advance slots ``0 .. n-1`` by one token (``cache`` is the cache of those rows, long enough for every
+    position they feed)."""
     tokens, positions = state.tokens[:n], state.positions[:n]
     n_generated, done = state.n_generated[:n], state.done[:n]
     vocab_size = model.args.vocab_size

@@ -50,6 +50,8 @@ from posttrain.models.registry import ModelSpec, get_model_spec_for
 # checkpoint keys that are derived buffers, not weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 CACHE_LEN_MULTIPLE = 128  # cache lengths are rounded up to this, so that calls of similar lengths share graphs
+MIN_SLOT_BUCKET = 4  # the smallest batch a decode step runs at
+MIN_LENGTH_BUCKET = 128  # the shortest cache a decode step attends to
 MIN_STOP_SLOTS = 8
 
 
@@ -62,11 +64,12 @@ def _last_position_logits(rows: torch.Tensor, cols: torch.Tensor, vocab_size: in
     return output_fn
 
 
-def bucket_sizes(slots: int) -> list[int]:
-    """Batch sizes a decode step runs at: powers of two below ``slots`` (from 4), and ``slots``."""
-    sizes = {slots}
-    size = 4
-    while size < slots:
+def bucket_sizes(limit: int, smallest: int) -> list[int]:
+    """Sizes a decode step runs at (slots, or attended cache positions): ``smallest`` times powers of two
+    below ``limit``, and ``limit``."""
+    sizes = {limit}
+    size = smallest
+    while size < limit:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
@@ -205,18 +208,20 @@ class NativeEngine:
             state = SlotState.empty(slots, cache_len, n_stop, self.device)
             self._run, self._run_key = _Run(cache, state, {}), key
         run = self._run
-        run.state.done.fill_(True)
+        run.state.free(torch.arange(slots, device=self.device))
         run.state.stop_ids.fill_(-1)
         if sampling.stop_token_ids:
             stops = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
             run.state.stop_ids[: len(stops)] = stops.to(self.device)
         graph_key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if self.cuda_graphs and graph_key not in run.graphs:
+            shapes = [(n, length) for n in bucket_sizes(slots, MIN_SLOT_BUCKET)
+                      for length in bucket_sizes(cache_len, MIN_LENGTH_BUCKET)]
             run.graphs[graph_key] = DecodeGraphs(
-                lambda n: decode_step(self.model, run.state, run.cache.rows(n), n, sampling, None),
-                bucket_sizes(slots),
+                lambda shape: decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None),
+                shapes,
             )
-            run.state.done.fill_(True)
+            run.state.free(torch.arange(slots, device=self.device))
         return run
 
     def _decode_all(self, run: _Run, queue: deque, prompts: list[list[int]], budgets: list[int],
@@ -224,15 +229,22 @@ class NativeEngine:
                     generator: torch.Generator | None) -> None:
         """The continuous-batching loop: refill free slots, decode a few steps, collect finished sequences."""
         slots = run.cache.batch
-        sizes = bucket_sizes(slots)
+        sizes = bucket_sizes(slots, MIN_SLOT_BUCKET)
+        lengths = bucket_sizes(run.cache.max_len, MIN_LENGTH_BUCKET)
         slot_request = [-1] * slots  # the request each slot decodes, -1 when free
+        # per slot, a bound on the position it feeds at the next step (known on the host without asking the
+        # device: a slot starts at its prompt length and moves at most one position a step)
+        next_position = [0] * slots
         waiting: dict[tuple[int, ...], _PromptKV] = {}
         graphs = run.graphs.get((sampling.temperature, sampling.top_k, sampling.top_p))
+        steps = self.steps_per_check
         while True:
             free = [s for s, r in enumerate(slot_request) if r < 0]
             if queue and free:
-                self._refill(run, free[: len(queue)], queue, prompts, budgets, slot_request, waiting, sampling,
-                             generator)
+                started = self._refill(run, free[: len(queue)], queue, prompts, budgets, slot_request, waiting,
+                                       sampling, generator)
+                for slot, request in started:
+                    next_position[slot] = len(prompts[request])
             occupied = [s for s, r in enumerate(slot_request) if r >= 0]
             if not occupied:
                 return
@@ -242,14 +254,19 @@ class NativeEngine:
                 run.cache.move_rows(rows)
                 run.state.move_rows(rows)
                 slot_request = [slot_request[s] for s in occupied] + [-1] * (slots - len(occupied))
+                next_position = [next_position[s] for s in occupied] + [0] * (slots - len(occupied))
                 extent = len(occupied)
             n = _bucket(sizes, extent)
-            cache = run.cache.rows(n)
-            for _ in range(self.steps_per_check):
+            # attend to the positions these steps can reach, not the whole cache
+            length = _bucket(lengths, min(max(next_position[s] for s in occupied) + steps, run.cache.max_len))
+            cache = run.cache.rows(n, length)
+            for _ in range(steps):
                 if graphs is not None:
-                    graphs.replay(n)
+                    graphs.replay((n, length))
                 else:
                     decode_step(self.model, run.state, cache, n, sampling, generator)
+            for s in occupied:
+                next_position[s] += steps
             done = run.state.done[:n].tolist()  # the one host synchronisation of these steps
             finished = [s for s in range(n) if done[s] and slot_request[s] >= 0]
             if finished:
@@ -257,9 +274,10 @@ class NativeEngine:
 
     def _refill(self, run: _Run, slots: list[int], queue: deque, prompts: list[list[int]], budgets: list[int],
                 slot_request: list[int], waiting: dict[tuple[int, ...], _PromptKV], sampling: SamplingParams,
-                generator: torch.Generator | None) -> None:
+                generator: torch.Generator | None) -> list[tuple[int, int]]:
         """Start the next requests of the queue in ``slots``: prefill each new prompt once, copy its keys and
-        values into every slot that samples from it, and sample each slot's first token from its logits."""
+        values into every slot that samples from it, and sample each slot's first token from its logits.
+        Returns the (slot, request) pairs started."""
         requests = [queue.popleft() for _ in slots]
         # only the prompt of the queue's next request can still have requests that wait for a slot
         still_waiting = tuple(prompts[queue[0]]) if queue else None
@@ -294,6 +312,7 @@ class NativeEngine:
         run.state.start(_long(slots, self.device), first_ids, first_log_probs,
                         _long([len(prompts[i]) for i in requests], self.device),
                         _long([budgets[i] for i in requests], self.device))
+        return list(zip(slots, requests))
 
     def _prefill_chunks(self, keys: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
         """Prompts grouped for prefill forwards of at most ``max_prefill_tokens`` (rows x longest; one prompt
@@ -334,7 +353,7 @@ class NativeEngine:
             c.log_probs = log_probs[j][: counts[j]]
             c.finish_reason = "stop" if c.token_ids[-1] in stop else "length"
             slot_request[slot] = -1
-        state.done[rows] = True
+        state.free(rows)
 
     # ------------------------------------------------------------------------------------------ weights
 

@@ -2,8 +2,9 @@
 
 ``SlotKVCache`` is a ``KVCache`` whose decode forwards never ask the host how far to attend: the mask covers
 all ``max_len`` slots (a slot past a row's position is masked), so a decode step has the same shapes and
-addresses every time and can be captured as a CUDA graph. ``rows(n)`` is the cache of the first ``n`` rows
-(views of the same memory: a graph captured on it stays valid while the rows change their content).
+addresses every time and can be captured as a CUDA graph. ``rows(n, length)`` is the cache of the first ``n``
+rows and ``length`` positions (views of the same memory: a graph captured on it stays valid while the rows
+change their content); the caller guarantees that no row feeds a position at or past ``length``.
 
 Rows are filled by copying: a prompt is prefilled once into a small ordinary ``KVCache`` and its keys and
 values are copied into every slot that samples from it (``write_prefix``); ``move_rows`` packs the live rows
@@ -28,14 +29,15 @@ class SlotKVCache(KVCache):
         self._positions = position_ids
         self._attend_len = self.max_len
 
-    def rows(self, n: int) -> SlotKVCache:
-        """The cache of rows ``0 .. n-1`` (the same memory)."""
-        if n == self.batch:
+    def rows(self, n: int, length: int | None = None) -> SlotKVCache:
+        """The cache of rows ``0 .. n-1`` and positions ``0 .. length-1`` (the same memory)."""
+        length = self.max_len if length is None else length
+        if n == self.batch and length == self.max_len:
             return self
         view = SlotKVCache.__new__(SlotKVCache)
-        view.max_len = self.max_len
-        view.k = {name: t[:n] for name, t in self.k.items()}
-        view.v = {name: t[:n] for name, t in self.v.items()}
+        view.max_len = length
+        view.k = {name: t[:n, :, :length] for name, t in self.k.items()}
+        view.v = {name: t[:n, :, :length] for name, t in self.v.items()}
         view._positions, view._attend_len = None, 0
         return view
 

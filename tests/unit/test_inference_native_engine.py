@@ -272,3 +272,21 @@ def test_continuous_batching_refills_a_finished_slot_at_once() -> None:
     assert [len(c.token_ids) for c in completions] == [24] + [3] * 8
     assert counter.decode_steps <= 24
     assert [c.token_ids for c in completions] == [greedy_generate(model, p, 40 - len(p)) for p in prompts]
+
+
+def test_short_attended_lengths_and_small_batch_buckets_change_nothing(monkeypatch) -> None:
+    """Decode steps attend to a length bucket that covers the positions they can reach (here from 8 positions)
+    and run at batch buckets from 1: greedy tokens stay the reference's, through refills, stops and packing."""
+    import posttrain.inference.native as native
+
+    monkeypatch.setattr(native, "MIN_LENGTH_BUCKET", 8)
+    monkeypatch.setattr(native, "MIN_SLOT_BUCKET", 1)
+    model = tiny_model("gemma3")
+    prompts = random_prompts((5, 29, 13, 1, 21, 8, 17, 3, 11), seed=9)
+    engine = NativeEngine(model, max_batch_size=4, steps_per_check=3)
+    want = [greedy_generate(model, p, 30) for p in prompts]
+    assert [c.token_ids for c in engine.generate(prompts, greedy(30))] == want
+    stops = (want[0][4], want[2][7])
+    for completion, tokens in zip(engine.generate(prompts, greedy(30, stop_token_ids=stops)), want):
+        hits = [i for i, t in enumerate(tokens) if t in stops]
+        assert completion.token_ids == (tokens[: hits[0] + 1] if hits else tokens)
