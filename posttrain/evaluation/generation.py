@@ -82,7 +82,9 @@ def greedy_completions(model: nn.Module, prompts: Sequence[list[int]], *, max_ne
     was_training = model.training
     try:
         if hasattr(model, "layers"):
-            engine = NativeEngine(model, max_batch_size=max_batch_size)
+            # no CUDA graphs: capturing them costs seconds per evaluation, and keeping them would keep a KV
+            # cache in the training GPU's memory between evaluations
+            engine = NativeEngine(model, max_batch_size=max_batch_size, cuda_graphs=False)
             sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop))
             return [c.token_ids for c in engine.generate([list(p) for p in prompts], sampling)]
         from posttrain.models.greedy import greedy_generate
