@@ -196,3 +196,27 @@ def test_distillation_matches_naive_two_head_loss(kind, temperature):
     for got, want in zip(fused.metrics[:3], naive.metrics[:3]):
         torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-6)
     assert int(fused.metrics[3]) == naive.metrics[3]
+
+
+def test_a_sharded_head_passed_as_a_dtensor_is_gathered_with_its_gradient(tmp_path):
+    """Outside a module's forward an FSDP / TP head is a DTensor: the loss gathers it and the gradient comes
+    back as a DTensor of the same layout."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    hidden, weight, labels = _inputs()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+        h = hidden.clone().requires_grad_()
+        loss, _ = fused_linear_cross_entropy(h, w, labels, vocab_size=VOCAB, chunk_size=4)
+        loss.backward()
+        ref, rgh, rgw = _grads(_naive_ce, hidden, weight, labels)
+        assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),)
+        torch.testing.assert_close(loss.detach(), ref)
+        torch.testing.assert_close(w.grad.full_tensor(), rgw)
+        torch.testing.assert_close(h.grad, rgh)
+    finally:
+        dist.destroy_process_group()
