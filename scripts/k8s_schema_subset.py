@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {kind} document in {', '.join(map(str, args.manifests))}", file=sys.stderr)
         return 1
     subset = schema_subset(crd_version_schema(crd, args.version), docs)
+    used_by = ", ".join(m.name for m in args.manifests)
     header = {"$comment": f"{kind} {crd['spec']['group']}/{args.version}: the subset of the CRD schema from "
-                          f"{args.source}, cut to the paths used by {', '.join(m.name for m in args.manifests)}; written by "
-                          "scripts/k8s_schema_subset.py"}
+                          f"{args.source}, cut to the paths used by {used_by}; written by scripts/k8s_schema_subset.py"}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({**header, **subset}, indent=1) + "\n")
     print(f"wrote {args.output} ({args.output.stat().st_size} bytes)")

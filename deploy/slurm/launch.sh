@@ -8,7 +8,7 @@
 # LAUNCH_DRY_RUN=1 prints the torchrun line and exits (to check the rank count and rendezvous on a node).
 #
 # Ranks per node, when NPROC_PER_NODE is unset: the GPUs SLURM allotted (SLURM_GPUS_ON_NODE), else the GPUs
-# torch sees, else (a node without GPUs) one rank per task the job asked for on each node
+# torch sees (asked only where /dev/nvidia* or /dev/kfd exist), else one rank per task the job asked for on each node
 # (POSTTRAIN_TASKS_PER_NODE, which train.sbatch copies from --ntasks-per-node), else one per allotted CPU
 # (SLURM_CPUS_ON_NODE), else 1.
 #
@@ -16,7 +16,8 @@
 # process of the step, and torchrun does not handle SIGUSR1 (its default action would kill it and fail the
 # job), so torchrun runs with SIGUSR1 ignored; the trainers install their own handler. SIGTERM / SIGUSR1 sent
 # to this script are passed to the trainers (torchrun's children); they checkpoint at the next step boundary
-# and exit 0, then torchrun and this script exit 0.
+# and exit 0, then torchrun and this script exit 0. SIGTERM that SLURM sends to every process (preemption,
+# `scontrol requeue`, scancel) also reaches torchrun, which passes it on and kills workers still alive 30 s later.
 set -euo pipefail
 
 : "${CONFIG_FILE:?set CONFIG_FILE to a train_configs/*.toml file}"
@@ -24,11 +25,9 @@ set -euo pipefail
 NNODES=${SLURM_NNODES:-1}
 NODE_RANK=${SLURM_NODEID:-0}
 if [[ -z "${HEAD_NODE:-}" ]]; then
-  if command -v scontrol >/dev/null 2>&1; then
-    HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  else
-    HEAD_NODE=${SLURM_JOB_NODELIST%%,*}  # a plain "host1,host2" list (no scontrol outside SLURM)
-  fi
+  HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1) || true
+  # Outside SLURM (no scontrol, or no slurm.conf for it to read): a plain "host1,host2" list.
+  [[ -n "$HEAD_NODE" ]] || HEAD_NODE=${SLURM_JOB_NODELIST%%,*}
 fi
 RDZV_PORT=${RDZV_PORT:-29500}
 
@@ -38,7 +37,7 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
   else
     NPROC_PER_NODE=0
-    if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd ]]; then  # a GPU node: ask torch (no import otherwise)
+    if compgen -G "/dev/nvidia[0-9]*" >/dev/null || [[ -e /dev/kfd ]]; then  # a GPU node: ask torch
       NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count())")
     fi
     if ! positive_int "$NPROC_PER_NODE"; then

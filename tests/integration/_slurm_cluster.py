@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _process_tags import TAG_VAR, kill_tagged
+from _reaped_runs import free_port
 
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -31,12 +32,6 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "the one-node SLURM cluster needs root: slurmd starts every job as its user"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -90,8 +85,8 @@ class OneNodeSlurm:
         return f"""\
 ClusterName=posttrain-test
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

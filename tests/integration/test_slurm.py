@@ -2,7 +2,8 @@
 the debug SFT config on 2 CPU ranks runs to completion; SIGUSR1 to the batch shell (what
 `--signal=B:USR1@300` sends before the time limit) and then `scontrol requeue` each make the trainers
 checkpoint, the job requeue and the next run resume at that step, ending with the losses of an uninterrupted
-run. Skipped, saying why, only where SLURM is not installed (`.ci/run` installs it with apt-get)."""
+run. Skipped, saying why, only where SLURM is not installed (`.ci/run` installs it with apt-get) or the tests
+do not run as root (slurmd starts jobs as their user)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _slurm_cluster import OneNodeSlurm, _free_port, unavailable_reason
+from _reaped_runs import free_port
+from _slurm_cluster import OneNodeSlurm, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -42,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 def _submit(cluster: OneNodeSlurm, out: Path, *sbatch_args: str, nproc_per_node: int | None = None) -> str:
     """sbatch deploy/slurm/train.sbatch from the repository root, as the README says; returns the job id."""
-    env = cluster.env(CONFIG_FILE="train_configs/debug_sft.toml", RDZV_PORT=str(_free_port()),
+    env = cluster.env(CONFIG_FILE="train_configs/debug_sft.toml", RDZV_PORT=str(free_port()),
                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{cluster.env()['PATH']}")
     env.pop("NPROC_PER_NODE", None)
     if nproc_per_node is not None:
@@ -109,7 +111,7 @@ def test_usr1_and_scontrol_requeue_checkpoint_requeue_and_resume_to_the_uninterr
     info = _wait_done(cluster, job_id, log)
 
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "2", (info, text[-3000:])
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), text[-3000:]
     assert f"requeueing job {job_id}" in text, text[-3000:]  # after SIGUSR1 the step exited 0: torchrun survived
     first, second = _preempted_steps(log)
     assert first == first_stop and first < second < STEPS, (first, second)
@@ -132,7 +134,7 @@ def test_usr1_and_scontrol_requeue_checkpoint_requeue_and_resume_to_the_uninterr
 def test_sbatch_completes_with_metrics_checkpoints_and_its_log(cluster: OneNodeSlurm, uninterrupted) -> None:
     job_id, out, log = uninterrupted
     info = _wait_done(cluster, job_id, log)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", info
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), info
     assert log.is_file(), f"no job log at {log} (the logs/ folder must exist before sbatch)"
     assert "ranks=2 " in log.read_text()
     rows = _rows(out)

@@ -152,8 +152,8 @@ def _launch_line(**env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC_PER_NODE", "POSTTRAIN_TASKS"))}
     clean.pop("OMP_NUM_THREADS", None)
     full_env = {**clean, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                "LAUNCH_DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": "", "CONFIG_FILE": "train_configs/debug_sft.toml", "SLURM_JOB_ID": "7",
-                "SLURM_JOB_NODELIST": "node1", "HEAD_NODE": "node1", **env}
+                "LAUNCH_DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": "", "CONFIG_FILE": "train_configs/debug_sft.toml",
+                "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1", "HEAD_NODE": "node1", **env}
     return subprocess.run([str(DEPLOY / "slurm" / "launch.sh")], env=full_env, capture_output=True, text=True,
                           timeout=120, check=False)
 
@@ -178,3 +178,9 @@ def test_launch_line_rejects_a_bad_rank_count_in_one_line() -> None:
     proc = _launch_line(NPROC_PER_NODE="eight")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "[launch.sh] error: NPROC_PER_NODE=eight is not a positive whole number"]
+
+
+def test_launch_line_head_node_is_the_first_host_without_a_slurm_config() -> None:
+    proc = _launch_line(HEAD_NODE="", SLURM_JOB_NODELIST="nodeA,nodeB", NPROC_PER_NODE="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "--rdzv_endpoint=nodeA:29500" in proc.stdout
