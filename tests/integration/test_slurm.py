@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def _submit(cluster: OneNodeSlurm, out: Path, *sbatch_args: str, nproc_per_node:
     env = cluster.env(CONFIG_FILE="train_configs/debug_sft.toml", RDZV_PORT=str(free_port()),
                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{cluster.env()['PATH']}")
     env.pop("NPROC_PER_NODE", None)
+    try:
+        socket.gethostbyname(cluster.host)  # the rendezvous host train.sbatch derives from the node list
+    except OSError:
+        env["HEAD_NODE"] = "127.0.0.1"
     if nproc_per_node is not None:
         env["NPROC_PER_NODE"] = str(nproc_per_node)
     cmd = ["sbatch", "--parsable", *sbatch_args, "deploy/slurm/train.sbatch", *TRAIN_ARGS, "--job.output_dir", str(out)]
