@@ -232,6 +232,9 @@ class GRPOSection:
     clip_high: float = opt(0.28, "importance ratio clipped above at 1 + clip_high (DAPO clip-higher)")
     kl_coef: float = opt(0.0, "weight of the k3 KL to the reference model (0 = no reference model at all)")
     kl_mode: str = opt("loss", "the KL penalty as a loss term or subtracted from the reward", choices=("loss", "reward"))
+    micro_batch_tokens: int = opt(0, "> 0: the log-prob passes and the update pack completions into rows of this "
+                                     "many positions, one row per forward (document masks, no padding to the "
+                                     "longest, one shape every step); 0: training.micro_batch_size padded rows")
     epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "optimizer steps per epoch (the rollout batch split in this many minibatches)")
     filter_zero_variance: bool = opt(True, "drop groups whose completions all got the same reward (no signal)")

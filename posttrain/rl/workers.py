@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from posttrain.config import JobConfig
@@ -29,7 +30,7 @@ from posttrain.inference import build_engine
 from posttrain.losses import fused_token_log_probs
 from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
-from posttrain.rl.batches import chunk, completion_batch, response_values
+from posttrain.rl.packed_batches import micro_batches
 from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
 from posttrain.trainer import LossOutput, Trainer, build_training_model
 
@@ -98,6 +99,9 @@ def grpo_loss_fn(
         engine_logp=batch.get("engine_logp") if engine_mode else None,
         tis_cap=grpo.tis_cap if engine_mode else None,
         agg=grpo.loss_agg, entropy=entropy,
+        # packed rows (grpo.micro_batch_tokens) hold several completions: sequence-mean separates them by
+        # document id; None (one document per row, see Trainer._to_device) means one completion per row
+        sequence_ids=batch.get("document_ids") if grpo.loss_agg == "sequence_mean" else None,
     )
     # stats are sums over tokens; the controller divides each by the "tokens" sum (the trainer's division by
     # the loss units cancels out)
@@ -158,6 +162,7 @@ class PolicyWorker:
         self.trainer.data_loader = self.feed
         self.chunk_size = cfg.training.loss_chunk_size
         self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
+        self.micro_tokens = cfg.grpo.micro_batch_tokens  # > 0: packed rows of this many positions instead
         self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
         self.reference: nn.Module | None = None
         self.reference_is_policy = False
@@ -201,8 +206,17 @@ class PolicyWorker:
     # -- scoring ---------------------------------------------------------------------------------------
 
     def _micro_batches(self, rows: list[dict[str, Any]], *, sequence_targets: bool = False):
-        for piece in chunk(rows, self.micro):
-            yield piece, completion_batch(piece, pad_id=self.pad_id, sequence_targets=sequence_targets)
+        return micro_batches(rows, micro_rows=self.micro, micro_tokens=self.micro_tokens, pad_id=self.pad_id,
+                             sequence_targets=sequence_targets, forwards_over_ranks=self._most_over_ranks)
+
+    def _most_over_ranks(self, n: int) -> int:
+        """The largest `n` of the data-parallel ranks: every rank runs as many forwards (FSDP's collectives)."""
+        dp_mesh = self.trainer.parallel_dims.dp_mesh
+        if dp_mesh is None:
+            return n
+        most = torch.tensor([n], device=self.trainer.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=dp_mesh.get_group())
+        return int(most.item())
 
     @torch.no_grad()
     def log_probs(self, rows: list[dict[str, Any]], *, old: bool, ref: bool, entropy: bool) -> dict[str, list]:
@@ -210,24 +224,31 @@ class PolicyWorker:
         reference (`ref`), as lists per row. Every rank of the group calls it with its own rows."""
         temperature = self.grpo.temperature if self.grpo.temperature > 0 else 1.0
         out: dict[str, list] = {"old_logp": [], "ref_logp": [], "entropy": []}
+        wanted = [k for k, on in (("old_logp", old), ("ref_logp", ref), ("entropy", entropy)) if on]
+        for key in wanted:  # a row in no forward (no response token) keeps []
+            out[key] = [[] for _ in rows]
         model = self.trainer.model
         model.eval()
         try:
-            for piece, cpu_batch in self._micro_batches(rows):
+            for indices, cpu_batch, values_of in self._micro_batches(rows):
                 batch = self.trainer._to_device(cpu_batch)
+                found: dict[str, torch.Tensor] = {}
                 if old or entropy:
                     logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
                                                    entropy=entropy)
                     if old:
-                        out["old_logp"] += response_values(logp.float().cpu(), piece)
+                        found["old_logp"] = logp.float()
                     if entropy:
-                        out["entropy"] += response_values(ent.cpu(), piece)
+                        found["entropy"] = ent
                 if ref:
                     ref_model = model if self.reference_is_policy else self.reference
                     with adapters_disabled(model) if self.reference_is_policy else nullcontext():
                         ref_logp, _ = response_log_probs(ref_model, batch, temperature=temperature,
                                                          chunk_size=self.chunk_size)
-                    out["ref_logp"] += response_values(ref_logp.float().cpu(), piece)
+                    found["ref_logp"] = ref_logp.float()
+                for key, values in found.items():
+                    for i, v in zip(indices, values_of(values.cpu())):
+                        out[key][i] = v
         finally:
             model.train()
         return out
@@ -239,7 +260,7 @@ class PolicyWorker:
         from functools import partial
 
         sequence_targets = self.grpo.loss_agg == "sequence_mean"
-        batches = [b for _, b in self._micro_batches(rows, sequence_targets=sequence_targets)]
+        batches = [b for _, b, _ in self._micro_batches(rows, sequence_targets=sequence_targets)]
         self.feed.queue.extend(batches)
         self.trainer.grad_accum = len(batches)
         loss_fn = partial(grpo_loss_fn, grpo=self.grpo, chunk_size=self.chunk_size)

@@ -1,0 +1,152 @@
+"""GRPO's packed micro-batches (grpo.micro_batch_tokens): the layout, the same log-probs, loss and gradients as
+the padded layout on a real model (CPU, SDPA, fp32), one shape every step, and equal forwards across ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.config.sections import GRPOSection
+from posttrain.models.registry import get_model_spec, resolve_scratch_args
+from posttrain.rl.batches import completion_batch, padding_row, response_values
+from posttrain.rl.packed_batches import micro_batches, pack_order, packed_batch, packed_response_values
+from posttrain.rl.workers import grpo_loss_fn, response_log_probs
+from posttrain.trainer import count_targets
+
+ROW_LEN = 32
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(10, 500, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        n_resp = int(torch.randint(1, 12, (1,), generator=g))
+        rows.append({
+            "prompt_ids": prompt,
+            "token_ids": torch.randint(10, 500, (n_resp,), generator=g).tolist(),
+            "advantage": float(torch.randn((), generator=g)),
+            "old_logp": (-torch.rand(n_resp, generator=g)).tolist(),
+            "ref_logp": (-torch.rand(n_resp, generator=g)).tolist(),
+            "engine_logp": (-torch.rand(n_resp, generator=g)).tolist(),
+        })
+    return rows
+
+
+def test_pack_order_fills_rows_first_fit_decreasing_and_skips_empty_completions() -> None:
+    rows = _rows(12, seed=1) + [padding_row()]
+    packs = pack_order(rows, ROW_LEN)
+    sizes = [len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in rows]
+    assert sorted(i for p in packs for i in p) == list(range(12))  # each completion once, the padding row nowhere
+    assert all(sum(sizes[i] for i in p) <= ROW_LEN for p in packs)
+    loads = [sum(sizes[i] for i in p) for p in packs]
+    assert all(a + b > ROW_LEN for j, a in enumerate(loads) for b in loads[j + 1 :])  # first fit: no two would merge
+    with pytest.raises(ValueError, match=r"grpo.micro_batch_tokens \(8\) is shorter than a completion"):
+        pack_order(rows, 8)
+
+
+def test_packed_row_gives_each_completion_its_document_and_values_at_its_tokens() -> None:
+    rows = _rows(3, seed=2)
+    batch = packed_batch(rows, row_len=ROW_LEN, pad_id=0, sequence_targets=True)
+    assert batch["input_ids"].shape == (1, ROW_LEN) and int(batch["n_targets"]) == 3
+    at = 0
+    for doc, r in enumerate(rows):
+        n_in = len(r["prompt_ids"]) + len(r["token_ids"]) - 1
+        span = slice(at, at + n_in)
+        assert batch["document_ids"][0, span].eq(doc).all()
+        assert batch["position_ids"][0, span].tolist() == list(range(n_in))
+        assert batch["input_ids"][0, span].tolist() == (r["prompt_ids"] + r["token_ids"])[:-1]
+        resp = slice(at + len(r["prompt_ids"]) - 1, at + n_in)
+        assert batch["labels"][0, resp].tolist() == r["token_ids"]
+        assert batch["labels"][0, at : resp.start].eq(-100).all()
+        assert batch["old_logp"][0, resp].tolist() == pytest.approx(r["old_logp"])
+        assert batch["advantages"][0, resp].eq(torch.tensor(r["advantage"], dtype=torch.float32)).all()
+        at += n_in
+    assert batch["document_ids"][0, at:].eq(-1).all() and batch["labels"][0, at:].eq(-100).all()
+    assert batch["position_ids"][0, at:].tolist() == list(range(ROW_LEN - at))
+    # the inverse reads back each completion's values
+    assert packed_response_values(batch["ref_logp"], rows) == [pytest.approx(r["ref_logp"]) for r in rows]
+
+
+def test_every_step_has_one_shape_and_ranks_run_as_many_forwards() -> None:
+    shapes = set()
+    for seed in range(3):  # three "steps" with other completions
+        for _, batch, _ in micro_batches(_rows(10, seed), micro_rows=0, micro_tokens=ROW_LEN, pad_id=0):
+            shapes.add(tuple(batch["input_ids"].shape))
+    assert shapes == {(1, ROW_LEN)}
+    forwards = list(micro_batches(_rows(3, 0), micro_rows=0, micro_tokens=ROW_LEN, pad_id=0,
+                                  forwards_over_ranks=lambda n: n + 2))
+    assert len(forwards) == len(pack_order(_rows(3, 0), ROW_LEN)) + 2
+    assert all(idx == [] and b["labels"].eq(-100).all() for idx, b, _ in forwards[-2:])
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> torch.nn.Module:
+    spec = get_model_spec("qwen3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 64, "n_layers": 2, "ffn_dim": 128, "attn_backend": "sdpa"})
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights()
+    return model.float()
+
+
+def _layout_pass(model, rows, *, micro_tokens: int, agg: str) -> tuple[list[list[float]], float, list[torch.Tensor]]:
+    """Per-row log-probs (no grad), then the GRPO loss normalised as the trainer does and its gradients."""
+    seq = agg == "sequence_mean"
+    forwards = list(micro_batches(rows, micro_rows=3, micro_tokens=micro_tokens, pad_id=0, sequence_targets=seq))
+    logps: list[list[float]] = [[] for _ in rows]
+    with torch.no_grad():
+        for indices, batch, values_of in forwards:
+            logp, _ = response_log_probs(model, batch, temperature=0.7, chunk_size=16)
+            for i, v in zip(indices, values_of(logp)):
+                logps[i] = v
+    grpo = GRPOSection(loss_agg=agg, kl_coef=0.1, temperature=0.7, old_logprobs="engine")
+    n_global = sum(int(count_targets(b)) for _, b, _ in forwards)
+    model.zero_grad()
+    total = 0.0
+    for _, batch, _ in forwards:
+        out = grpo_loss_fn(model, batch, n_global, grpo=grpo, chunk_size=16)
+        (out.loss_sum / n_global).backward()
+        total += float(out.loss_sum.detach()) / n_global
+    return logps, total, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean"])
+def test_packed_rows_give_the_padded_log_probs_loss_and_gradients(tiny_model, agg: str) -> None:
+    rows = _rows(9, seed=3) + [padding_row()]
+    padded_logp, padded_loss, padded_grads = _layout_pass(tiny_model, rows, micro_tokens=0, agg=agg)
+    packed_logp, packed_loss, packed_grads = _layout_pass(tiny_model, rows, micro_tokens=ROW_LEN, agg=agg)
+    assert len(pack_order(rows, ROW_LEN)) < len(rows) - 1  # several completions share a row
+    for a, b in zip(packed_logp, padded_logp):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5, abs=1e-6)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+
+
+def test_packed_forwards_compile_once(tiny_model) -> None:
+    """A compiled block sees one shape over steps of different completions: no recompilation."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    layers = torch.nn.ModuleList(tiny_model.layers.values())
+    originals = [b.forward for b in layers]
+    for b in layers:
+        b.compile(backend=counting_backend, fullgraph=True)
+    try:
+        per_step = []
+        for seed in range(3):
+            with torch.no_grad():
+                for _, batch, _ in micro_batches(_rows(8, seed + 10), micro_rows=0, micro_tokens=ROW_LEN, pad_id=0):
+                    response_log_probs(tiny_model, batch, temperature=1.0, chunk_size=16)
+            per_step.append(len(graphs))
+        assert per_step[0] >= 1 and per_step[0] == per_step[1] == per_step[2]
+    finally:
+        for b in layers:
+            b._compiled_call_impl = None
+        torch._dynamo.reset()
+        del originals
