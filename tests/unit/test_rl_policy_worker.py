@@ -79,3 +79,32 @@ def test_policy_worker_scores_updates_and_checkpoints(tiny_hf: Path, tmp_path: P
     assert _flat(again["old_logp"]) == pytest.approx(_flat(after["old_logp"]), abs=1e-6)
     resumed.close()  # last opened, first closed: each trainer restores the signal handlers it found
     worker.close()
+
+
+def test_packed_policy_worker_scores_and_updates_like_the_padded_one(tiny_hf: Path, tmp_path: Path) -> None:
+    """grpo.micro_batch_tokens: the same old / reference log-probs, entropies and update as padded rows."""
+    results = []
+    for micro_tokens in ("0", "24"):
+        cfg = parse_config([
+            "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / micro_tokens), "--model.hf_path", str(tiny_hf),
+            "--grpo.prompts", "unused.jsonl", "--grpo.kl_coef", "0.1", "--grpo.micro_batch_tokens", micro_tokens,
+            "--training.micro_batch_size", "2", "--training.steps", "2", "--optimizer.lr", "1e-2",
+            "--metrics.tensorboard", "false", "--grpo.cpu_threads", "2", "--model.attn_backend", "sdpa",
+        ])
+        worker = PolicyWorker()
+        worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+        rows = _rows(5)
+        scored = worker.log_probs(rows, old=True, ref=True, entropy=True)
+        for row, old, ref in zip(rows, scored["old_logp"], scored["ref_logp"]):
+            row["old_logp"], row["ref_logp"] = old, ref
+        update = worker.train_minibatch(rows)
+        after = worker.log_probs(rows, old=True, ref=False, entropy=False)
+        results.append((scored, update, after))
+        worker.close()
+    (padded, padded_update, padded_after), (packed, packed_update, packed_after) = results
+    for key in ("old_logp", "ref_logp", "entropy"):
+        assert [len(v) for v in packed[key]] == [len(v) for v in padded[key]], key
+        assert _flat(packed[key]) == pytest.approx(_flat(padded[key]), abs=1e-5), key
+    for key in ("loss", "grad_norm", "tokens", "kl"):
+        assert packed_update[key] == pytest.approx(padded_update[key], rel=1e-4, abs=1e-6), key
+    assert _flat(packed_after["old_logp"]) == pytest.approx(_flat(padded_after["old_logp"]), abs=1e-4)
