@@ -67,7 +67,8 @@ def packed_batch(
     position_ids = torch.zeros((row_len,), dtype=torch.long)
     document_ids = torch.full((row_len,), -1, dtype=torch.long)
     advantages = torch.zeros((row_len,), dtype=torch.float32)
-    present = [k for k in PER_TOKEN_KEYS if rows and all(r.get(k) is not None for r in rows)]
+    # a row of padding only carries every key (zeros, as completion_batch's padding rows): the loss reads them
+    present = [k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)]
     per_token = {k: torch.zeros((row_len,), dtype=torch.float32) for k in present}
     at = 0
     for doc, r in enumerate(rows):

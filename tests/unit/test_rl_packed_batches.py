@@ -8,7 +8,7 @@ import torch
 
 from posttrain.config.sections import GRPOSection
 from posttrain.models.registry import get_model_spec, resolve_scratch_args
-from posttrain.rl.batches import completion_batch, padding_row, response_values
+from posttrain.rl.batches import PER_TOKEN_KEYS, padding_row
 from posttrain.rl.packed_batches import micro_batches, pack_order, packed_batch, packed_response_values
 from posttrain.rl.workers import grpo_loss_fn, response_log_probs
 from posttrain.trainer import count_targets
@@ -78,6 +78,8 @@ def test_every_step_has_one_shape_and_ranks_run_as_many_forwards() -> None:
                                   forwards_over_ranks=lambda n: n + 2))
     assert len(forwards) == len(pack_order(_rows(3, 0), ROW_LEN)) + 2
     assert all(idx == [] and b["labels"].eq(-100).all() for idx, b, _ in forwards[-2:])
+    # the padding forwards carry the per-token keys the loss reads (zeros), like the real ones
+    assert all(set(PER_TOKEN_KEYS) <= set(b) for _, b, _ in forwards)
 
 
 @pytest.fixture(scope="module")
