@@ -37,6 +37,7 @@ from posttrain.metrics import (
     reset_peak_memory,
 )
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
+from posttrain.models import protocol as model_hooks
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
 from posttrain.models.vocab_growth import grown_vocab_size
 from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
@@ -197,10 +198,10 @@ class Trainer:
         self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
         self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
         self.peak_flops = self.metrics.peak_flops(self.device)
-        mfu_unavailable = getattr(self.model, "mfu_unavailable_reason", None)  # the hf backend's models
-        if mfu_unavailable is not None and mfu_unavailable(t.seq_len):
+        mfu_unavailable = model_hooks.mfu_unavailable_reason(self.model, t.seq_len)  # the hf backend's models
+        if mfu_unavailable:
             if self.dist.is_main:
-                logger.info("MFU is not reported (mfu = null): %s", mfu_unavailable(t.seq_len))
+                logger.info("MFU is not reported (mfu = null): %s", mfu_unavailable)
             self.peak_flops = None
         self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
         self.preemption = PreemptionFlag()
@@ -386,12 +387,11 @@ class Trainer:
         if not hasattr(self, "_param_count_cache"):
             trainable = frozen = 0
             # MoE: a token computes with top_k of the experts only (the model says which share of a weight is used)
-            active_fraction = getattr(self.model, "param_active_fraction", lambda name: 1.0)
             for name, p in self.model.named_parameters():
                 if ("tok_embeddings" in name or "embed_tokens" in name) and not self.model_args.tie_embeddings:
                     continue  # an embedding lookup is not a matmul
                 n = p.numel() if not hasattr(p, "full_tensor") else p.shape.numel()
-                n = int(n * active_fraction(name))
+                n = int(n * model_hooks.param_active_fraction(self.model, name))
                 if p.requires_grad:
                     trainable += n
                 else:

@@ -13,6 +13,7 @@ from posttrain.evaluation.generation import generation_eval_from_config
 from posttrain.evaluation.validation import ValidationLoss
 from posttrain.extensions import load_callable
 from posttrain.losses import chunked_cross_entropy
+from posttrain.models import protocol as model_hooks
 from posttrain.trainer import LossFn, LossOutput, Trainer
 
 
@@ -29,10 +30,8 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.T
     )
     # MoE families: routing statistics of this forward (logged per target token like the loss), and
     # coef * load-balancing loss, weighted by this micro-batch's targets like the cross-entropy
-    moe_metrics = getattr(model, "moe_metrics", None)
-    metrics = {k: v * n_targets for k, v in moe_metrics().items()} if moe_metrics is not None else {}
-    moe_aux_loss = getattr(model, "moe_aux_loss", None)
-    aux = moe_aux_loss() if moe_aux_loss is not None else None
+    metrics = {k: v * n_targets for k, v in model_hooks.moe_metrics(model).items()}
+    aux = model_hooks.moe_aux_loss(model)
     if aux is not None:
         loss_sum = loss_sum + aux * n_targets
     return LossOutput(loss_sum=loss_sum, n_targets=n_targets, metrics=metrics)
