@@ -353,7 +353,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
         try:
             synchronize(s.device)
             build_s = time.perf_counter() - t0
-            trainer.data_loader = endless(s.batches.posttrain)
+            trainer.set_data_loader(endless(s.batches.posttrain))
             loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size)
             result = timed_run(lambda: trainer.train_step(loss_fn), s)
             result["build_s"] = round(build_s, 2)

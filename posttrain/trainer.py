@@ -152,7 +152,25 @@ def build_training_model(
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None):
+    """The training core. Public surface for recipes and RL (nothing else of it is for use from outside):
+
+    - ``set_data_loader(loader)``: the source of ``train_step``'s micro-batches (its state is checkpointed),
+    - ``train_step(loss_fn)``: one optimizer step over ``grad_accum`` micro-batches drawn from the loader;
+      ``train_step_on(micro_batches, loss_fn)``: the same step over micro-batches the caller gives,
+    - ``fit(loss_fn)``: steps until ``training.steps`` with logging, checkpoints, hooks and preemption,
+    - ``to_device(batch)``: a CPU batch on the training device (as the step moves it),
+    - ``global_sum(values)``: host numbers summed over the data-parallel ranks,
+    - ``rank_layout()`` / ``checkpoint_source_rank(metadata)``: the data-parallel rank layout saved with a
+      checkpoint, and which saved rank's per-rank state this rank continues,
+    - ``checkpoint_state()``, ``resume()``, ``save_checkpoint()``, ``export_hf()``, ``close()``,
+    - attributes ``model``, ``optimizer``, ``tokenizer``, ``device``, ``parallel_dims``, ``dp_rank``,
+      ``dp_degree``, ``step``, ``step_hooks``, ``checkpoint``, ``cfg``.
+
+    ``write_metrics=False``: this trainer writes no metrics.jsonl / TensorBoard (another process, e.g. the
+    GRPO controller, logs the run).
+    """
+
+    def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None, write_metrics: bool = True):
         self.cfg = cfg
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         self.dist = init_distributed(cfg.training.device, timeout_s=cfg.job.collective_timeout_s)
@@ -196,7 +214,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
-        self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
+        self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank if write_metrics else -1,
+                                     total_steps=t.steps)
         self.peak_flops = self.metrics.peak_flops(self.device)
         mfu_unavailable = model_hooks.mfu_unavailable_reason(self.model, t.seq_len)  # the hf backend's models
         if mfu_unavailable:
@@ -257,7 +276,7 @@ class Trainer:
         """Resume from the latest complete checkpoint of output_dir, if any (and if checkpoint.resume)."""
         if not self.cfg.checkpoint.resume:
             return
-        step = self.checkpoint.load(self.checkpoint_state(), source_rank=self._per_rank_source)
+        step = self.checkpoint.load(self.checkpoint_state(), source_rank=self.checkpoint_source_rank)
         if step is None:
             return
         self.step = step
@@ -266,7 +285,7 @@ class Trainer:
         self.metrics.truncate_after(step)
         logger.info("resumed from %s at step %d", self.checkpoint.step_dir(step), step)
 
-    def _rank_layout(self) -> dict[str, Any]:
+    def rank_layout(self) -> dict[str, Any]:
         """Which data-parallel rank each global rank is: per-rank state (data position, RNG) follows it."""
         dp_rank_of_rank = [self.dp_rank]
         if self.dist.world_size > 1:
@@ -274,7 +293,7 @@ class Trainer:
             dist.all_gather_object(dp_rank_of_rank, self.dp_rank)
         return {"dp_degree": self.dp_degree, "dp_rank_of_rank": dp_rank_of_rank}
 
-    def _per_rank_source(self, metadata: dict[str, Any]) -> int:
+    def checkpoint_source_rank(self, metadata: dict[str, Any]) -> int:
         """The saved rank whose data-loader / RNG state this rank continues (the layout may have changed)."""
         layout = metadata.get("layout")
         if layout is None:
@@ -291,6 +310,12 @@ class Trainer:
         return layout["dp_rank_of_rank"].index(self.dp_rank)
 
     # ---------------------------------------------------------------- training
+    def set_data_loader(self, loader: Any) -> None:
+        """Where ``train_step`` draws micro-batches from (an iterable; with ``state_dict`` /
+        ``load_state_dict`` its position is checkpointed and resumed)."""
+        self.data_loader = loader
+        self._data_iter = None
+
     def next_micro_batch(self) -> dict[str, torch.Tensor]:
         if self._data_iter is None:
             self._data_iter = iter(self.data_loader)
@@ -302,13 +327,15 @@ class Trainer:
             dist.all_reduce(value, group=dp_mesh.get_group())
         return value
 
-    def _global_sum(self, values: list[float]) -> list[float]:
+    def global_sum(self, values: list[float]) -> list[float]:
         """Sum host-side numbers over data-parallel ranks (no device sync at world size 1)."""
         if self.parallel_dims.dp_mesh is None:
             return values
         return self._all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A CPU micro-batch on the training device, as the step sees it (single-document rows drop their
+        document ids)."""
         out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         doc_ids = batch.get("document_ids")
         if doc_ids is not None and bool((doc_ids <= 0).all()):
@@ -318,15 +345,21 @@ class Trainer:
         return out
 
     def train_step(self, loss_fn: LossFn, *, log: bool = True) -> dict[str, float]:
-        """One optimizer step. With `log=False` nothing waits for the device (no host syncs)."""
+        """One optimizer step over `grad_accum` micro-batches from the data loader. With `log=False` nothing
+        waits for the device (no host syncs)."""
         t0 = time.perf_counter()
         cpu_batches = [self.next_micro_batch() for _ in range(self.grad_accum)]
-        data_wait_s = time.perf_counter() - t0
+        return self.train_step_on(cpu_batches, loss_fn, log=log, data_wait_s=time.perf_counter() - t0)
 
+    def train_step_on(
+        self, cpu_batches: list[dict[str, Any]], loss_fn: LossFn, *, log: bool = True, data_wait_s: float = 0.0
+    ) -> dict[str, float]:
+        """One optimizer step over the given CPU micro-batches (every data-parallel rank passes its own, the
+        same number of them): the gradient is the token-weighted mean over all of them on all ranks."""
         # Counted on the host before the copy, so the step itself never waits for the device.
         n_local = sum(int(count_targets(mb)) for mb in cpu_batches)
         tokens, flops = self._step_token_stats(cpu_batches)
-        n_global, tokens, flops = self._global_sum([float(n_local), tokens, flops])
+        n_global, tokens, flops = self.global_sum([float(n_local), tokens, flops])
         if n_global == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch holds no target tokens")
         # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
@@ -335,11 +368,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
-        defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and self.grad_accum > 1
+        defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and len(cpu_batches) > 1
         for i, cpu_mb in enumerate(cpu_batches):
             if defer_sync:  # FSDP keeps unsharded gradients until the last micro-batch, then reduces once
                 self.model.set_requires_gradient_sync(i == len(cpu_batches) - 1)
-            mb = self._to_device(cpu_mb)
+            mb = self.to_device(cpu_mb)
             with autocast:
                 out = loss_fn(self.model, mb, n_global)
             (out.loss_sum * scale).backward()
@@ -456,7 +489,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         with self.preemption.busy():  # a preemption signal during a save waits for it
-            self.checkpoint.save(self.step, self.checkpoint_state(), layout=self._rank_layout())
+            self.checkpoint.save(self.step, self.checkpoint_state(), layout=self.rank_layout())
         # The training stall: the whole save when synchronous, staging (plus the previous save's wait) when async.
         self._checkpoint_stall_s = time.perf_counter() - t0
         self._last_saved_step = self.step

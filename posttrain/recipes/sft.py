@@ -57,7 +57,7 @@ def run(cfg: JobConfig) -> None:
         dp_world_size=trainer.dp_degree,
         vocab_size=trainer.model_args.vocab_size,
     )
-    trainer.data_loader = build_sft_dataloader(cfg.data, trainer.tokenizer, seed=cfg.job.seed, **layout)
+    trainer.set_data_loader(build_sft_dataloader(cfg.data, trainer.tokenizer, seed=cfg.job.seed, **layout))
     if cfg.data.eval_path:  # eval_loss every evaluation.freq steps and at the end
         eval_loader = build_eval_dataloader(cfg.data, trainer.tokenizer, **layout)
         e = cfg.evaluation
