@@ -88,8 +88,8 @@ def build_training_model(
     the config are attached before parallelizing (see `posttrain/finetune_setup.py`).
     """
     m = cfg.model
-    if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_backend.py)
-        from posttrain.parallelisms.hf_backend import build_parallel_hf_model
+    if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_parallelize.py)
+        from posttrain.parallelisms.hf_parallelize import build_parallel_hf_model
 
         return build_parallel_hf_model(
             m, parallel_dims=parallel_dims, device=device, mixed_precision=mixed_precision,
