@@ -132,14 +132,17 @@ def build_training_model(
     with torch.device("meta"):
         model = spec.model_cls(args)
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
-    get_parallelize_fn(spec.name)(
-        model,
-        parallel_dims,
-        mixed_precision=mixed_precision,
-        ac=cfg.activation_checkpoint,
-        compile=cfg.compile,
-        parallelism=cfg.parallelism,
-    )
+    try:
+        get_parallelize_fn(spec.name)(
+            model,
+            parallel_dims,
+            mixed_precision=mixed_precision,
+            ac=cfg.activation_checkpoint,
+            compile=cfg.compile,
+            parallelism=cfg.parallelism,
+        )
+    except (ValueError, NotImplementedError) as err:  # a TP degree, plan or loss_parallel the model cannot take
+        raise SystemExit(f"model {spec.name}: {err}") from err
     if m.dtype == "bfloat16":
         model.to(dtype=torch.bfloat16)
     model.to_empty(device=device)
@@ -520,7 +523,13 @@ class Trainer:
         from posttrain.models import save_hf
 
         out = self.output_dir / "hf"
-        save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
+        try:
+            save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
+        except KeyError as err:  # a weight the family's HF adapter cannot name (e.g. a forked block)
+            raise SystemExit(
+                f"checkpoint.export_hf: {err.args[0]}; the DCP checkpoints in {self.checkpoint.folder} are kept "
+                "(map the name in the family's hf_adapter.py, or set checkpoint.export_hf = false)"
+            ) from err
         if self.dist.is_main:
             logger.info("exported Hugging Face checkpoint to %s", out)
         if self.cfg.lora.rank > 0:
