@@ -10,6 +10,7 @@
 # Wheels: every .whl in $GPU_TESTS_WHEELS (default .whl/, filled by ../shared/tools/device_wheels.sh) is
 # installed into a temporary folder put on PYTHONPATH (the GPU image lacks torchdata, and Ray for GRPO).
 # Knobs: PYTHON, GPU_TESTS_WORKERS (default 8; 0 = no xdist), GPU_TESTS_TIMEOUT (per test, default 420 s),
+# GPU_TESTS_DEADLINE (the whole pytest run, default 500 s: the tier fits one 10-minute device call),
 # POSTTRAIN_COMMIT (recorded when there is no .git), POSTTRAIN_GPU_TESTS_DEVICE=cpu (a dry run on the CPU).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/gpu_tests.sh OUT_DIR [pytest args...]}
@@ -37,7 +38,8 @@ args=(tests/gpu -m gpu -p no:cacheprovider -q -rfEsx --junitxml "$OUT/junit.xml"
 workers=${GPU_TESTS_WORKERS:-8}
 if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$workers" --dist load); fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout "${GPU_TESTS_TIMEOUT:-420}"); fi
-"$PY" -m pytest "${args[@]}" "$@" 2>&1 | tee "$OUT/pytest.log"
+# SIGINT at the deadline: pytest stops, still writing the junit XML of what ran
+timeout -s INT -k 30 "${GPU_TESTS_DEADLINE:-500}" "$PY" -m pytest "${args[@]}" "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 
 commit=${POSTTRAIN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
