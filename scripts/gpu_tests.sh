@@ -20,6 +20,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Inductor's default pool of compile processes (one per core) in every parallel worker: on the first H200 run,
+# with the default, ten workers died at once ("node down", most likely memory), so keep the pools small
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 start=$(date +%s)
 
 wheels=("${GPU_TESTS_WHEELS:-.whl}"/*.whl)

@@ -61,7 +61,7 @@ def train_steps(
         loss = loss_sum / n_tokens
         loss.backward()
         if step == 0:
-            first_grads = {canonical_name(n): p.grad.detach().float().cpu()
+            first_grads = {canonical_name(n): p.grad.detach().float().cpu().clone()  # clipping works in place
                            for n, p in model.named_parameters() if p.requires_grad}
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

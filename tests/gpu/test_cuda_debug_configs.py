@@ -80,7 +80,9 @@ def test_debug_dpo(tmp_path: Path, device: torch.device, record_property) -> Non
     m = _train("debug_dpo", tmp_path / "dpo", device)
     train = [m[s] for s in sorted(m) if s > 0 and m[s].get("reward_accuracy") is not None]
     assert [r["step"] for r in train] == list(range(1, 41))
-    assert train[0]["reward_accuracy"] == pytest.approx(0.5)  # policy == reference: every reward is 0
+    # policy == reference: every reward is 0 up to rounding (on CUDA the policy's and the reference's bf16
+    # forwards differed in the last bits: 0.479 was seen, not the CPU's exact 0.5), so chance
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and abs(train[0]["reward_accuracy"] - 0.5) < 0.15
     last = train[-10:]
     accuracy = _mean([r["reward_accuracy"] for r in last])
     record_property("trend", f"reward accuracy 0.5 -> {accuracy:.3f} (last 10 steps)")

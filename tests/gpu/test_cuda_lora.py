@@ -68,9 +68,11 @@ def test_merged_export_equals_the_peft_adapter(
         ours = model(ids).float()
         assert (ours - load_hf(base_dir, device=device)(ids)).abs().max() > 1e-2  # the adapters matter
 
-    merged = AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "merged"), dtype=torch.float32)
+    # transformers' eager expert loop: see test_cuda_hf_parity.py for its CUDA default
+    reference = {"experts_implementation": "eager"} if "experts" in TARGETS[model_type] else {}
+    merged = AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "merged"), dtype=torch.float32, **reference)
     adapter_dir = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **reference).to(device)
     with torch.no_grad():
         via_merged = merged.to(device).eval()(input_ids=ids, use_cache=False).logits.float()
         via_adapter = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids, use_cache=False)
