@@ -89,7 +89,13 @@ class TrainingSection:
         "auto", "bf16 autocast/param policy on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32")
     )
     device: str = opt("auto", "cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    loss_chunk_size: int = opt(4096, "tokens per chunk of the output projection + cross-entropy")
+    loss_chunk_size: int = opt(
+        0, "tokens per chunk of the output projection + loss (0 = auto: ~320 MiB of logits fused, 4096 chunked)"
+    )
+    loss_impl: str = opt(
+        "fused", "head losses: gradients made chunk by chunk in forward (fused) or the older chunked path",
+        choices=("fused", "chunked"),
+    )
     deterministic: bool = opt(False, "use deterministic algorithms (slower)")
     max_consecutive_bad_steps: int = opt(
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"

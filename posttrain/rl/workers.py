@@ -25,7 +25,7 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
-from posttrain.losses import token_log_probs
+from posttrain.losses import fused_token_log_probs
 from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.batches import chunk, completion_batch, response_values
@@ -55,20 +55,11 @@ def response_log_probs(
 
     def output_fn(hidden: torch.Tensor, weight: torch.Tensor):
         h = hidden[mask]
-        logp = token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
-                               temperature=temperature)
+        out = fused_token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
+                                    temperature=temperature, entropy=entropy)  # one pass for both
+        logp, ent = out if entropy else (out, None)
         if h.shape[0] == 0 and torch.is_grad_enabled():  # padding rows only: a (zero) gradient still reaches
             logp = logp + 0.0 * hidden.sum()  # every parameter, so the backward (and FSDP's reduce) runs alike
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                w = weight[:vocab_size]
-                pieces = []
-                for start in range(0, h.shape[0], chunk_size):
-                    logits = (h[start : start + chunk_size].float() @ w.float().T) / temperature
-                    p = torch.log_softmax(logits, dim=-1)
-                    pieces.append(-(p.exp() * p).sum(-1))
-                ent = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
         return logp, ent
 
     flat_logp, flat_ent = model(
