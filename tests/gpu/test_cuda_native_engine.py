@@ -11,10 +11,7 @@ import torch
 
 from posttrain.models import build_model, save_hf
 
-try:  # issue 14 moves the engines under posttrain.inference
-    from posttrain.inference import SamplingParams, build_engine
-except ImportError:
-    from posttrain.rl.rollout import SamplingParams, build_engine
+from posttrain.inference import SamplingParams, build_engine
 
 FAMILIES = ["llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss"]
 PROMPT_LENGTHS = (5, 29, 13, 1, 21)  # the debug flavors of gemma3 / gpt_oss slide a 16-token window
