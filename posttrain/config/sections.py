@@ -101,6 +101,13 @@ class TrainingSection:
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
+    float8: bool = opt(
+        False, "float8 matmuls (torchao, rowwise scaling) in the transformer blocks' Linear layers; needs torchao, "
+        "compile.enabled and a GPU of compute capability >= 8.9"
+    )
+    float8_convert_small_gemms: bool = opt(
+        False, "float8: also convert Linear layers torchao measured as too small to gain (skipped by default)"
+    )
 
 
 @dataclass
