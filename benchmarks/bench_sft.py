@@ -12,7 +12,9 @@ that under a tight budget the headline comparison is what gets done. Every run t
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
   `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk,
-  0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused).
+  0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
+  rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
+  `training.float8_convert_small_gemms`). MFU stays relative to the bf16 peak.
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
   `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
@@ -66,6 +68,7 @@ from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
+from posttrain.parallelisms.float8 import float8_unavailable_reason  # noqa: E402
 from posttrain.trainer import Trainer  # noqa: E402
 
 try:
@@ -295,6 +298,8 @@ class PosttrainVariant:
     ac_every_n: int | None = None
     chunk: int | None = None
     loss: str = "fused"
+    float8: bool = False
+    float8_small_gemms: bool = False
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -315,9 +320,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.chunk = int(token[6:])
         elif token in ("loss=fused", "loss=chunked"):
             v.loss = token[5:]
+        elif token in ("float8", "float8=all"):
+            v.float8, v.float8_small_gemms = True, token == "float8=all"
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N, loss=fused|chunked"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N, loss=fused|chunked, "
+                "float8, float8=all"
             )
     return v
 
@@ -340,7 +348,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
             "loss_chunk_size": v.chunk if v.chunk is not None else s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
-            "loss_impl": v.loss,
+            "loss_impl": v.loss, "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
         },
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
@@ -372,6 +380,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
+                "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
             }
             return result
@@ -605,10 +614,10 @@ def plan_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
     ours: list[tuple[str, str, Any, str | None, float]] = []
     for text in [t for t in args.posttrain_variants.split(",") if t.strip()]:
         v = parse_variant(text.strip())
-        skip = None
-        if device.type == "cpu" and v.backend == "flex":
+        skip = float8_unavailable_reason(device) if v.float8 else None
+        if skip is None and device.type == "cpu" and v.backend == "flex":
             skip = "flex has no backward on CPU"
-        elif device.type == "cpu" and v.compile and not args.allow_cpu_compile:
+        elif skip is None and device.type == "cpu" and v.compile and not args.allow_cpu_compile:
             skip = "compile skipped on CPU (--allow-cpu-compile)"
         ours.append(("posttrain", v.name, v, skip, args.min_compile_run_s if v.compile else args.min_run_s))
     peers = [t.strip() for t in args.peers.split(",") if t.strip()]
