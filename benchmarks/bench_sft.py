@@ -11,7 +11,8 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk,
+  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
+  (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
   `training.float8_convert_small_gemms`). MFU stays relative to the bf16 peak.
@@ -296,6 +297,7 @@ class PosttrainVariant:
     backend: str = "flex"
     ac: str | None = None  # None: the --ac default
     ac_every_n: int | None = None
+    memory_budget: float | None = None
     chunk: int | None = None
     loss: str = "fused"
     float8: bool = False
@@ -312,10 +314,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.backend = token
         elif token.startswith("ac="):
             v.ac = token[3:]
-            if v.ac not in ("none", "full", "selective", "op"):
-                raise SystemExit(f"variant {text!r}: ac must be none, full, selective or op")
+            if v.ac not in ("none", "full", "selective", "op", "budget"):
+                raise SystemExit(f"variant {text!r}: ac must be none, full, selective, op or budget")
         elif token.startswith("every="):
             v.ac_every_n = int(token[6:])
+        elif token.startswith("budget="):
+            v.memory_budget = float(token[7:])
         elif token.startswith("chunk="):
             v.chunk = int(token[6:])
         elif token in ("loss=fused", "loss=chunked"):
@@ -324,7 +328,7 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.float8, v.float8_small_gemms = True, token == "float8=all"
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N, loss=fused|chunked, "
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, loss=fused|chunked, "
                 "float8, float8=all"
             )
     return v
@@ -352,7 +356,10 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
         },
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
-        "activation_checkpoint": {"mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n},
+        "activation_checkpoint": {
+            "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n,
+            "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
+        },
         "compile": {"enabled": v.compile},
         "checkpoint": {"resume": False, "save_final": False, "interval": 0},
         "metrics": {"tensorboard": False, "log_freq": 1_000_000},
@@ -379,6 +386,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["build_s"] = round(build_s, 2)
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
+                "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
@@ -579,11 +587,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
-                   help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N "
+                   help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
+                        "loss=fused|chunked, float8, float8=all "
                         "('' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
-    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op"),
+    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),
                    help="posttrain activation checkpointing for variants without an ac= token")
     p.add_argument("--ac-every-n", type=int, default=2)
     p.add_argument("--peer-ac", action="store_true", help="HF gradient checkpointing for the peers (e.g. 8B)")

@@ -144,8 +144,11 @@ class ParallelismSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op"))
+    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op", "budget"))
     every_n: int = opt(2, "selective mode: checkpoint every n-th block")
+    memory_budget: float = opt(
+        0.5, "budget mode (needs compile): share of the activation memory kept (0..1); the cheapest ops are recomputed"
+    )
 
 
 @dataclass

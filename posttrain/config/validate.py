@@ -44,6 +44,11 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     _validate_float8(cfg)
     ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
     _positive(ac.every_n, "activation_checkpoint.every_n")
+    _require(
+        0 <= ac.memory_budget <= 1, "activation_checkpoint.memory_budget", f"must be in [0, 1], got {ac.memory_budget}"
+    )
+    if ac.mode == "budget":
+        _require(cfg.compile.enabled, "activation_checkpoint.mode", "= 'budget' works through torch.compile; set compile.enabled = true")
     _non_negative(ckpt.interval, "checkpoint.interval")
     _non_negative(ckpt.keep_last, "checkpoint.keep_last")
     _positive(metrics.log_freq, "metrics.log_freq")
