@@ -263,6 +263,10 @@ class GRPOSection:
     ray_num_cpus: int = opt(0, "local cluster only: CPUs Ray may use (0 = all of this machine)")
     cpu_threads: int = opt(0, "torch threads per actor on CPU (0 = the machine's cores)")
     weight_sync_bucket_mb: int = opt(256, "weight sync: tensors sent per bucket (MB)")
+    weight_sync: str = opt("object_store", "weight sync transport: the Ray object store (through host memory), or "
+                                           "CUDA IPC handles (colocated on CUDA: the engine copies from the "
+                                           "policy's device memory; not yet run on a GPU)",
+                           choices=("object_store", "cuda_ipc"))
     eval_freq: int = opt(0, "evaluate on eval_prompts every N steps, before training and at the end (0 = never)")
     log_samples: int = opt(2, "completions per step written to TensorBoard text and <output_dir>/samples.jsonl")
 

@@ -25,11 +25,12 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
+from posttrain.inference import build_engine
 from posttrain.losses import fused_token_log_probs
 from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.batches import chunk, completion_batch, response_values
-from posttrain.rl.weight_sync import hf_weight_buckets
+from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
 from posttrain.trainer import LossOutput, Trainer, build_training_model
 
 logger = logging.getLogger("posttrain")
@@ -251,6 +252,11 @@ class PolicyWorker:
         """The policy's HF-named full weights in buckets (a Ray streaming generator; rank 0 yields)."""
         yield from hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device="cpu")
 
+    def shared_weight_buckets(self, bucket_bytes: int) -> Iterator[SharedBucket]:
+        """`weight_buckets` as CUDA IPC handles of full tensors left on this actor's GPU (colocated engines)."""
+        for bucket in hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device=self.trainer.device):
+            yield share_bucket(bucket)
+
     def export_hf(self) -> None:
         self.trainer.export_hf()
 
@@ -265,8 +271,6 @@ class RolloutWorker:
     """One rollout engine. Its weights start from `model.hf_path` and follow the policy through syncs."""
 
     def __init__(self, kind: str, hf_path: str, *, device: str, dtype: str, threads: int = 0, **engine_kw: Any) -> None:
-        from posttrain.rl.rollout import build_engine
-
         if device == "cpu":
             set_cpu_threads(threads)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -278,6 +282,13 @@ class RolloutWorker:
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         self.engine.update_weights(named_tensors)
         return len(named_tensors)
+
+    def update_shared_weights(self, shared: SharedBucket) -> int:
+        """`update_weights` from CUDA IPC handles (`PolicyWorker.shared_weight_buckets` on the same GPU)."""
+        named = open_bucket(shared)
+        self.engine.update_weights(named)
+        torch.cuda.synchronize()  # the copies are done before the sender may reuse the memory
+        return len(named)
 
     def close(self) -> None:
         self.engine.close()
