@@ -44,6 +44,7 @@ from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_
 from posttrain.optim import build_lr_scheduler, build_optimizer
 from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
+from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
 from posttrain.preemption import PreemptionFlag
 from posttrain.profiling import StepProfiler
 
@@ -131,6 +132,11 @@ def build_training_model(
     with torch.device("meta"):
         model = spec.model_cls(args)
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
+    if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
+        try:
+            apply_float8_training(model, device=device, convert_small_gemms=cfg.training.float8_convert_small_gemms)
+        except Float8Unavailable as err:
+            raise SystemExit(f"training.float8 = true: {err}") from err
     get_parallelize_fn(spec.name)(
         model,
         parallel_dims,

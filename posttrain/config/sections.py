@@ -101,6 +101,13 @@ class TrainingSection:
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
+    float8: bool = opt(
+        False, "float8 matmuls (torchao, rowwise scaling) in the transformer blocks' Linear layers; needs torchao, "
+        "compile.enabled and a GPU of compute capability >= 8.9"
+    )
+    float8_convert_small_gemms: bool = opt(
+        False, "float8: also convert Linear layers torchao measured as too small to gain (skipped by default)"
+    )
 
 
 @dataclass
@@ -137,8 +144,11 @@ class ParallelismSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op"))
+    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op", "budget"))
     every_n: int = opt(2, "selective mode: checkpoint every n-th block")
+    memory_budget: float = opt(
+        0.5, "budget mode (needs compile): share of the activation memory kept (0..1); the cheapest ops are recomputed"
+    )
 
 
 @dataclass
