@@ -148,6 +148,9 @@ class CheckpointSection:
     export_hf: bool = opt(False, "write <output_dir>/hf/ (weights + tokenizer) at the end")
     save_final: bool = opt(True, "save a checkpoint at the last step")
     resume: bool = opt(True, "resume from the latest complete checkpoint in output_dir")
+    overwrite: bool = opt(
+        False, "with resume = false: delete an earlier run's checkpoints and metrics.jsonl in output_dir (else refused)"
+    )
     async_save: bool = opt(False, "write checkpoints in the background (torch.distributed.checkpoint.async_save)")
 
 
