@@ -209,6 +209,7 @@ class Trainer:
         self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
         self.preemption = PreemptionFlag()
         self.preempted = False  # set when a preemption signal ended fit() early (after a checkpoint)
+        self.abnormal_end: str | None = None  # why the run ended abnormally (close() then exits non-zero)
         self.profiler = StepProfiler(cfg.profiling, self.output_dir, rank=self.dist.rank, device=self.device)
         # Called with no arguments after every optimizer step (e.g. periodic evaluation; see posttrain/evaluation)
         self.step_hooks: list[Callable[[], None]] = []
@@ -470,6 +471,12 @@ class Trainer:
         self.profiler.close()
         with self.preemption.busy():
             self.checkpoint.wait()  # the end-of-run save completes before the run ends
+        if self.divergence.in_bad_streak and not self.preempted:
+            self.abnormal_end = (
+                f"the run ended on {self.divergence.consecutive} step(s) skipped as non-finite (last good step "
+                f"{self.divergence.last_good_step}); no checkpoint was saved for them"
+            )
+            logger.error("%s", self.abnormal_end)
 
     def _data_stats(self) -> dict[str, float]:
         local = getattr(self.data_loader, "stats", None)  # cumulative counters of this rank's loader
@@ -516,6 +523,8 @@ class Trainer:
             return
         from posttrain.models import save_hf
 
+        if self.abnormal_end is not None and not self._restore_last_checkpoint_weights():
+            return
         out = self.output_dir / "hf"
         save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
         if self.dist.is_main:
@@ -528,9 +537,21 @@ class Trainer:
             if self.dist.is_main:
                 logger.info("exported the LoRA adapter (PEFT format) to %s", adapter)
 
+    def _restore_last_checkpoint_weights(self) -> bool:
+        """After a run that ended on skipped steps: the weights of the last checkpoint, the export source."""
+        step = self.checkpoint.latest_step()
+        if step is None:
+            logger.error("no Hugging Face export: no checkpoint was saved before the non-finite steps")
+            return False
+        self.checkpoint.load({"model_optimizer": ModelOptimizerState(self.model)}, step)
+        logger.warning("exporting the weights of the last good checkpoint %s", self.checkpoint.step_dir(step))
+        return True
+
     def close(self) -> None:
         self.preemption.restore()
         self.metrics.close()
         if self.run_lock is not None:
             self.run_lock.release()
         destroy_distributed()
+        if self.abnormal_end is not None:
+            raise SystemExit(f"the run ended abnormally: {self.abnormal_end}")

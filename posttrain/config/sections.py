@@ -75,6 +75,9 @@ class DataSection:
     num_workers: int = opt(1, "background data workers per rank (0 = pack in the training process)")
     prefetch: int = opt(4, "batches prepared ahead per worker")
     skip_bad_rows: bool = opt(False, "skip (and count) malformed rows instead of stopping")
+    max_row_bytes: int = opt(
+        8 << 20, "a JSON line longer than this many bytes is a bad row, rejected before it is parsed (0 = no limit)"
+    )
     eval_path: str = opt("", "held-out data for validation loss (optional)")
 
 

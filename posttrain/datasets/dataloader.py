@@ -127,6 +127,16 @@ class SFTDataLoader:
         except DataError as e:
             self._stop_workers()  # the stream ends here; its workers must not outlive it
             raise _without_worker_traceback(e) from e
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            self._stop_workers()
+            names = ", ".join(self.dataset.cfg.names)
+            raise DataError(
+                f"a data worker reading {names} died ({str(e).strip().splitlines()[0]}), most likely killed for "
+                "memory: check data.max_row_bytes (a row is held many times over while it is tokenized), lower "
+                "data.num_workers / data.prefetch, or set data.num_workers = 0 to see any error in this process"
+            ) from e
         shard_stats = dict(batch["stats"])
         self._shard_stats[str(shard_stats.pop("shard"))] = shard_stats
         batch["stats"] = self.stats
@@ -235,6 +245,7 @@ def _pipeline_config(
         pad_id=int(pad_id),
         num_epochs=num_epochs,
         vocab_size=vocab_size,
+        max_row_bytes=data.max_row_bytes,
     )
 
 

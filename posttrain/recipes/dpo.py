@@ -146,7 +146,9 @@ def run(cfg: JobConfig) -> None:
     trainer = Trainer(cfg)
     chunk_size = cfg.training.loss_chunk_size
     trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
-    eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False) if cfg.data.eval_path else None
+    eval_loader = None
+    if cfg.data.eval_path:
+        eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False, field="data.eval_path")
 
     needs_reference = dpo.reference == "model" and dpo.loss_type != "simpo"
     if needs_reference and has_lora(trainer.model):  # the frozen base is the reference: no second copy
