@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from posttrain.checkpoint.hashed_write import HashingFileSystemWriter, write_hashed
 from posttrain.checkpoint.manifest import HashVerifier, build_manifest, size_problems
@@ -394,7 +396,7 @@ class CheckpointManager:
         verifier = HashVerifier(directory, manifest, names[self.rank :: self.world_size])  # while DCP reads
         try:
             self._read(directory, metadata, {k: v for k, v in state.items() if k not in skip}, state, source_rank)
-        except (OSError, RuntimeError, ValueError, EOFError, _pickle_error()) as err:
+        except (CheckpointException, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
             problem = _one_line(err, directory)
         hash_problems = verifier.problems()
         if hash_problems:  # names the damaged file, where a read error often does not
@@ -487,18 +489,12 @@ def _ignoring_no_dist_warning() -> Iterator[None]:
         yield
 
 
-def _pickle_error() -> type[Exception]:
-    import pickle
-
-    return pickle.UnpicklingError
-
-
 def _one_line(err: BaseException, directory: Path) -> str:
     """A load error as one line: DCP wraps each rank's failure (with its traceback) in one exception."""
     failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException
     if failures:
         rank, wrapped = next(iter(failures.items()))
-        inner = getattr(wrapped, "exc", wrapped)
+        inner = wrapped[0] if isinstance(wrapped, tuple) else getattr(wrapped, "exc", wrapped)  # (exc, traceback)
         return f"DCP could not read its tensor files (rank {rank}: {type(inner).__name__}: {_first_line(inner)})"
     filename = getattr(err, "filename", None)
     where = f"{Path(filename).name}: " if filename else ""
@@ -521,12 +517,11 @@ def _disk_errors_named(tmp_dir: Path) -> Iterator[None]:
         raise SystemExit(f"checkpoint save failed writing {where}: {err.strerror or err}. Free space on that "
                          "file system (or point job.output_dir elsewhere) and restart: the run resumes from the "
                          "last complete checkpoint.") from err
-    except Exception as err:
-        failures = getattr(err, "failures", None)
+    except CheckpointException as err:  # DCP gathers every rank's failure (a BaseException, not an Exception)
         text = str(err)
-        if not failures or _ENOSPC_TEXT not in text:
+        if _ENOSPC_TEXT not in text:
             raise
-        path = re.search(r"No space left on device\W+(\S+?\.distcp)", text)
+        path = re.search(r"No space left on device: '([^']+)'", text)
         where = path.group(1) if path else tmp_dir
         raise SystemExit(f"checkpoint save failed writing {where}: {_ENOSPC_TEXT}. Free space on that file "
                          "system (or point job.output_dir elsewhere) and restart: the run resumes from the last "
