@@ -32,7 +32,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from posttrain.config.sections import DataSection
-from posttrain.datasets.errors import DataError
+from posttrain.datasets.errors import DataError, data_worker_death
 from posttrain.datasets.sft_dataset import PackedEvalDataset, PackedSFTDataset, PipelineConfig
 from posttrain.datasets.sft_format import FORMATS, SFTTokenizer, load_user_format
 from posttrain.datasets.sources import resolve_data_files
@@ -128,15 +128,11 @@ class SFTDataLoader:
             self._stop_workers()  # the stream ends here; its workers must not outlive it
             raise _without_worker_traceback(e) from e
         except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
+            died = data_worker_death(e, ", ".join(self.dataset.cfg.names))
+            if died is None:
                 raise
             self._stop_workers()
-            names = ", ".join(self.dataset.cfg.names)
-            raise DataError(
-                f"a data worker reading {names} died ({str(e).strip().splitlines()[0]}), most likely killed for "
-                "memory: check data.max_row_bytes (a row is held many times over while it is tokenized), lower "
-                "data.num_workers / data.prefetch, or set data.num_workers = 0 to see any error in this process"
-            ) from e
+            raise DataError(died) from e
         shard_stats = dict(batch["stats"])
         self._shard_stats[str(shard_stats.pop("shard"))] = shard_stats
         batch["stats"] = self.stats

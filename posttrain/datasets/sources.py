@@ -338,7 +338,7 @@ def _iter_jsonl(
                 continue
             if isinstance(line, OverlongLine):
                 yield SourceRow(None, f"{path}:{index + 1}", f"the line is {int(line)} bytes, over "
-                                f"data.max_row_bytes = {max_row_bytes} (raise it, or skip_bad_rows)")
+                                f"data.max_row_bytes = {max_row_bytes} (raise that limit for rows this long)")
                 continue
             text = line.strip()
             if not text:
