@@ -104,6 +104,13 @@ def refusal_message(folder: str, changes: list[tuple[str, Any, Any]]) -> str:
     more = f" (and {len(changes) - 1} more: {', '.join(k for k, _, _ in changes[1:4])})" if len(changes) > 1 else ""
     if key == "job.recipe":
         what = f"checkpoint {folder} was written by the {old!r} recipe; this run is {new!r}{more}"
+    elif key == "parallelism.dp_degree":
+        return (
+            f"checkpoint {folder} was written with a data-parallel degree of {old}, this run has {new}{more}: the "
+            f"data stream was split {old} ways and cannot be re-split exactly. Resume with the same dp_replicate x "
+            "dp_shard (tp may change), or start a new job.output_dir from an HF export (checkpoint.export_hf, then "
+            "model.hf_path)."
+        )
     else:
         what = f"checkpoint {folder} was written with {key} = {json.dumps(old)}, this run has {json.dumps(new)}{more}"
     return (
