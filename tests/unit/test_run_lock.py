@@ -83,6 +83,7 @@ def test_resume_false_into_a_folder_with_checkpoints_is_refused_unless_overwrite
     lock.release()
 
 
+@pytest.mark.integration  # a train.py process (~15 s on a busy 2-core machine)
 def test_a_second_train_py_into_a_locked_folder_exits_naming_the_first(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from posttrain.checkpoint.run_lock import RunLock; "
