@@ -75,6 +75,9 @@ class DataSection:
     num_workers: int = opt(1, "background data workers per rank (0 = pack in the training process)")
     prefetch: int = opt(4, "batches prepared ahead per worker")
     skip_bad_rows: bool = opt(False, "skip (and count) malformed rows instead of stopping")
+    max_row_bytes: int = opt(
+        8 << 20, "a JSON line longer than this many bytes is a bad row, rejected before it is parsed (0 = no limit)"
+    )
     eval_path: str = opt("", "held-out data for validation loss (optional)")
 
 
@@ -164,6 +167,9 @@ class CheckpointSection:
     export_hf: bool = opt(False, "write <output_dir>/hf/ (weights + tokenizer) at the end")
     save_final: bool = opt(True, "save a checkpoint at the last step")
     resume: bool = opt(True, "resume from the latest complete checkpoint in output_dir")
+    overwrite: bool = opt(
+        False, "with resume = false: delete an earlier run's checkpoints and metrics.jsonl in output_dir (else refused)"
+    )
     async_save: bool = opt(False, "write checkpoints in the background (torch.distributed.checkpoint.async_save)")
 
 
