@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from posttrain.config import load_config
+from posttrain.datasets.errors import DataError, data_worker_death
 from posttrain.extensions import load_callable
 
 RECIPES = {
@@ -38,7 +39,15 @@ def main(argv: list[str] | None = None) -> None:
             run = load_callable(cfg.job.recipe, key="job.recipe")
         except ValueError as err:
             raise SystemExit(str(err)) from err
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as err:  # bad data or data settings: the message names the file:line or key
+        raise SystemExit(str(err)) from err
+    except RuntimeError as err:  # torch's SIGCHLD handler raises a dead data worker wherever training is
+        died = data_worker_death(err, cfg.data.path or ", ".join(cfg.data.paths) or "the data")
+        if died is None:
+            raise
+        raise SystemExit(died) from err
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ is exact.
 
 from __future__ import annotations
 
+import logging
+
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ __all__ = [
     "take_pairs_for_rows",
     "tokenize_preference_row",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,12 +115,14 @@ def _fit(pair: PreferencePair, seq_len: int, overlong: str) -> PreferencePair | 
 
 def load_preference_pairs(
     path: str, tokenizer: Any, *, seq_len: int, overlong: str = "truncate", skip_bad_rows: bool = False,
+    field: str = "data.path", max_row_bytes: int = 0,
 ) -> tuple[list[PreferencePair], dict[str, int]]:
-    """Read and tokenize every row of `path` (file / glob / folder); return the usable pairs and counts."""
+    """Read and tokenize every row of `path` (file / glob / folder; `field` is the config key that named it);
+    return the usable pairs and counts. The first dropped pair is logged with its file:line."""
     pairs: list[PreferencePair] = []
     stats = {"rows": 0, "dropped": 0, "bad_rows": 0}
-    for data_file in resolve_data_files(path):
-        for src in iter_file_rows(data_file):
+    for data_file in resolve_data_files(path, field=field):
+        for src in iter_file_rows(data_file, max_row_bytes=max_row_bytes):
             stats["rows"] += 1
             try:
                 row = src.value
@@ -131,6 +137,9 @@ def load_preference_pairs(
             fitted = _fit(pair, seq_len, overlong)
             if fitted is None:
                 stats["dropped"] += 1
+                if stats["dropped"] == 1:
+                    logger.warning("%s: pair dropped (%d tokens for seq_len = %d, data.overlong = %s, or no trained "
+                                   "token left); further drops are counted", src.where, len(pair), seq_len, overlong)
                 continue
             pairs.append(fitted)
     if not pairs:

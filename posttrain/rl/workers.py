@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import replace
@@ -28,7 +27,6 @@ from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
 from posttrain.inference import build_engine
 from posttrain.losses import fused_token_log_probs
-from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.packed_batches import micro_batches
 from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
@@ -100,33 +98,12 @@ def grpo_loss_fn(
         tis_cap=grpo.tis_cap if engine_mode else None,
         agg=grpo.loss_agg, entropy=entropy,
         # packed rows (grpo.micro_batch_tokens) hold several completions: sequence-mean separates them by
-        # document id; None (one document per row, see Trainer._to_device) means one completion per row
+        # document id; None (one document per row, see Trainer.to_device) means one completion per row
         sequence_ids=batch.get("document_ids") if grpo.loss_agg == "sequence_mean" else None,
     )
     # stats are sums over tokens; the controller divides each by the "tokens" sum (the trainer's division by
     # the loss units cancels out)
     return LossOutput(loss_sum=loss_sum, n_targets=torch.as_tensor(n_units), metrics=stats)
-
-
-class _MicroBatchFeed:
-    """The trainer's `data_loader` during an update: the micro-batches queued for the next `train_step`."""
-
-    def __init__(self) -> None:
-        self.queue: deque[dict[str, torch.Tensor]] = deque()
-
-    def __iter__(self) -> _MicroBatchFeed:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if not self.queue:
-            raise RuntimeError("the trainer asked for more micro-batches than the controller sent")
-        return self.queue.popleft()
-
-    def state_dict(self) -> dict[str, Any]:  # nothing to resume: the controller regenerates rollouts
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class PolicyWorker:
@@ -149,17 +126,13 @@ class PolicyWorker:
         self.updates_per_step = cfg.grpo.epochs * cfg.grpo.minibatches
         micro = max(cfg.training.micro_batch_size, 1)
         # The lr schedule counts optimizer steps (epochs x minibatches per GRPO step); a trainer step takes
-        # however many micro-batches the controller sends (grad_accum is set per update below).
+        # however many micro-batches the controller sends (`train_step_on` below).
         trainer_cfg = replace(cfg, training=replace(
             cfg.training, steps=cfg.training.steps * self.updates_per_step, micro_batch_size=micro,
             batch_size=micro * world_size,
         ), metrics=replace(cfg.metrics, tensorboard=False))
-        self.trainer = Trainer(trainer_cfg)
-        # The controller writes metrics.jsonl / tb/: this trainer's own logger is switched off.
-        self.trainer.metrics.close()
-        self.trainer.metrics = MetricsLogger(cfg.metrics, cfg.job.output_dir, rank=-1, total_steps=cfg.training.steps)
-        self.feed = _MicroBatchFeed()
-        self.trainer.data_loader = self.feed
+        # The controller writes metrics.jsonl / tb/: this trainer writes none.
+        self.trainer = Trainer(trainer_cfg, write_metrics=False)
         self.chunk_size = cfg.training.loss_chunk_size
         self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
         self.micro_tokens = cfg.grpo.micro_batch_tokens  # > 0: packed rows of this many positions instead
@@ -193,14 +166,15 @@ class PolicyWorker:
         if not self.trainer.cfg.checkpoint.resume:
             return None
         state = self._state(None)
-        step = self.trainer.checkpoint.load(state, source_rank=self.trainer._per_rank_source)
+        step = self.trainer.load_checkpoint(state)
         if step is None:
             return None
         self.trainer.step = step * self.updates_per_step
         return {"step": step, "controller": state["controller"].obj}
 
     def save(self, step: int, controller_state: Any) -> None:
-        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer._rank_layout())
+        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer.rank_layout(),
+                                     fingerprint=self.trainer.run_fingerprint())
         self.trainer.checkpoint.wait()
 
     # -- scoring ---------------------------------------------------------------------------------------
@@ -231,7 +205,7 @@ class PolicyWorker:
         model.eval()
         try:
             for indices, cpu_batch, values_of in self._micro_batches(rows):
-                batch = self.trainer._to_device(cpu_batch)
+                batch = self.trainer.to_device(cpu_batch)
                 found: dict[str, torch.Tensor] = {}
                 if old or entropy:
                     logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
@@ -261,10 +235,8 @@ class PolicyWorker:
 
         sequence_targets = self.grpo.loss_agg == "sequence_mean"
         batches = [b for _, b, _ in self._micro_batches(rows, sequence_targets=sequence_targets)]
-        self.feed.queue.extend(batches)
-        self.trainer.grad_accum = len(batches)
         loss_fn = partial(grpo_loss_fn, grpo=self.grpo, chunk_size=self.chunk_size)
-        metrics = self.trainer.train_step(loss_fn)
+        metrics = self.trainer.train_step_on(batches, loss_fn)
         return {k: float(v) for k, v in metrics.items() if v is not None}
 
     # -- weight sync and export ------------------------------------------------------------------------
