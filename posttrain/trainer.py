@@ -160,9 +160,6 @@ class Trainer:
         self.device = self.dist.device
         validate_world_size(cfg, self.dist.world_size)
         self.output_dir = Path(cfg.job.output_dir)
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
 
         p = cfg.parallelism
         self.parallel_dims = ParallelDims.from_config(p, self.dist.world_size)
@@ -194,6 +191,9 @@ class Trainer:
             added_tokens=self._config_added_tokens,
         )
         self.model_args = self.model.args
+        if self.dist.is_main:  # only once the tokenizer and model are built: a run refused earlier writes nothing
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)

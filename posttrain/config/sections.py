@@ -23,7 +23,8 @@ class JobSection:
     output_dir: str = opt("outputs/debug", "folder for checkpoints, metrics.jsonl, tb/ and hf/")
     seed: int = opt(0, "seed for model init, data order and dropout")
     recipe: str = opt(
-        "sft", "which recipe train.py runs: sft, dpo, reward_model, distill, or your own run(cfg) as 'module:attr'"
+        "sft",
+        "which recipe train.py runs: sft, dpo, reward_model, distill, grpo, or your own run(cfg) as 'module:attr'",
     )
     description: str = opt("", "free text, written to the run's config.json")
     collective_timeout_s: float = opt(1800.0, "seconds a collective may wait before the process group reports a hung rank")

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from posttrain.config.input_paths import could_be_hub_id
 from posttrain.models.common.heads import get_head, is_head_param
 from posttrain.models.common.lora import base_param_name, expert_lora_update, is_adapter_param, lora_modules
 from posttrain.models.common.stacked_names import expand_stacked, is_stacked, split_row_index
@@ -52,6 +53,8 @@ def resolve_hf_folder(path: str | os.PathLike[str]) -> Path:
         return local
     if local.exists():
         raise NotADirectoryError(f"{local} is a file; load_hf wants the checkpoint folder holding config.json")
+    if not could_be_hub_id(str(path)):  # no Hub round trip (and its retries) for a mistyped local path
+        raise FileNotFoundError(f"{path!r} is not a local folder and cannot be a Hugging Face Hub id")
     try:
         from huggingface_hub import snapshot_download
 
