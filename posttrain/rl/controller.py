@@ -97,9 +97,17 @@ def resolved_config(cfg: JobConfig) -> JobConfig:
     )
 
 
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def start_ray(g: GRPOSection, *, bundles: int) -> None:
     import ray
 
+    # Ray >= 2.60 turns token authentication on for a new local cluster and says so on the console at every start;
+    # it stays on, the notice stays off the user's console (setting RAY_AUTH_MODE after `import ray` would desync
+    # Ray's cached config from its subprocesses)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_auth_notice)
     if g.ray_address:
         ray.init(address=g.ray_address, log_to_driver=True)
         return
