@@ -21,7 +21,7 @@ def build_preference_loader(trainer: Trainer, path: str, *, shuffle: bool = True
         raise SystemExit("the pairwise recipes read one data.path; data.paths (mixing) is for SFT")
     pairs, stats = load_preference_pairs(
         path, trainer.tokenizer, seq_len=cfg.training.seq_len, overlong=cfg.data.overlong,
-        skip_bad_rows=cfg.data.skip_bad_rows,
+        skip_bad_rows=cfg.data.skip_bad_rows, columns=cfg.data.columns,
     )
     return PreferenceDataLoader(
         pairs, seq_len=cfg.training.seq_len, micro_batch_size=trainer.micro_batch_size, pad_id=trainer.tokenizer.pad_id,
