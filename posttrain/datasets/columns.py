@@ -18,7 +18,9 @@ from typing import Any
 from posttrain.datasets.errors import BadRowError
 
 
-def rename_columns(row: dict[str, Any], columns: Mapping[str, str] | tuple[tuple[str, str], ...], where: str) -> dict[str, Any]:
+def rename_columns(
+    row: dict[str, Any], columns: Mapping[str, str] | tuple[tuple[str, str], ...], where: str
+) -> dict[str, Any]:
     """`row` with each mapped column under its field name (`columns`: field -> the row's column)."""
     pairs = tuple(columns.items()) if isinstance(columns, Mapping) else columns
     if not pairs:

@@ -94,9 +94,10 @@ def test_missing_local_inputs_are_one_line_naming_the_key(tmp_path: Path, monkey
 def test_hub_ids_and_existing_paths_pass(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tok").mkdir()
-    check_input_paths(parse_config(["--model.hf_path", "Qwen/Qwen3-1.7B", "--tokenizer.path", "tok",
-                                    "--data.path", "hf://datasets/org/name", "--grpo.prompts", "reasoning_gym:arithmetic",
-                                    "--data.eval_path", "missing/*.jsonl"]))  # globs and URLs: the reader checks them
+    check_input_paths(parse_config([  # globs and URLs: the data reader checks them
+        "--model.hf_path", "Qwen/Qwen3-1.7B", "--tokenizer.path", "tok", "--data.path", "hf://datasets/org/name",
+        "--grpo.prompts", "reasoning_gym:arithmetic", "--data.eval_path", "missing/*.jsonl",
+    ]))
     assert could_be_hub_id("gpt2") and could_be_hub_id("meta-llama/Llama-3.1-8B-Instruct")
     assert not could_be_hub_id("outputs/debug_sft/hf") and not could_be_hub_id("./tok")
     assert not could_be_hub_id("a--b/c") and not could_be_hub_id("/abs/path")
