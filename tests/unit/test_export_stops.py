@@ -62,12 +62,17 @@ def memorized(conversation) -> torch.nn.Module:
     labels = torch.full_like(ids, -100)
     labels[0, len(prompt) - 1 : -1] = ids[0, len(prompt):]  # position t predicts token t + 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=-100)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only wait for each other's time slices on a busy machine
+    try:
+        for _ in range(60):
+            logits = model(ids)
+            loss = torch.nn.functional.cross_entropy(logits[0], labels[0], ignore_index=-100)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         assert model(ids)[0, len(prompt) - 1 : -1].argmax(-1).tolist() == answer
