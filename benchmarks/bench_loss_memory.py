@@ -13,11 +13,15 @@ loss over all T tokens divided by T, then backward, filling h.grad and W.grad:
 * `chunked:<C>`: posttrain.losses.chunked_cross_entropy with chunk_size C (gradients computed chunk by
   chunk inside forward, the [T, V] logits never exist);
 * `recompute:<C>`: posttrain.losses.token_log_probs (each chunk checkpointed, recomputed in backward);
+* `fused:<C>`: posttrain.losses.fused_linear_cross_entropy (C = 0: its automatic chunk size); gradients made
+  in forward, one bf16 chunk of logits turned into its gradient in place by compiled math, the head's
+  gradient accumulated in bf16; `fused_eager:<C>` is the same with the chunk math not compiled;
 * `liger`: Liger's LigerFusedLinearCrossEntropyLoss, when `import liger_kernel` works.
 
 Peak extra memory = max_memory_allocated during one loss + backward minus what was allocated before (the
 inputs). It includes h.grad and W.grad themselves (the column "beyond grads" subtracts them). Time = mean
-over `--iters` timed iterations after `--warmup`, cuda-synchronized. The padding table times the three
+over `--iters` timed iterations after `--warmup`, cuda-synchronized. Gradient error: ||g - g_ref|| / ||g_ref||
+for h.grad and W.grad against `naive_fp32`'s (run it first). The padding table times the three
 output-projection matmuls (h @ W.T forward, g @ W and g.T @ h backward) for V and for V rounded up to a
 multiple of 64 (`--pad-vocabs`, e.g. 151669 -> 151680, 128257 -> 128320). Tables are printed last after
 `=== RESULTS ===`; `--out` gets JSON.
@@ -51,7 +55,8 @@ from measure import (
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from posttrain.losses import chunked_cross_entropy, token_log_probs  # noqa: E402
+from posttrain.losses import chunked_cross_entropy, fused_linear_cross_entropy, token_log_probs  # noqa: E402
+from posttrain.losses import logit_math  # noqa: E402
 
 PAD_MULTIPLE = 64
 GIB = 2**30
@@ -73,6 +78,18 @@ def naive_bf16(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.
 def chunked(chunk: int) -> Callable[..., torch.Tensor]:
     def loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss_sum, n = chunked_cross_entropy(h, w, labels, vocab_size=w.shape[0], chunk_size=chunk)
+        return loss_sum / labels.numel()
+
+    return loss
+
+
+def fused(chunk: int, compiled: bool = True) -> Callable[..., torch.Tensor]:
+    def loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logit_math.compile_on_cuda = compiled
+        try:
+            loss_sum, n = fused_linear_cross_entropy(h, w, labels, vocab_size=w.shape[0], chunk_size=chunk)
+        finally:
+            logit_math.compile_on_cuda = True
         return loss_sum / labels.numel()
 
     return loss
@@ -108,11 +125,16 @@ def make_method(name: str) -> Callable[..., torch.Tensor]:
         return torch.compile(naive_fp32)
     if name.startswith("chunked:"):
         return chunked(int(name.split(":", 1)[1]))
+    if name.startswith("fused:"):
+        return fused(int(name.split(":", 1)[1]))
+    if name.startswith("fused_eager:"):
+        return fused(int(name.split(":", 1)[1]), compiled=False)
     if name.startswith("recompute:"):
         return recompute(int(name.split(":", 1)[1]))
     if name == "liger":
         return liger()
-    raise SystemExit(f"unknown method {name!r}; use naive_fp32, naive_bf16, naive_compile, chunked:C, recompute:C, liger")
+    raise SystemExit(f"unknown method {name!r}; use naive_fp32, naive_bf16, naive_compile, chunked:C, fused:C, "
+                     "fused_eager:C, recompute:C, liger")
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -127,8 +149,15 @@ def make_inputs(vocab: int, args: argparse.Namespace, device: torch.device, dtyp
     return h, w, labels
 
 
+def _rel_err(got: torch.Tensor | None, want: torch.Tensor | None) -> float | None:
+    if got is None or want is None:
+        return None
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
 def measure_loss(name: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
-                 device: torch.device) -> dict:
+                 device: torch.device, ref_grads: dict | None = None) -> dict:
+    """`ref_grads`: `{"h": ..., "w": ...}` to compare with; an empty dict is filled with this method's grads."""
     fn = make_method(name)
 
     def once() -> torch.Tensor:
@@ -141,6 +170,12 @@ def measure_loss(name: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tens
     try:
         # memory: one warm call first (kernels, compile, cuBLAS workspaces), then a measured call
         once()
+        grad_err = {}
+        if ref_grads is not None and not ref_grads:
+            ref_grads.update(h=h.grad.detach().clone(), w=w.grad.detach().clone())
+        elif ref_grads:
+            grad_err = {"grad_h_rel_err": _rel_err(h.grad, ref_grads["h"]),
+                        "grad_w_rel_err": _rel_err(w.grad, ref_grads["w"])}
         h.grad = w.grad = None
         gc.collect()
         synchronize(device)
@@ -163,7 +198,7 @@ def measure_loss(name: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tens
             "status": "ok", "ms": ms, "loss": float(loss),
             "peak_extra_gib": extra,
             "extra_beyond_grads_gib": extra - grads_gib if extra is not None else None,
-            "grads_gib": grads_gib,
+            "grads_gib": grads_gib, **grad_err,
         }
     finally:
         h.grad = w.grad = None
@@ -215,20 +250,23 @@ def render(loss_rows: list[dict], pad_rows: list[dict], args: argparse.Namespace
         table.append([
             f"{r['vocab']:,}", r["method"], fmt(r.get("peak_extra_gib"), ".2f"), fmt(r.get("extra_beyond_grads_gib"), ".2f"),
             fmt(r.get("ms")), "-" if speed is None else f"{speed:.2f}x", fmt(rel, ".1e"),
+            fmt(r.get("grad_h_rel_err"), ".1e"), fmt(r.get("grad_w_rel_err"), ".1e"),
             "ok" if ok else f"{r['status']}: {r.get('reason', '')}",
         ])
     lines.append(markdown_table(
         ["vocab", "method", "peak extra GiB", "beyond grads GiB", "fwd+bwd ms", "speed vs naive_fp32",
-         "loss rel diff", "status"], table))
-    target = [r for r in loss_rows if r["status"] == "ok" and r["method"] == f"chunked:{args.target_chunk}"
-              and r["vocab"] == 151936]
-    ref = [r for r in loss_rows if r["status"] == "ok" and r["method"] == "naive_fp32" and r["vocab"] == 151936]
-    if target and ref and target[0].get("peak_extra_gib") is not None:
-        t, n = target[0], ref[0]
-        lines += ["", f"- target chunked CE at vocab 151,936 (chunk {args.target_chunk}): extra memory <= 1 GiB: "
-                      f"{t['peak_extra_gib']:.2f} GiB {'MET' if t['peak_extra_gib'] <= 1 else 'not met'} "
-                      f"(beyond the grads: {t['extra_beyond_grads_gib']:.2f} GiB); no slower than naive: "
-                      f"{t['ms']:.1f} vs {n['ms']:.1f} ms {'MET' if t['ms'] <= n['ms'] else 'not met'}"]
+         "loss rel diff", "h.grad rel err", "W.grad rel err", "status"], table))
+    for vocab in sorted({r["vocab"] for r in loss_rows}):
+        ok = {r["method"]: r for r in loss_rows if r["vocab"] == vocab and r["status"] == "ok"}
+        n = ok.get("naive_fp32")
+        for method in (args.target_method, "liger"):
+            t = ok.get(method)
+            if t is None or n is None or t.get("peak_extra_gib") is None:
+                continue
+            lines += [f"- vocab {vocab:,}, {method}: extra memory <= 1 GiB: {t['peak_extra_gib']:.2f} GiB "
+                      f"{'MET' if t['peak_extra_gib'] <= 1 else 'not met'} (beyond the two grads: "
+                      f"{t['extra_beyond_grads_gib']:.2f} GiB); no slower than naive: {t['ms']:.1f} vs {n['ms']:.1f} ms "
+                      f"{'MET' if t['ms'] <= n['ms'] else 'not met'}"]
     if pad_rows:
         lines += ["", "Output projection h @ W.T fwd + both bwd matmuls, vocab as is vs padded to a multiple of 64:", ""]
         lines.append(markdown_table(
@@ -248,10 +286,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--vocabs", default="151936,262144")
     p.add_argument("--chunk-sizes", default="1024,2048,4096,8192", help="chunked CE chunk sizes")
-    p.add_argument("--target-chunk", type=int, default=4096, help="the chunk size the 1 GiB target is checked at")
+    p.add_argument("--target-method", default="fused:0", help="the method the 1 GiB / no-slower targets are checked on")
     p.add_argument("--methods", default="auto",
-                   help="comma-separated (naive_fp32, naive_bf16, naive_compile, chunked:C, recompute:C, liger); "
-                        "auto: naive_fp32, naive_bf16, chunked:<each chunk size>, recompute:4096, and on CUDA "
+                   help="comma-separated (naive_fp32, naive_bf16, naive_compile, chunked:C, fused:C, fused_eager:C, "
+                        "recompute:C, liger); auto: naive_fp32, naive_bf16, chunked:<each chunk size>, fused:0, "
+                        "recompute:4096, and on CUDA "
                         "liger (when importable) and naive_compile")
     p.add_argument("--pad-vocabs", default="151669,128257,151936",
                    help="vocab sizes timed as is and padded to a multiple of 64 ('' to skip)")
@@ -266,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_methods(args: argparse.Namespace, device: torch.device) -> list[str]:
     methods = ["naive_fp32", "naive_bf16"]
     methods += [f"chunked:{c}" for c in args.chunk_sizes.split(",") if c.strip()]
-    methods.append("recompute:4096")
+    methods += ["fused:0", "recompute:4096"]
     if device.type == "cuda":
         try:
             import liger_kernel  # noqa: F401
@@ -299,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                for m in methods]
             free_memory(device, reset_compiler=False)
             continue
+        ref_grads: dict = {}  # naive_fp32's h.grad / W.grad, compared with every method after it
         for method in methods:
             entry: dict[str, Any] = {"vocab": vocab, "method": method}
             need_s = 45 if method == "naive_compile" else 10  # compilation cannot be cut short
@@ -306,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry.update(status="skipped", reason=f"time budget: {deadline.remaining():.0f} s left, needs ~{need_s} s")
             else:
                 try:
-                    entry.update(measure_loss(method, *inputs, args, device))
+                    ref = ref_grads if method == "naive_fp32" or ref_grads else None
+                    entry.update(measure_loss(method, *inputs, args, device, ref))
                     print(f"[V={vocab} {method}] {fmt(entry['ms'])} ms, peak extra "
                           f"{fmt(entry['peak_extra_gib'], '.2f')} GiB, loss {entry['loss']:.4f}", flush=True)
                 except (Exception, SystemExit) as err:  # noqa: BLE001
@@ -316,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 free_memory(device, reset_compiler=method == "naive_compile")
             report["loss"].append(entry)
             write_json(args.out, report)
-        del inputs
+        del inputs, ref_grads
         free_memory(device, reset_compiler=False)
     pad_vocabs: list[int] = []
     for v in [int(x) for x in args.pad_vocabs.split(",") if x.strip()]:

@@ -11,7 +11,8 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk).
+  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk,
+  0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
   `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
@@ -72,14 +73,15 @@ try:
 
     SFT_LOSS_SOURCE = "posttrain.recipes.sft.sft_loss"
 except ImportError as _err:  # e.g. torchdata missing on the benchmark machine: the recipe module imports it
-    from posttrain.losses import chunked_cross_entropy
     from posttrain.trainer import LossOutput
 
     SFT_LOSS_SOURCE = f"local copy of sft_loss (import failed: {_err})"
 
-    def sft_loss(model, batch, n_global, *, chunk_size):  # same body as posttrain.recipes.sft.sft_loss
+    def sft_loss(model, batch, n_global, *, chunk_size, loss_impl="fused"):  # posttrain.recipes.sft.sft_loss's body
+        from posttrain.losses import cross_entropy_for
+
         output_fn = partial(
-            chunked_cross_entropy, labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
+            cross_entropy_for(loss_impl), labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
         )
         loss_sum, n_targets = model(
             batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"],
@@ -264,8 +266,8 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         "step_ms": 1000 * elapsed / n if n else None,
         "tokens_per_s": tps,
         "peak_mem_gib": peak,
-        "loss_first": _as_float(first["loss"]) if first else None,
-        "loss_last": _as_float(records[-1]["loss"]) if records else None,
+        "loss_first": _as_float(first["loss"]) if first and "loss" in first else None,
+        "loss_last": next((_as_float(r["loss"]) for r in reversed(records) if "loss" in r), None),
     }
     if tps is not None and s.peak_flops:
         result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
@@ -292,6 +294,7 @@ class PosttrainVariant:
     ac: str | None = None  # None: the --ac default
     ac_every_n: int | None = None
     chunk: int | None = None
+    loss: str = "fused"
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -310,9 +313,11 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.ac_every_n = int(token[6:])
         elif token.startswith("chunk="):
             v.chunk = int(token[6:])
+        elif token in ("loss=fused", "loss=chunked"):
+            v.loss = token[5:]
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N, loss=fused|chunked"
             )
     return v
 
@@ -334,7 +339,8 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
         "training": {
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
-            "loss_chunk_size": v.chunk or s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
+            "loss_chunk_size": v.chunk if v.chunk is not None else s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
+            "loss_impl": v.loss,
         },
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
@@ -354,12 +360,18 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             synchronize(s.device)
             build_s = time.perf_counter() - t0
             trainer.data_loader = endless(s.batches.posttrain)
-            loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size)
-            result = timed_run(lambda: trainer.train_step(loss_fn), s)
+            loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size, loss_impl=cfg.training.loss_impl)
+            calls = [0]
+
+            def step() -> dict[str, Any]:  # logs (reads the loss: a host sync) on the first and the last step only,
+                calls[0] += 1  # like fit() between its log steps; the HF peers never read theirs
+                return trainer.train_step(loss_fn, log=calls[0] in (1, s.warmup + s.steps))
+
+            result = timed_run(step, s)
             result["build_s"] = round(build_s, 2)
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
-                "loss_chunk_size": cfg.training.loss_chunk_size, "dtype": s.dtype,
+                "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
             }
             return result
@@ -569,7 +581,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-attn", default="sdpa", help="attn_implementation of the HF peers")
     p.add_argument("--docs-per-row", type=int, default=1,
                    help="documents packed per row (posttrain masks per document; HF peers attend the whole row)")
-    p.add_argument("--loss-chunk-size", type=int, default=4096)
+    p.add_argument("--loss-chunk-size", type=int, default=0, help="training.loss_chunk_size (0 = auto)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak for MFU on CUDA (H100/H200: 989)")

@@ -65,7 +65,7 @@ if [ "${BENCH_SMOKE:-0}" = "1" ]; then  # tiny CPU shapes: checks this script en
   SFT_ARGS=(--device cpu --flavor debug --seq-len 256 --batch 2 --steps 2 --warmup 1
             --posttrain-variants eager+sdpa --peers hf_eager,hf_liger)
   PACK_ARGS=(--device cpu --flavor debug --seq-len 512 --batch 2 --steps 2 --warmup 1 --median-len 32 --max-len 512)
-  LOSS_ARGS=(--device cpu --tokens 512 --hidden 64 --vocabs 1000,2048 --chunk-sizes 128,256 --target-chunk 256
+  LOSS_ARGS=(--device cpu --tokens 512 --hidden 64 --vocabs 1000,2048 --chunk-sizes 128,256
              --pad-vocabs 1000 --iters 2 --warmup 1)
 else
   SFT_ARGS=(--model qwen3 --flavor 1.7B --seq-len 4096 --batch 2 --steps 20 --warmup 5

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from posttrain.config import JobConfig, config_to_dict
+from posttrain.losses.fused_head import chunk_rows
 from posttrain.models.registry import get_model_spec, resolve_args
 from posttrain.parallelisms import ParallelDims
 
@@ -87,7 +88,11 @@ def estimate_memory_gib(cfg: JobConfig, args, counts: ParamCounts, dims: Paralle
     else:
         fraction = 1.0 / cfg.activation_checkpoint.every_n if mode == "selective" else 0.0
         activations = tokens * per_token_layer * args.n_layers * (1 - fraction)
-    loss = min(t.loss_chunk_size, tokens) * args.padded_vocab_size * 4 * 2  # one chunk's fp32 logits + grads
+    if t.loss_impl == "fused":  # one chunk's logits in the matmul dtype (turned into their gradient in place)
+        rows = chunk_rows(t.loss_chunk_size, args.padded_vocab_size, compute_bytes)
+        loss = min(rows, tokens) * args.padded_vocab_size * compute_bytes
+    else:  # one chunk's fp32 logits + grads
+        loss = min(t.loss_chunk_size or 4096, tokens) * args.padded_vocab_size * 4 * 2
     parts = {
         "weights": weights,
         "gradients": grads,

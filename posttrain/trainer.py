@@ -352,17 +352,29 @@ class Trainer:
         grad_norm = clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], max_norm if max_norm > 0 else float("inf")
         )
-        # The guard reads the (global) norm on the host: one sync per step, skipped with the guard off.
-        if not self.divergence.enabled or self.divergence.step_is_good(self.step + 1, float(grad_norm)):
+        if not self.divergence.enabled:
+            self.optimizer.step()
+        elif self.optimizer.defaults.get("fused"):
+            # No host sync: fused AdamW skips a non-finite step on the device (found_inf, as under GradScaler);
+            # the guard reads the norm later (one step late, or at log / checkpoint time) and counts it.
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.divergence.record(self.step + 1, grad_norm)
+        elif self.divergence.step_is_good(self.step + 1, float(grad_norm)):  # host read: one sync per step
             self.optimizer.step()
         else:
-            logger.warning("step %d: non-finite loss or gradient (norm %s): update skipped", self.step + 1, float(grad_norm))
+            self._warn_skipped([(self.step + 1, float(grad_norm))])
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.step += 1
 
         metrics = {"lr": lr, "data_wait_s": data_wait_s, "tokens": tokens, "flops": flops, "target_tokens": n_global}
+        if log:
+            self.read_grad_norms()  # logging reads the device anyway
         if self.divergence.enabled:
             metrics["skipped_steps"] = self.divergence.skipped_steps
         if log:
@@ -371,6 +383,15 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
             metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
         return metrics
+
+    def read_grad_norms(self, up_to_step: int | None = None) -> None:
+        """Let the divergence guard read the gradient norms it recorded without a sync (all, or those of steps
+        up to `up_to_step`), warning about each skipped step."""
+        self._warn_skipped(self.divergence.resolve(up_to_step))
+
+    def _warn_skipped(self, skipped: list[tuple[int, float]]) -> None:
+        for step, norm in skipped:
+            logger.warning("step %d: non-finite loss or gradient (norm %s): update skipped", step, norm)
 
     def _step_token_stats(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Real (non-padding) tokens and model flops actually computed in this step, on this rank."""
@@ -428,6 +449,9 @@ class Trainer:
                     m["checkpoint_stall_s"], self._checkpoint_stall_s = self._checkpoint_stall_s, None
                 self.metrics.log(self.step, {k: v for k, v in m.items() if k not in ("flops", "data_wait_s")})
                 window, window_t0 = {}, time.perf_counter()
+            # The guard's counts must be current before a save (the save waits anyway); otherwise it reads the
+            # previous step's norm, which the device has finished while this step's work is still queued.
+            self.read_grad_norms(None if self.checkpoint.should_save(self.step, total) else self.step - 1)
             if self.checkpoint.should_save(self.step, total) and self.divergence.in_bad_streak:
                 logger.warning("step %d: no checkpoint during non-finite steps (keeps the good ones)", self.step)
             elif self.checkpoint.should_save(self.step, total):

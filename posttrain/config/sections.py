@@ -103,7 +103,13 @@ class TrainingSection:
         "auto", "bf16 autocast/param policy on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32")
     )
     device: str = opt("auto", "cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
-    loss_chunk_size: int = opt(4096, "tokens per chunk of the output projection + cross-entropy")
+    loss_chunk_size: int = opt(
+        0, "tokens per chunk of the output projection + loss (0 = auto: ~320 MiB of logits fused, 4096 chunked)"
+    )
+    loss_impl: str = opt(
+        "fused", "head losses: gradients made chunk by chunk in forward (fused) or the older chunked path",
+        choices=("fused", "chunked"),
+    )
     deterministic: bool = opt(False, "use deterministic algorithms (slower)")
     max_consecutive_bad_steps: int = opt(
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
@@ -261,6 +267,10 @@ class GRPOSection:
     ray_num_cpus: int = opt(0, "local cluster only: CPUs Ray may use (0 = all of this machine)")
     cpu_threads: int = opt(0, "torch threads per actor on CPU (0 = the machine's cores)")
     weight_sync_bucket_mb: int = opt(256, "weight sync: tensors sent per bucket (MB)")
+    weight_sync: str = opt("object_store", "weight sync transport: the Ray object store (through host memory), or "
+                                           "CUDA IPC handles (colocated on CUDA: the engine copies from the "
+                                           "policy's device memory; not yet run on a GPU)",
+                           choices=("object_store", "cuda_ipc"))
     eval_freq: int = opt(0, "evaluate on eval_prompts every N steps, before training and at the end (0 = never)")
     log_samples: int = opt(2, "completions per step written to TensorBoard text and <output_dir>/samples.jsonl")
 

@@ -136,7 +136,7 @@ def _validate_training(cfg: "JobConfig") -> None:
         "training.max_grad_norm",
         f"must be >= 0 (0 = off), got {t.max_grad_norm}",
     )
-    _positive(t.loss_chunk_size, "training.loss_chunk_size")
+    _non_negative(t.loss_chunk_size, "training.loss_chunk_size")
     s = cfg.lr_scheduler
     _non_negative(s.warmup_steps, "lr_scheduler.warmup_steps")
     _require(0 <= s.min_lr_ratio <= 1, "lr_scheduler.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")

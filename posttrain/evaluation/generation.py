@@ -7,26 +7,23 @@ scripts/make_math_data.py writes to eval.jsonl), and `answer`. A prompt is rende
 template with the generation prompt appended, exactly as the SFT data trained on it.
 
 Decoding: greedy, `evaluation.max_new_tokens`, stopping at the tokenizer's eos / end-of-turn token. With the
-native KV-cache engine (`posttrain.rl.rollout.native.NativeEngine`) when it is importable, else the reference
-decoder `posttrain.models.greedy.greedy_generate` (no cache: fine for short answers). The engine needs full
+native KV-cache engine (`posttrain.inference.native.NativeEngine`) for posttrain's own models, else (a model
+of the HF backend) the reference decoder `posttrain.models.greedy.greedy_generate` (no cache: fine for short
+answers). The engine needs full
 weights: at world size 1 it runs on the training model itself; with more ranks every rank gathers the full
 weights into a plain copy (a collective; memory for one extra unsharded model per rank), generates for its
 share of the prompts (SPMD) and the correct counts are summed over ranks.
 
-Scoring: the math-answer rule of the RL rewards (`posttrain.rl.rewards.math_answer_reward`: the last
-`\\boxed{}` or the last number, compared as exact fractions) when that module is importable, else the
-built-in `answer_matches` (the last number after "answer is", else the last number, as Decimals, or the
-stripped strings).
+Scoring: the math-answer rule (`posttrain.inference.math_answer.math_answer_reward`, also the RL reward
+"math_answer": the last `\\boxed{}` or the last number, compared as exact fractions), or a given scorer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from posttrain.evaluation.validation import evaluation_due
+from posttrain.inference.engine import SamplingParams
+from posttrain.inference.math_answer import math_answer_reward
+from posttrain.inference.native import NativeEngine
 
 logger = logging.getLogger("posttrain")
 
-_NUMBER = r"[+-]?\d(?:\d|,\d{3})*(?:\.\d+)?"
-_ANSWER_IS = re.compile(r"answer(?:\s+is)?\s*[:=]?\s*(?:\*\*|\$|\s)*(" + _NUMBER + ")", re.IGNORECASE)
-_ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUMBER)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -74,51 +71,20 @@ def read_generation_prompts(path: str | Path, *, limit: int = 0) -> list[dict[st
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ scoring
-
-def extract_final_number(text: str) -> str | None:
-    """The number after the last "answer is" / "answer:", else the last number in `text` (commas removed)."""
-    found = _ANSWER_IS.findall(text) or _ANY_NUMBER.findall(text)
-    return found[-1].replace(",", "") if found else None
-
-
-def answer_matches(completion: str, sample: dict[str, Any]) -> float:
-    """1.0 when the completion's final number equals sample["answer"] as a Decimal (or, for a non-numeric
-    answer, the stripped completion ends with it), else 0.0."""
-    gold = str(sample["answer"]).strip()
-    try:
-        gold_value = Decimal(gold.replace(",", ""))
-    except InvalidOperation:
-        return float(completion.strip().rstrip(".").endswith(gold))
-    predicted = extract_final_number(completion)
-    return float(predicted is not None and Decimal(predicted) == gold_value)
-
-
-def default_scorer() -> Callable[[str, dict[str, Any]], float]:
-    try:
-        from posttrain.rl.rewards import math_answer_reward
-    except ImportError:
-        return answer_matches
-    return math_answer_reward
-
-
 # ------------------------------------------------------------------------------------------------ decoding
 
 def greedy_completions(model: nn.Module, prompts: Sequence[list[int]], *, max_new_tokens: int,
                        stop: Sequence[int], max_batch_size: int = 64) -> list[list[int]]:
     """Greedy new tokens for each prompt (a stop token included when hit), with the native KV-cache engine
-    when it is importable, else the reference decoder."""
+    for posttrain's own models, else the reference decoder."""
     if not prompts:
         return []
-    try:
-        from posttrain.rl.rollout.base import SamplingParams
-        from posttrain.rl.rollout.native import NativeEngine
-    except ImportError:
-        NativeEngine = None
     was_training = model.training
     try:
-        if NativeEngine is not None and hasattr(model, "layers"):
-            engine = NativeEngine(model, max_batch_size=max_batch_size)
+        if hasattr(model, "layers"):
+            # no CUDA graphs: capturing them costs seconds per evaluation, and keeping them would keep a KV
+            # cache in the training GPU's memory between evaluations
+            engine = NativeEngine(model, max_batch_size=max_batch_size, cuda_graphs=False)
             sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop))
             return [c.token_ids for c in engine.generate([list(p) for p in prompts], sampling)]
         from posttrain.models.greedy import greedy_generate
@@ -175,7 +141,7 @@ class GenerationEval:
         tok = trainer.tokenizer
         self.prompts = [tok.tokenize_messages(s["messages"], add_generation_prompt=True)[0] for s in self.samples]
         self.stop = tok.stop_ids()
-        self.scorer = scorer or default_scorer()
+        self.scorer = scorer or math_answer_reward
 
     def evaluate(self) -> dict[str, float]:
         t = self.trainer

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.losses import chunked_cross_entropy
+from posttrain.losses import cross_entropy_for
 
 def evaluation_due(step: int, total: int, freq: int) -> bool:
     """Every `freq` steps (0: never periodically) and at the last step."""
@@ -29,8 +29,9 @@ def local_validation_loss(
     batches: Iterable[dict[str, Any]],
     *,
     to_device: Callable[[dict[str, Any]], dict[str, Any]],
-    chunk_size: int = 4096,
+    chunk_size: int = 0,
     max_batches: int = 0,
+    loss_impl: str = "fused",
 ) -> tuple[float, int]:
     """(sum of token cross-entropies, number of target tokens) over this rank's `batches` (at most
     `max_batches`, 0 = all), with the model in eval mode (its mode is restored)."""
@@ -43,7 +44,7 @@ def local_validation_loss(
                 break
             batch = to_device(cpu_batch)
             output_fn = partial(
-                chunked_cross_entropy, labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
+                cross_entropy_for(loss_impl), labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
             )
             s, n = model(
                 batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"],
@@ -70,7 +71,7 @@ class ValidationLoss:
         t = self.trainer
         loss_sum, n = local_validation_loss(
             t.model, self.eval_loader, to_device=t._to_device, chunk_size=t.cfg.training.loss_chunk_size,
-            max_batches=self.max_batches,
+            max_batches=self.max_batches, loss_impl=t.cfg.training.loss_impl,
         )
         loss_sum, n = t._global_sum([loss_sum, float(n)])
         if n == 0:

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["chunked_cross_entropy", "token_log_probs"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "chunked_cross_entropy", "token_log_probs"]
+
+DEFAULT_CHUNK_SIZE = 4096  # what chunk_size=0 means here
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,8 +142,8 @@ def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_size: in
         raise ValueError(f"weight must be [padded_vocab, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     if not 0 < vocab_size <= weight.shape[0]:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, weight.shape[0]={weight.shape[0]}]")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = {DEFAULT_CHUNK_SIZE}), got {chunk_size}")
 
 
 @torch.compiler.disable
@@ -161,7 +163,7 @@ def chunked_cross_entropy(
         weight: `[padded_vocab, D]` output projection (may be frozen or tied to the embedding).
         labels: `[...]` target ids, already shifted; `ignore_index` marks untrained positions.
         vocab_size: the real vocabulary size; rows of `weight` beyond it are padding and never scored.
-        chunk_size: trained tokens projected at a time; peak extra memory is about
+        chunk_size: trained tokens projected at a time (0: 4096); peak extra memory is about
             `chunk_size * vocab_size * (4 + itemsize)` bytes.
 
     Returns:
@@ -174,6 +176,7 @@ def chunked_cross_entropy(
     forward, so calling this under `torch.no_grad()` skips them entirely.
     """
     _check_shapes(hidden, weight, labels, vocab_size, chunk_size)
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != ignore_index).nonzero().squeeze(1)
@@ -228,8 +231,9 @@ def token_log_probs(
         )
     if not 0 < vocab_size <= weight.shape[0]:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, weight.shape[0]={weight.shape[0]}]")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = {DEFAULT_CHUNK_SIZE}), got {chunk_size}")
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = target_ids.reshape(-1)
     ignored = None

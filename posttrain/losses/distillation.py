@@ -108,8 +108,9 @@ def chunked_distillation_loss(
             f"vocab_size={vocab_size} must be in [1, min(student rows {student_weight.shape[0]}, teacher rows "
             f"{teacher_weight.shape[0]})]"
         )
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = 4096), got {chunk_size}")
+    chunk_size = chunk_size or 4096
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != ignore_index).nonzero().squeeze(1)
     targets = flat_labels.index_select(0, positions)

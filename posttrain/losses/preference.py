@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from posttrain.losses.cross_entropy import token_log_probs
+from posttrain.losses.impl import token_log_probs_for
 
 __all__ = [
     "LOSS_TYPES",
@@ -58,19 +58,21 @@ def sequence_log_probs(
     sequence_ids: Tensor,
     n_sequences: int,
     vocab_size: int,
-    chunk_size: int = 4096,
+    chunk_size: int = 0,
     ignore_index: int = -100,
+    loss_impl: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of each sequence's trained tokens and their count, both `[n_sequences]` (fp32).
 
     `hidden` `[..., D]` / `weight` `[padded_vocab, D]` as a model's `output_fn` receives them; `labels` and
     `sequence_ids` `[...]` (the sequence each position belongs to). Only labelled positions are projected,
-    `chunk_size` at a time, so the `[tokens, vocab]` logits never exist whole.
+    `chunk_size` at a time (0: auto), so the `[tokens, vocab]` logits never exist whole; `loss_impl` picks
+    the fused log-probs (default) or the chunked ones (`posttrain.losses.impl`).
     """
     flat_labels = labels.reshape(-1)
     positions = (flat_labels != ignore_index).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    logps = token_log_probs(h, weight, flat_labels.index_select(0, positions), vocab_size=vocab_size, chunk_size=chunk_size)
+    logps = token_log_probs_for(loss_impl)(h, weight, flat_labels.index_select(0, positions), vocab_size=vocab_size, chunk_size=chunk_size)
     seq = sequence_ids.reshape(-1).index_select(0, positions)
     if seq.numel() and int(seq.min()) < 0:
         raise ValueError("a labelled position has sequence id -1 (padding); the batch's sequence_ids are wrong")

@@ -2,7 +2,7 @@
 
 Every step re-runs the model on the whole sequence (no KV cache), so it is O(n^2) in the generated length and
 only meant for short generations: its value is that it is obviously correct, which makes it the yardstick for
-faster engines (the KV-cache engine, posttrain.rl.rollout.native) and for parity checks against
+faster engines (the KV-cache engine, posttrain.inference.native) and for parity checks against
 ``transformers``' generate.
 """
 

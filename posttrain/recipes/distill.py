@@ -28,6 +28,7 @@ from posttrain.config.sections import DistillSection
 from posttrain.datasets.dataloader import build_sft_dataloader
 from posttrain.datasets.tokenizer import HFTokenizer
 from posttrain.losses.distillation import chunked_distillation_loss
+from posttrain.losses.fused_distillation import fused_distillation_loss
 from posttrain.models.hf import resolve_hf_folder
 from posttrain.trainer import LossOutput, Trainer, build_training_model
 
@@ -102,18 +103,23 @@ def distill_loss(
     teacher: nn.Module,
     distill: DistillSection,
     chunk_size: int,
+    loss_impl: str = "fused",
 ) -> LossOutput:
     inputs = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
     with torch.no_grad():
         teacher_hidden = teacher(batch["input_ids"], **inputs, output_fn=lambda hidden, weight: hidden)
         teacher_weight = _full(teacher.output.weight).detach()
-    output_fn = partial(
-        chunked_distillation_loss, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-        labels=batch["labels"], vocab_size=min(model.args.vocab_size, teacher.args.vocab_size), kind=distill.kind,
+    common = dict(
+        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=batch["labels"],
+        vocab_size=min(model.args.vocab_size, teacher.args.vocab_size), kind=distill.kind,
         temperature=distill.temperature, jsd_beta=distill.jsd_beta, chunk_size=chunk_size,
     )
-    div, ce, kl, n_tokens = model(batch["input_ids"], **inputs, output_fn=output_fn)
-    loss = distill.ce_weight * ce + (1 - distill.ce_weight) * div
+    if loss_impl == "fused":  # the two terms' gradients are made in forward, weighted by ce_weight
+        output_fn = partial(fused_distillation_loss, ce_weight=distill.ce_weight, **common)
+        loss, div, ce, kl, n_tokens = model(batch["input_ids"], **inputs, output_fn=output_fn)
+    else:
+        div, ce, kl, n_tokens = model(batch["input_ids"], **inputs, output_fn=partial(chunked_distillation_loss, **common))
+        loss = distill.ce_weight * ce + (1 - distill.ce_weight) * div
     return LossOutput(loss_sum=loss, n_targets=n_tokens, metrics={"kl": kl, "ce": ce.detach(), "divergence": div.detach()})
 
 
@@ -135,6 +141,7 @@ def run(cfg: JobConfig) -> None:
         dp_rank=trainer.dp_rank, dp_world_size=trainer.dp_degree, seed=cfg.job.seed,
     )
     trainer.resume()
-    trainer.fit(partial(distill_loss, teacher=teacher, distill=cfg.distill, chunk_size=cfg.training.loss_chunk_size))
+    trainer.fit(partial(distill_loss, teacher=teacher, distill=cfg.distill, chunk_size=cfg.training.loss_chunk_size,
+                        loss_impl=cfg.training.loss_impl))
     trainer.export_hf()
     trainer.close()

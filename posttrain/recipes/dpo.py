@@ -40,12 +40,13 @@ logger = logging.getLogger("posttrain")
 
 
 def pair_log_probs(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int
+    model: nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int, loss_impl: str = "fused"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen log-probs, rejected log-probs, chosen lengths, rejected lengths), each `[pairs]`, from one forward."""
     output_fn = partial(
         sequence_log_probs, labels=batch["labels"], sequence_ids=batch["sequence_ids"],
         n_sequences=2 * int(batch["n_targets"]), vocab_size=model.args.vocab_size, chunk_size=chunk_size,
+        loss_impl=loss_impl,
     )
     logps, lengths = model(
         batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
@@ -57,15 +58,18 @@ class ReferenceLogProbs:
     """Where reference log-probs come from: a frozen model scored per batch (the LoRA policy itself with its
     adapters off when `adapters_off`), or a table filled once by `precompute`."""
 
-    def __init__(self, model: nn.Module | None, *, chunk_size: int, adapters_off: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module | None, *, chunk_size: int, adapters_off: bool = False, loss_impl: str = "fused"
+    ) -> None:
         self.model = model
         self.chunk_size = chunk_size
+        self.loss_impl = loss_impl
         self.adapters_off = adapters_off
         self.table: torch.Tensor | None = None  # [pairs in the dataset, 2] once precomputed
 
     def _score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with adapters_disabled(self.model) if self.adapters_off else nullcontext():
-            chosen, rejected, _, _ = pair_log_probs(self.model, batch, chunk_size=self.chunk_size)
+            chosen, rejected, _, _ = pair_log_probs(self.model, batch, chunk_size=self.chunk_size, loss_impl=self.loss_impl)
         return chosen.float(), rejected.float()
 
     @torch.no_grad()
@@ -97,9 +101,10 @@ def dpo_loss(
     dpo: DPOSection,
     reference: ReferenceLogProbs,
     chunk_size: int,
+    loss_impl: str = "fused",
 ) -> LossOutput:
     """Summed preference loss of the micro-batch's pairs, with per-pair metric sums."""
-    chosen, rejected, chosen_len, rejected_len = pair_log_probs(model, batch, chunk_size=chunk_size)
+    chosen, rejected, chosen_len, rejected_len = pair_log_probs(model, batch, chunk_size=chunk_size, loss_impl=loss_impl)
     ref_chosen, ref_rejected = (None, None) if dpo.loss_type == "simpo" else reference(batch)
     out = preference_loss(
         chosen, rejected, ref_chosen, ref_rejected, loss_type=dpo.loss_type, beta=dpo.beta,
@@ -145,19 +150,20 @@ def run(cfg: JobConfig) -> None:
     check_dpo_config(dpo)
     trainer = Trainer(cfg)
     chunk_size = cfg.training.loss_chunk_size
+    heads = {"chunk_size": chunk_size, "loss_impl": cfg.training.loss_impl}
     trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
     eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False) if cfg.data.eval_path else None
 
     needs_reference = dpo.reference == "model" and dpo.loss_type != "simpo"
     if needs_reference and has_lora(trainer.model):  # the frozen base is the reference: no second copy
-        reference = ReferenceLogProbs(trainer.model, chunk_size=chunk_size, adapters_off=True)
+        reference = ReferenceLogProbs(trainer.model, adapters_off=True, **heads)
     else:
-        reference = ReferenceLogProbs(build_reference(trainer) if needs_reference else None, chunk_size=chunk_size)
-    loss_fn = partial(dpo_loss, dpo=dpo, reference=reference, chunk_size=chunk_size)
+        reference = ReferenceLogProbs(build_reference(trainer) if needs_reference else None, **heads)
+    loss_fn = partial(dpo_loss, dpo=dpo, reference=reference, **heads)
     eval_reference = reference
     if needs_reference and dpo.precompute_reference:
         if eval_loader is not None:  # the held-out pairs get their own table from the same model
-            eval_reference = ReferenceLogProbs(reference.model, chunk_size=chunk_size, adapters_off=reference.adapters_off)
+            eval_reference = ReferenceLogProbs(reference.model, adapters_off=reference.adapters_off, **heads)
             eval_reference.precompute(
                 every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer._to_device
             )
@@ -166,7 +172,7 @@ def run(cfg: JobConfig) -> None:
             trainer._to_device,
         )
         logger.info("reference log-probs precomputed for %d pairs; reference model freed", len(trainer.data_loader.pairs))
-    eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, chunk_size=chunk_size)
+    eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, **heads)
 
     def periodic_pair_eval() -> None:  # every evaluation.freq steps (the last step's comes after fit)
         freq = cfg.evaluation.freq

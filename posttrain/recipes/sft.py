@@ -12,14 +12,17 @@ from posttrain.datasets.dataloader import build_eval_dataloader, build_sft_datal
 from posttrain.evaluation.generation import generation_eval_from_config
 from posttrain.evaluation.validation import ValidationLoss
 from posttrain.extensions import load_callable
-from posttrain.losses import chunked_cross_entropy
+from posttrain.losses import cross_entropy_for
 from posttrain.trainer import LossFn, LossOutput, Trainer
 
 
-def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.Tensor, *, chunk_size: int) -> LossOutput:
+def sft_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.Tensor, *, chunk_size: int,
+    loss_impl: str = "fused",
+) -> LossOutput:
     """Sum of token cross-entropies over the micro-batch; the full [tokens, vocab] logits never exist."""
     output_fn = partial(
-        chunked_cross_entropy, labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
+        cross_entropy_for(loss_impl), labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
     )
     loss_sum, n_targets = model(
         batch["input_ids"],
@@ -39,9 +42,9 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor], n_global: torch.T
 
 
 def build_loss_fn(cfg: JobConfig) -> LossFn:
-    """`training.loss`: the chunked cross-entropy, or the user's `fn(model, batch, n_global) -> LossOutput`."""
+    """`training.loss`: the cross-entropy (`training.loss_impl`), or the user's `fn(model, batch, n_global) -> LossOutput`."""
     if cfg.training.loss == "cross_entropy":
-        return partial(sft_loss, chunk_size=cfg.training.loss_chunk_size)
+        return partial(sft_loss, chunk_size=cfg.training.loss_chunk_size, loss_impl=cfg.training.loss_impl)
     try:
         return load_callable(cfg.training.loss, key="training.loss")
     except ValueError as e:

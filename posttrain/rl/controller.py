@@ -34,6 +34,7 @@ import torch
 from posttrain.config import JobConfig, config_to_dict
 from posttrain.config.sections import GRPOSection
 from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.inference.engine import SamplingParams
 from posttrain.metrics import MetricsLogger
 from posttrain.rl.batches import chunk, split_evenly
 from posttrain.rl.reward_tasks import score_rewards
@@ -74,6 +75,8 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
             "use 'recompute' for several updates per step")
     require(g.rollout_workers >= 1 and g.trainer_workers >= 1, "rollout_workers", "and grpo.trainer_workers must be >= 1")
     require(g.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
+    require(g.weight_sync == "object_store" or g.placement == "colocated", "weight_sync",
+            "= 'cuda_ipc' needs grpo.placement = 'colocated' (engines on the policy's GPU)")
     if g.engine == "vllm" and cfg.lora.rank > 0:
         logger.info("LoRA with the vLLM engine: adapters are merged into the synced weights")
     return g
@@ -125,6 +128,8 @@ def place_actors(cfg: JobConfig, g: GRPOSection):
     # training.device: "cuda" / "cpu" as said; "auto" uses GPUs when the cluster has any (the driver may have none)
     gpu = cfg.training.device == "cuda" or (cfg.training.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     colocated = g.placement == "colocated"
+    if g.weight_sync == "cuda_ipc" and not gpu:
+        raise SystemExit("grpo.weight_sync = 'cuda_ipc' needs GPUs (training.device = 'cuda'); use 'object_store'")
     n_bundles = max(g.trainer_workers, g.rollout_workers) if colocated else g.trainer_workers + g.rollout_workers
     bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
     pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy="PACK")
@@ -233,27 +238,30 @@ def train_minibatch(policy: list, dp: tuple[list[int], int], rows: list[dict]) -
     return ray.get([w.train_minibatch.remote(shares[r]) for w, r in zip(policy, dp_ranks)])[0]
 
 
-def sync_weights(policy: list, rollouts: list, bucket_bytes: int) -> tuple[float, int]:
-    """Policy -> engines through the Ray object store, bucket by bucket: (seconds, tensors sent)."""
+def sync_weights(policy: list, rollouts: list, bucket_bytes: int, cuda_ipc: bool = False) -> tuple[float, int]:
+    """Policy -> engines, bucket by bucket, through the Ray object store or (``cuda_ipc``) as CUDA IPC handles
+    of tensors left in the policy's device memory: (seconds, tensors sent)."""
     import ray
 
     t0 = time.perf_counter()
-    streams = [w.weight_buckets.options(num_returns="streaming").remote(bucket_bytes) for w in policy]
-    pending = []
+    produce = "shared_weight_buckets" if cuda_ipc else "weight_buckets"
+    streams = [getattr(w, produce).options(num_returns="streaming").remote(bucket_bytes) for w in policy]
+    pending, copied = [], []
     for bucket in streams[0]:  # rank 0 yields; the other ranks take part in the gathers and yield nothing
-        pending += [r.update_weights.remote(bucket) for r in rollouts]
+        if cuda_ipc:  # copied before the next bucket is opened: one bucket of extra device memory per engine
+            copied += ray.get([r.update_shared_weights.remote(bucket) for r in rollouts])
+        else:
+            pending += [r.update_weights.remote(bucket) for r in rollouts]
     for stream in streams[1:]:
         for ref in stream:
             ray.get(ref)
-    sent = ray.get(pending)
+    sent = copied + ray.get(pending)
     return time.perf_counter() - t0, sum(sent[:: max(len(rollouts), 1)])
 
 
 def evaluate(rollouts: list, tokenizer: HFTokenizer, eval_set: list[dict], prompt_ids: list[list[int]], g: GRPOSection,
              stops: tuple[int, ...]) -> dict[str, float]:
     """Greedy completions of the held-out prompts, scored by the rewards: eval_reward_mean, eval_accuracy."""
-    from posttrain.rl.rollout.base import SamplingParams
-
     greedy = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0, stop_token_ids=stops)
     completions, _ = generate(rollouts, prompt_ids, greedy)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
@@ -319,7 +327,6 @@ def run(cfg: JobConfig) -> None:
 
     from posttrain.rl.algorithms import group_advantages, kl_k3, overlong_penalty, zero_variance_groups
     from posttrain.rl.prompts import PromptSource
-    from posttrain.rl.rollout.base import SamplingParams
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_grpo_config(cfg)
@@ -374,7 +381,7 @@ def run(cfg: JobConfig) -> None:
         bucket_bytes = g.weight_sync_bucket_mb * 2**20
         # The engines start from model.hf_path; after a resume (or with vocabulary growth, LoRA, ...) the policy
         # differs: one sync brings them level.
-        t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes)
+        t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")
         logger.info("weight sync: %d tensors in %.2fs", n_tensors, t_sync)
         if g.eval_freq and eval_set and step == 0:
             metrics.log(0, evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
@@ -455,7 +462,7 @@ def run(cfg: JobConfig) -> None:
             # ---- 7. weight sync to the engines (timed)
             t_sync = 0.0
             if rows:
-                t_sync, _ = sync_weights(policy, rollouts, bucket_bytes)
+                t_sync, _ = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")
 
             # ---- 8. metrics
             t_total = time.perf_counter() - t_step

@@ -6,13 +6,16 @@ into their base weight (W + scaling B A; expert adapters into the stacked expert
 dropped, a tied output head sent once (as the embedding), MoE experts one tensor each.
 Sharded parameters (FSDP / TP DTensors) are gathered one tensor at a time with `full_tensor()`, so at most
 one bucket of full tensors exists at once; every trainer rank must iterate (the gathers are collectives),
-only rank 0 yields. The transport (Ray object store on CPU; NCCL / CUDA IPC is not built yet) is the
-caller's business; the caller also measures the time.
+only rank 0 yields. The transport is the caller's business (the caller also measures the time): tensors on
+the CPU through the Ray object store, or, for an engine on the same GPU (colocated), CUDA IPC handles of
+tensors that stay in the policy's device memory (`share_bucket` / `open_bucket`: a few hundred bytes per tensor
+travel, the engine copies device to device). A NCCL group for split placement is not built yet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +24,9 @@ from posttrain.models.common.stacked_names import expand_stacked, is_stacked
 from posttrain.models.hf import _export_entries, _is_writer, _merged_full_tensor
 from posttrain.models.registry import ModelSpec, get_model_spec_for
 
-__all__ = ["hf_weight_buckets"]
+__all__ = ["hf_weight_buckets", "open_bucket", "share_bucket"]
+
+SharedBucket = list[tuple[str, tuple[Any, tuple]]]
 
 
 @torch.no_grad()
@@ -64,3 +69,19 @@ def hf_weight_buckets(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def share_bucket(bucket: list[tuple[str, torch.Tensor]]) -> SharedBucket:
+    """CUDA IPC handles of a bucket's tensors (picklable; another process on the same GPU opens them with
+    `open_bucket`). PyTorch keeps each tensor's memory alive until every process that opened it lets go."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    for name, tensor in bucket:
+        if tensor.device.type != "cuda":
+            raise ValueError(f"share_bucket: {name} is on {tensor.device}; CUDA IPC shares device memory only")
+    return [(name, reduce_tensor(tensor)) for name, tensor in bucket]
+
+
+def open_bucket(shared: SharedBucket) -> list[tuple[str, torch.Tensor]]:
+    """The tensors behind `share_bucket`'s handles (views of the sending process's device memory)."""
+    return [(name, rebuild(*args)) for name, (rebuild, args) in shared]

@@ -25,11 +25,12 @@ from torch import nn
 
 from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
-from posttrain.losses import token_log_probs
+from posttrain.inference import build_engine
+from posttrain.losses import fused_token_log_probs
 from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.batches import chunk, completion_batch, response_values
-from posttrain.rl.weight_sync import hf_weight_buckets
+from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
 from posttrain.trainer import LossOutput, Trainer, build_training_model
 
 logger = logging.getLogger("posttrain")
@@ -55,20 +56,11 @@ def response_log_probs(
 
     def output_fn(hidden: torch.Tensor, weight: torch.Tensor):
         h = hidden[mask]
-        logp = token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
-                               temperature=temperature)
+        out = fused_token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
+                                    temperature=temperature, entropy=entropy)  # one pass for both
+        logp, ent = out if entropy else (out, None)
         if h.shape[0] == 0 and torch.is_grad_enabled():  # padding rows only: a (zero) gradient still reaches
             logp = logp + 0.0 * hidden.sum()  # every parameter, so the backward (and FSDP's reduce) runs alike
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                w = weight[:vocab_size]
-                pieces = []
-                for start in range(0, h.shape[0], chunk_size):
-                    logits = (h[start : start + chunk_size].float() @ w.float().T) / temperature
-                    p = torch.log_softmax(logits, dim=-1)
-                    pieces.append(-(p.exp() * p).sum(-1))
-                ent = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
         return logp, ent
 
     flat_logp, flat_ent = model(
@@ -260,6 +252,11 @@ class PolicyWorker:
         """The policy's HF-named full weights in buckets (a Ray streaming generator; rank 0 yields)."""
         yield from hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device="cpu")
 
+    def shared_weight_buckets(self, bucket_bytes: int) -> Iterator[SharedBucket]:
+        """`weight_buckets` as CUDA IPC handles of full tensors left on this actor's GPU (colocated engines)."""
+        for bucket in hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device=self.trainer.device):
+            yield share_bucket(bucket)
+
     def export_hf(self) -> None:
         self.trainer.export_hf()
 
@@ -274,8 +271,6 @@ class RolloutWorker:
     """One rollout engine. Its weights start from `model.hf_path` and follow the policy through syncs."""
 
     def __init__(self, kind: str, hf_path: str, *, device: str, dtype: str, threads: int = 0, **engine_kw: Any) -> None:
-        from posttrain.rl.rollout import build_engine
-
         if device == "cpu":
             set_cpu_threads(threads)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -287,6 +282,13 @@ class RolloutWorker:
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         self.engine.update_weights(named_tensors)
         return len(named_tensors)
+
+    def update_shared_weights(self, shared: SharedBucket) -> int:
+        """`update_weights` from CUDA IPC handles (`PolicyWorker.shared_weight_buckets` on the same GPU)."""
+        named = open_bucket(shared)
+        self.engine.update_weights(named)
+        torch.cuda.synchronize()  # the copies are done before the sender may reuse the memory
+        return len(named)
 
     def close(self) -> None:
         self.engine.close()

@@ -15,8 +15,6 @@ from posttrain.config.sections import DataSection, ProfilingSection
 from posttrain.datasets.dataloader import build_eval_dataloader
 from posttrain.datasets.tokenizer import HFTokenizer
 from posttrain.evaluation.generation import (
-    answer_matches,
-    extract_final_number,
     greedy_completions,
     read_generation_prompts,
 )
@@ -83,18 +81,8 @@ def test_generation_prompts_from_messages_prompt_or_question_rows(tmp_path: Path
         read_generation_prompts(path)
 
 
-def test_builtin_answer_matching() -> None:
-    assert extract_final_number("3 + 4 = 7, so the answer is 1,234.") == "1234"
-    assert extract_final_number("5 then 6") == "6"
-    assert answer_matches("The answer is 7.", {"answer": "7"}) == 1.0
-    assert answer_matches("The answer is 7.0", {"answer": "7"}) == 1.0
-    assert answer_matches("The answer is 8.", {"answer": "7"}) == 0.0
-    assert answer_matches("nothing", {"answer": "7"}) == 0.0
-    assert answer_matches("it is Paris", {"answer": "Paris"}) == 1.0
-
-
 def test_greedy_completions_match_the_reference_decoder() -> None:
-    """Whichever decoder runs (the native KV-cache engine when importable), greedy tokens are the reference's."""
+    """Whichever decoder runs (the native KV-cache engine for native models), greedy tokens are the reference's."""
     model = _tiny_model(300).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (4, 11, 7)]

@@ -12,7 +12,7 @@ import pytest
 
 from posttrain.datasets.errors import DataError
 from posttrain.rl.prompts import PromptSource
-from posttrain.rl.rewards import math_answer_reward
+from posttrain.inference.math_answer import math_answer_reward
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 

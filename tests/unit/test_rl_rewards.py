@@ -7,15 +7,17 @@ import math
 
 import pytest
 
-from posttrain.rl.rewards import (
-    REWARD_FNS,
+from posttrain.inference.math_answer import (
     answers_match,
     boxed_contents,
     extract_math_answer,
-    extract_reasoning_gym_answer,
-    get_reward_fn,
     math_answer_reward,
     parse_number,
+)
+from posttrain.rl.rewards import (
+    REWARD_FNS,
+    extract_reasoning_gym_answer,
+    get_reward_fn,
     score_completions,
     score_each,
 )

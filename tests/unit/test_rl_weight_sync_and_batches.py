@@ -3,15 +3,17 @@ trainer -> engine weight sync (HF names, buckets, LoRA merged) that makes the en
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from posttrain.inference.native import NativeEngine
 from posttrain.models import load_hf, save_hf
 from posttrain.models.common.lora import LoRALinear
 from posttrain.models.registry import get_model_spec, resolve_scratch_args
 from posttrain.rl.batches import completion_batch, response_values, split_evenly
-from posttrain.rl.rollout.native import NativeEngine
-from posttrain.rl.weight_sync import hf_weight_buckets
+from posttrain.rl.weight_sync import hf_weight_buckets, open_bucket, share_bucket
 
 
 def _tiny_model(seed: int) -> torch.nn.Module:
@@ -100,3 +102,26 @@ def test_weight_buckets_merge_expert_lora_like_save_hf(tmp_path) -> None:
     with adapters_disabled(model):  # scaling 0: the base weights
         base = {n: t for b in hf_weight_buckets(model) for n, t in b}
     assert all(not torch.equal(synced[n], base[n]) for n in expert_names)  # the expert adapters were merged
+
+
+def test_cuda_ipc_sharing_refuses_host_tensors() -> None:
+    with pytest.raises(ValueError, match="model.embed_tokens.weight is on cpu"):
+        share_bucket([("model.embed_tokens.weight", torch.zeros(2, 2))])
+
+
+def _open_and_sum(shared, queue) -> None:
+    queue.put([(name, float(t.sum())) for name, t in open_bucket(shared)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (not run in CI)")
+def test_cuda_ipc_bucket_opens_in_another_process() -> None:
+    bucket = [("a", torch.randn(64, 64, device="cuda")), ("b", torch.arange(10.0, device="cuda"))]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_open_and_sum, args=(share_bucket(bucket), queue))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert [name for name, _ in got] == ["a", "b"]
+    for (_, total), (_, tensor) in zip(got, bucket):
+        assert total == pytest.approx(float(tensor.sum()), rel=1e-6)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.rl.rollout import SamplingParams, build_engine
+from posttrain.inference import SamplingParams, build_engine
 
 pytestmark = [
     pytest.mark.integration,

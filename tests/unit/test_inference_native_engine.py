@@ -1,4 +1,4 @@
-"""The native rollout engine (posttrain.rl.rollout.native): greedy output against transformers on the real
+"""The native rollout engine (posttrain.inference.native): greedy output against transformers on the real
 SmolLM2 weights and against the cache-free reference decoder on every family, sampled log-probs against the
 trainer's recomputation, sampling controls, stop tokens, and weight updates by HF name."""
 
@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from posttrain.losses import token_log_probs
 from posttrain.models import build_model, save_hf
 from posttrain.models.greedy import greedy_generate
-from posttrain.rl.rollout import RolloutEngine, SamplingParams, build_engine
-from posttrain.rl.rollout.native import NativeEngine
+from posttrain.inference import GenerationEngine, SamplingParams, build_engine
+from posttrain.inference.native import NativeEngine
 
 FAMILIES = ["llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss"]
 VOCAB = 1000  # not a multiple of 64: the embedding and head are padded
@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_generate_on_smollm2(smollm2_dir: Path) -> N
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
             expected.append(out[0, len(prompt):].tolist())
     engine = build_engine("native", smollm2_dir, device="cpu", dtype="float32")
-    assert isinstance(engine, RolloutEngine)
+    assert isinstance(engine, GenerationEngine)
     completions = engine.generate(prompts, greedy(24, stop_token_ids=(eos,)))
     for completion, prompt, want in zip(completions, prompts, expected):
         assert completion.prompt_ids == prompt
@@ -221,3 +221,72 @@ def test_update_weights_by_hf_name_makes_the_engine_that_model(family: str, tmp_
 def test_build_engine_rejects_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="grpo.engine"):
         build_engine("tgi", "/nowhere", device="cpu", dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- scheduling
+
+
+class ForwardCounter:
+    """Counts the model's forwards: prefill rows (full prompts) and decode steps (one token per slot)."""
+
+    def __init__(self, model) -> None:
+        self.prefill_rows = self.decode_steps = 0
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs["input_ids"]
+        if ids.shape[1] == 1 and kwargs.get("position_ids") is not None:
+            self.decode_steps += 1
+        else:
+            self.prefill_rows += ids.shape[0]
+
+
+def test_prompt_sharing_prefills_each_prompt_once_and_samples_each_completion() -> None:
+    """A GRPO group: 4 prompts x 6 completions on 8 slots, so most prompts are split across refills."""
+    model = tiny_model("qwen3")
+    counter = ForwardCounter(model)
+    prompts = random_prompts((5, 17, 9, 12))
+    group = [p for p in prompts for _ in range(6)]
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    completions = NativeEngine(model, max_batch_size=8, steps_per_check=3).generate(group, sampling)
+    assert counter.prefill_rows == len(prompts)
+    for completion, prompt in zip(completions, group):
+        assert completion.prompt_ids == prompt and len(completion.token_ids) == 12
+        want = recomputed_log_probs(model, prompt, completion.token_ids, 1.0)
+        torch.testing.assert_close(torch.tensor(completion.log_probs), want, atol=1e-4, rtol=0)
+    for i in range(len(prompts)):
+        assert len({tuple(c.token_ids) for c in completions[6 * i : 6 * i + 6]}) > 1  # the completions differ
+    greedy_group = NativeEngine(model, max_batch_size=8).generate(group, greedy(12))
+    assert [c.token_ids for c in greedy_group] == [greedy_generate(model, p, 12) for p in group]
+
+
+def test_continuous_batching_refills_a_finished_slot_at_once() -> None:
+    """One request with 24 new tokens and eight with 3 (budgets from max_seq_len) on 4 slots: the short ones
+    cycle through 3 slots while the long one runs, so the call takes about as many decode steps as the long
+    request alone (a static batch of 4 would wait for it: 23 + 2 + 2 steps)."""
+    model = tiny_model("llama3")
+    prompts = random_prompts((16,) + (37,) * 8, seed=4)
+    counter = ForwardCounter(model)
+    engine = NativeEngine(model, max_batch_size=4, max_seq_len=40, steps_per_check=2)
+    completions = engine.generate(prompts, greedy(24))
+    assert [len(c.token_ids) for c in completions] == [24] + [3] * 8
+    assert counter.decode_steps <= 24
+    assert [c.token_ids for c in completions] == [greedy_generate(model, p, 40 - len(p)) for p in prompts]
+
+
+def test_short_attended_lengths_and_small_batch_buckets_change_nothing(monkeypatch) -> None:
+    """Decode steps attend to a length bucket that covers the positions they can reach (here from 8 positions)
+    and run at batch buckets from 1: greedy tokens stay the reference's, through refills, stops and packing."""
+    import posttrain.inference.native as native
+
+    monkeypatch.setattr(native, "MIN_LENGTH_BUCKET", 8)
+    monkeypatch.setattr(native, "MIN_SLOT_BUCKET", 1)
+    model = tiny_model("gemma3")
+    prompts = random_prompts((5, 29, 13, 1, 21, 8, 17, 3, 11), seed=9)
+    engine = NativeEngine(model, max_batch_size=4, steps_per_check=3)
+    want = [greedy_generate(model, p, 30) for p in prompts]
+    assert [c.token_ids for c in engine.generate(prompts, greedy(30))] == want
+    stops = (want[0][4], want[2][7])
+    for completion, tokens in zip(engine.generate(prompts, greedy(30, stop_token_ids=stops)), want):
+        hits = [i for i, t in enumerate(tokens) if t in stops]
+        assert completion.token_ids == (tokens[: hits[0] + 1] if hits else tokens)

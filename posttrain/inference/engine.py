@@ -1,4 +1,4 @@
-"""The rollout protocol: what the RL controller asks of an inference engine, whatever runs underneath.
+"""The engine protocol: what evaluation and the RL controller ask of a generation engine, whatever runs underneath.
 
 An engine turns prompt token ids into completions (token ids, the log-prob of each sampled token, why it
 stopped) under one ``SamplingParams``, and takes new weights by Hugging Face checkpoint name. Engines:
@@ -51,7 +51,7 @@ class Completion:
 
 
 @runtime_checkable
-class RolloutEngine(Protocol):
+class GenerationEngine(Protocol):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """One completion per prompt, in the prompts' order."""
         ...

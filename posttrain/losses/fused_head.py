@@ -1,0 +1,70 @@
+"""What the fused head losses share: chunk sizing, the matmul dtype, and the head-weight gradient buffer.
+
+A fused head loss projects `c` hidden states at a time through the output weight, turns the `[c, V]` logits
+into loss terms and (in place) their gradient, then multiplies that gradient into the hidden states' and the
+weight's gradients. The weight's gradient is one buffer in the weight's own dtype, filled by
+`grad_weight += grad_logits^T @ h` per chunk (the matmul accumulates in fp32 and rounds once per chunk).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK_BYTES", "accumulate_grad_weight", "chunk_rows", "gathered", "matmul_dtype", "no_autocast"]
+
+CHUNK_BYTES = 320 * 2**20  # one chunk's logits (bf16 at vocab 151,936: 1,024 rows)
+_MIN_ROWS = 128
+
+
+def chunk_rows(chunk_size: int, vocab_size: int, itemsize: int) -> int:
+    """Rows per chunk: `chunk_size` when positive, else the most rows (a multiple of 128) whose `[rows, vocab]`
+    logits fit `CHUNK_BYTES`."""
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = auto), got {chunk_size}")
+    if chunk_size:
+        return chunk_size
+    rows = CHUNK_BYTES // max(1, vocab_size * itemsize)
+    return max(_MIN_ROWS, rows // _MIN_ROWS * _MIN_ROWS)
+
+
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the projection: autocast's when it is on (fp32 master weights), else the wider input."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+@contextmanager
+def no_autocast(device: torch.device):
+    """The chunk loop casts explicitly; autocast would re-cast the in-place accumulations."""
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+_addmm_out_dtype_works = True
+
+
+def accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
+    """acc += grad_logits.T @ h in acc's dtype, without a `[vocab, D]` temporary where the device allows it."""
+    global _addmm_out_dtype_works
+    if acc.dtype == grad_logits.dtype:
+        acc.addmm_(grad_logits.T, h)
+        return
+    if _addmm_out_dtype_works and acc.is_cuda:
+        try:
+            torch.addmm(acc, grad_logits.T, h, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _addmm_out_dtype_works = False
+    acc.add_(grad_logits.T @ h)
+
+
+def gathered(x: Tensor) -> Tensor:
+    """A DTensor (e.g. a sharded head reached outside its module's forward) as its full tensor, differentiably;
+    anything else unchanged. Inside the forward FSDP2 already hands the head over unsharded."""
+    full_tensor = getattr(x, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else x
