@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=2 train.py --config train_configs/debug_sft.toml
 
 With no `--config`, the embedded default `train_configs/debug_sft.toml` runs (overrides still apply). A user's
-mistake (a config value, a missing input, a bad data row) ends the run with its one-line message and exit code 2,
-never a traceback.
+mistake (a missing input, a bad data row, a config value) ends the run with its one-line message (exit code 1; 2
+for a config file or override that does not parse), never a traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from posttrain.config import ConfigError, load_config
-from posttrain.config.input_paths import check_input_paths
-from posttrain.datasets.errors import DataError
+from posttrain.config.input_paths import check_input_paths, check_tokenizer_given
+from posttrain.datasets.errors import DataError, data_worker_death
 from posttrain.extensions import load_callable
 
 RECIPES = {
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
             dry_run(cfg)
             return
-        check_input_paths(cfg)  # before anything is written or fetched
+        check_tokenizer_given(cfg)  # before anything is written or fetched
+        check_input_paths(cfg)
         if cfg.job.recipe in RECIPES:
             try:
                 run = importlib.import_module(RECIPES[cfg.job.recipe]).run
@@ -72,10 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
     except Exception as err:
         mistake = user_error(err)
+        if mistake is None and isinstance(err, RuntimeError):  # torch's SIGCHLD handler: a dead data worker
+            mistake = data_worker_death(err, cfg.data.path or ", ".join(cfg.data.paths) or "the data")
         if mistake is None:
             raise
-        print(f"error: {mistake}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(str(mistake)) from None  # the one line on stderr, exit code 1, like every other refusal
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op`, `every=N` (selective AC), `chunk=N` (loss chunk,
-  0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused).
+  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
+  (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
+  0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
+  rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
+  `training.float8_convert_small_gemms`). MFU stays relative to the bf16 peak.
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
   `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
@@ -66,6 +69,7 @@ from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
+from posttrain.parallelisms.float8 import float8_unavailable_reason  # noqa: E402
 from posttrain.trainer import Trainer  # noqa: E402
 
 try:
@@ -293,8 +297,11 @@ class PosttrainVariant:
     backend: str = "flex"
     ac: str | None = None  # None: the --ac default
     ac_every_n: int | None = None
+    memory_budget: float | None = None
     chunk: int | None = None
     loss: str = "fused"
+    float8: bool = False
+    float8_small_gemms: bool = False
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -307,17 +314,22 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.backend = token
         elif token.startswith("ac="):
             v.ac = token[3:]
-            if v.ac not in ("none", "full", "selective", "op"):
-                raise SystemExit(f"variant {text!r}: ac must be none, full, selective or op")
+            if v.ac not in ("none", "full", "selective", "op", "budget"):
+                raise SystemExit(f"variant {text!r}: ac must be none, full, selective, op or budget")
         elif token.startswith("every="):
             v.ac_every_n = int(token[6:])
+        elif token.startswith("budget="):
+            v.memory_budget = float(token[7:])
         elif token.startswith("chunk="):
             v.chunk = int(token[6:])
         elif token in ("loss=fused", "loss=chunked"):
             v.loss = token[5:]
+        elif token in ("float8", "float8=all"):
+            v.float8, v.float8_small_gemms = True, token == "float8=all"
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N, loss=fused|chunked"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, loss=fused|chunked, "
+                "float8, float8=all"
             )
     return v
 
@@ -340,11 +352,14 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
             "loss_chunk_size": v.chunk if v.chunk is not None else s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
-            "loss_impl": v.loss,
+            "loss_impl": v.loss, "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
         },
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
-        "activation_checkpoint": {"mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n},
+        "activation_checkpoint": {
+            "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n,
+            "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
+        },
         "compile": {"enabled": v.compile},
         "checkpoint": {"resume": False, "save_final": False, "interval": 0},
         "metrics": {"tensorboard": False, "log_freq": 1_000_000},
@@ -371,7 +386,9 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["build_s"] = round(build_s, 2)
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
+                "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
+                "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
             }
             return result
@@ -570,11 +587,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
-                   help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, chunk=N "
+                   help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
+                        "loss=fused|chunked, float8, float8=all "
                         "('' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
-    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op"),
+    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),
                    help="posttrain activation checkpointing for variants without an ac= token")
     p.add_argument("--ac-every-n", type=int, default=2)
     p.add_argument("--peer-ac", action="store_true", help="HF gradient checkpointing for the peers (e.g. 8B)")
@@ -605,10 +623,10 @@ def plan_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
     ours: list[tuple[str, str, Any, str | None, float]] = []
     for text in [t for t in args.posttrain_variants.split(",") if t.strip()]:
         v = parse_variant(text.strip())
-        skip = None
-        if device.type == "cpu" and v.backend == "flex":
+        skip = float8_unavailable_reason(device) if v.float8 else None
+        if skip is None and device.type == "cpu" and v.backend == "flex":
             skip = "flex has no backward on CPU"
-        elif device.type == "cpu" and v.compile and not args.allow_cpu_compile:
+        elif skip is None and device.type == "cpu" and v.compile and not args.allow_cpu_compile:
             skip = "compile skipped on CPU (--allow-cpu-compile)"
         ours.append(("posttrain", v.name, v, skip, args.min_compile_run_s if v.compile else args.min_run_s))
     peers = [t.strip() for t in args.peers.split(",") if t.strip()]

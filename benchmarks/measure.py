@@ -142,6 +142,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["triton"] = triton.__version__
     except Exception:  # noqa: BLE001
         env["triton"] = None
+    try:
+        from importlib.metadata import version
+
+        env["torchao"] = version("torchao")
+    except Exception:  # noqa: BLE001 - float8 variants only
+        env["torchao"] = None
     return env
 
 

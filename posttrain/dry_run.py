@@ -85,6 +85,8 @@ def estimate_memory_gib(cfg: JobConfig, args, counts: ParamCounts, dims: Paralle
     if mode == "full":
         layers_saved = args.dim * compute_bytes * args.n_layers + per_token_layer  # block inputs + one block
         activations = tokens * layers_saved
+    elif mode == "budget":  # the partitioner's ceiling; it may keep less
+        activations = tokens * per_token_layer * args.n_layers * cfg.activation_checkpoint.memory_budget
     else:
         fraction = 1.0 / cfg.activation_checkpoint.every_n if mode == "selective" else 0.0
         activations = tokens * per_token_layer * args.n_layers * (1 - fraction)

@@ -23,8 +23,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     if not decay and not no_decay:
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
     fused = {"auto": device.type == "cuda", "true": True, "false": False}[cfg.fused]
     return torch.optim.AdamW(
@@ -66,3 +66,19 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) 
             min_lr_ratio=cfg.min_lr_ratio,
         ),
     )
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg) -> None:
+    """After loading a checkpoint: the `[optimizer]` section `cfg` (peak lr, betas, eps, weight decay) replaces
+    the saved hyper-parameters, and the lr follows this run's schedule from the resumed step on. With an
+    unchanged config this reproduces the saved values exactly (the same `base_lr * multiplier(step)`)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+        if group.get("decay", group["weight_decay"] != 0.0):  # the no-decay group (norms, biases) stays at 0
+            group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

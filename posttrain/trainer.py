@@ -24,6 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
+from posttrain.checkpoint.fingerprint import run_fingerprint
+from posttrain.checkpoint.resume_check import ResumeFingerprintCheck
+from posttrain.checkpoint.run_lock import claim_output_dir
 from posttrain.config import JobConfig, config_to_dict, validate_world_size
 from posttrain.datasets.tokenizer import HFTokenizer
 from posttrain.divergence import DivergenceGuard
@@ -42,9 +45,10 @@ from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
 from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
-from posttrain.optim import build_lr_scheduler, build_optimizer
+from posttrain.optim import apply_optimizer_config, build_lr_scheduler, build_optimizer
 from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
+from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
 from posttrain.preemption import PreemptionFlag
 from posttrain.profiling import StepProfiler
 
@@ -132,6 +136,11 @@ def build_training_model(
     with torch.device("meta"):
         model = spec.model_cls(args)
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
+    if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
+        try:
+            apply_float8_training(model, device=device, convert_small_gemms=cfg.training.float8_convert_small_gemms)
+        except Float8Unavailable as err:
+            raise SystemExit(f"training.float8 = true: {err}") from err
     get_parallelize_fn(spec.name)(
         model,
         parallel_dims,
@@ -160,6 +169,9 @@ class Trainer:
         self.device = self.dist.device
         validate_world_size(cfg, self.dist.world_size)
         self.output_dir = Path(cfg.job.output_dir)
+        # One run per output folder; an earlier run's checkpoints are never silently pruned (checkpoint.resume)
+        self.run_lock = claim_output_dir(self.output_dir, cfg.checkpoint, is_main=self.dist.is_main)
+        self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
 
         p = cfg.parallelism
         self.parallel_dims = ParallelDims.from_config(p, self.dist.world_size)
@@ -191,12 +203,11 @@ class Trainer:
             added_tokens=self._config_added_tokens,
         )
         self.model_args = self.model.args
-        if self.dist.is_main:  # only once the tokenizer and model are built: a run refused earlier writes nothing
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        # only once the tokenizer and model are built: a run refused before writes no config.json
+        if not (cfg.checkpoint.resume and self.checkpoint.step_folders()):
+            self._write_run_config()  # else once the resume is accepted (load_checkpoint)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
         self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
         self.peak_flops = self.metrics.peak_flops(self.device)
         mfu_unavailable = getattr(self.model, "mfu_unavailable_reason", None)  # the hf backend's models
@@ -207,6 +218,7 @@ class Trainer:
         self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
         self.preemption = PreemptionFlag()
         self.preempted = False  # set when a preemption signal ended fit() early (after a checkpoint)
+        self.abnormal_end: str | None = None  # why the run ended abnormally (close() then exits non-zero)
         self.profiler = StepProfiler(cfg.profiling, self.output_dir, rank=self.dist.rank, device=self.device)
         # Called with no arguments after every optimizer step (e.g. periodic evaluation; see posttrain/evaluation)
         self.step_hooks: list[Callable[[], None]] = []
@@ -254,11 +266,35 @@ class Trainer:
             state["dataloader"] = self.data_loader
         return state
 
+    def _write_run_config(self) -> None:
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What checkpoint.json records about this run, checked at resume (posttrain/checkpoint/fingerprint.py)."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = run_fingerprint(
+                self.cfg, model_args=self.model_args, dp_degree=self.dp_degree, tokenizer=self.tokenizer
+            )
+        return self._fingerprint
+
+    def load_checkpoint(self, state: dict[str, Any]) -> int | None:
+        """Load the newest loadable checkpoint into `state` (see `checkpoint_state`): refused when the model,
+        vocabulary, recipe or data-parallel degree changed; a new lr / schedule / steps / data applies from the
+        resumed step. Returns its step, or None (no checkpoint)."""
+        check = ResumeFingerprintCheck(self.checkpoint.folder, self.run_fingerprint(), log=self.dist.is_main)
+        step = self.checkpoint.load(state, source_rank=self._per_rank_source, before_load=check)
+        if step is not None:
+            apply_optimizer_config(self.optimizer, self.lr_scheduler, self.cfg.optimizer)
+            self._write_run_config()
+        return step
+
     def resume(self) -> None:
-        """Resume from the latest complete checkpoint of output_dir, if any (and if checkpoint.resume)."""
+        """Resume from the latest loadable checkpoint of output_dir, if any (and if checkpoint.resume)."""
         if not self.cfg.checkpoint.resume:
             return
-        step = self.checkpoint.load(self.checkpoint_state(), source_rank=self._per_rank_source)
+        step = self.load_checkpoint(self.checkpoint_state())
         if step is None:
             return
         self.step = step
@@ -468,6 +504,13 @@ class Trainer:
         self.profiler.close()
         with self.preemption.busy():
             self.checkpoint.wait()  # the end-of-run save completes before the run ends
+        self.read_grad_norms()  # every step's norm, the last one's included
+        if self.divergence.in_bad_streak and not self.preempted:
+            self.abnormal_end = (
+                f"the run ended on {self.divergence.consecutive} step(s) skipped as non-finite (last good step "
+                f"{self.divergence.last_good_step}); no checkpoint was saved for them"
+            )
+            logger.error("%s", self.abnormal_end)
 
     def _data_stats(self) -> dict[str, float]:
         local = getattr(self.data_loader, "stats", None)  # cumulative counters of this rank's loader
@@ -482,7 +525,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         with self.preemption.busy():  # a preemption signal during a save waits for it
-            self.checkpoint.save(self.step, self.checkpoint_state(), layout=self._rank_layout())
+            self.checkpoint.save(
+                self.step, self.checkpoint_state(), layout=self._rank_layout(), fingerprint=self.run_fingerprint()
+            )
         # The training stall: the whole save when synchronous, staging (plus the previous save's wait) when async.
         self._checkpoint_stall_s = time.perf_counter() - t0
         self._last_saved_step = self.step
@@ -512,6 +557,8 @@ class Trainer:
             return
         from posttrain.models import save_hf
 
+        if self.abnormal_end is not None and not self._restore_last_checkpoint_weights():
+            return
         out = self.output_dir / "hf"
         save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
         if self.dist.is_main:
@@ -527,7 +574,21 @@ class Trainer:
             if self.dist.is_main:
                 logger.info("exported the LoRA adapter (PEFT format) to %s", adapter)
 
+    def _restore_last_checkpoint_weights(self) -> bool:
+        """After a run that ended on skipped steps: the weights of the last checkpoint, the export source."""
+        step = self.checkpoint.latest_step()
+        if step is None:
+            logger.error("no Hugging Face export: no checkpoint was saved before the non-finite steps")
+            return False
+        self.checkpoint.load({"model_optimizer": ModelOptimizerState(self.model)}, step)
+        logger.warning("exporting the weights of the last good checkpoint %s", self.checkpoint.step_dir(step))
+        return True
+
     def close(self) -> None:
         self.preemption.restore()
         self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         destroy_distributed()
+        if self.abnormal_end is not None:
+            raise SystemExit(f"the run ended abnormally: {self.abnormal_end}")

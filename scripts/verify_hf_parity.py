@@ -279,13 +279,17 @@ def compare_logits(
     seed: int = 0,
     attn_backend: str = "sdpa",
     ours: torch.nn.Module | None = None,
+    reference_kwargs: dict[str, Any] | None = None,
 ) -> ParityReport:
-    """``ours``: an already loaded posttrain model to check (default: ``load_hf(hf_dir)``)."""
+    """``ours``: an already loaded posttrain model to check (default: ``load_hf(hf_dir)``);
+    ``reference_kwargs``: extra ``from_pretrained`` arguments of the transformers reference (e.g.
+    ``experts_implementation="eager"``)."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import load_hf
 
-    ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **(reference_kwargs or {}))
+    ref = ref.to(device).eval()
     if ours is None:
         ours = load_hf(hf_dir, dtype=dtype, device=device, attn_backend=attn_backend)
     ours = ours.eval()

@@ -66,6 +66,18 @@ def _check_data(key: str, value: str) -> None:
         raise _missing(key, value, "no such file or folder")
 
 
+def check_tokenizer_given(cfg: "JobConfig") -> None:
+    """The built-in recipes read text through a tokenizer unless the data are token ids (or the user's format)."""
+    if cfg.tokenizer.path or cfg.model.hf_path or cfg.job.recipe not in ("sft", "dpo", "reward_model", "distill"):
+        return
+    if cfg.job.recipe == "sft" and (cfg.data.format == "tokens" or ":" in cfg.data.format):
+        return
+    raise ConfigError(
+        "tokenizer.path is empty and there is no model.hf_path (whose folder holds one): set one of them, or use "
+        "data.format = 'tokens' for pre-tokenized rows", key="tokenizer.path",
+    )
+
+
 def check_input_paths(cfg: "JobConfig") -> None:
     """Raise ConfigError for the first input path of `cfg` that does not exist (see the module docstring)."""
     _check_model_folder("model.hf_path", cfg.model.hf_path)

@@ -84,6 +84,9 @@ class DataSection:
     num_workers: int = opt(1, "background data workers per rank (0 = pack in the training process)")
     prefetch: int = opt(4, "batches prepared ahead per worker")
     skip_bad_rows: bool = opt(False, "skip (and count) malformed rows instead of stopping")
+    max_row_bytes: int = opt(
+        8 << 20, "a JSON line longer than this many bytes is a bad row, rejected before it is parsed (0 = no limit)"
+    )
     eval_path: str = opt("", "held-out data for validation loss (optional)")
     columns: dict = opt(
         {},
@@ -115,6 +118,13 @@ class TrainingSection:
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
+    float8: bool = opt(
+        False, "float8 matmuls (torchao, rowwise scaling) in the transformer blocks' Linear layers; needs torchao, "
+        "compile.enabled and a GPU of compute capability >= 8.9"
+    )
+    float8_convert_small_gemms: bool = opt(
+        False, "float8: also convert Linear layers torchao measured as too small to gain (skipped by default)"
+    )
 
 
 @dataclass
@@ -151,8 +161,11 @@ class ParallelismSection:
 
 @dataclass
 class ActivationCheckpointSection:
-    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op"))
+    mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op", "budget"))
     every_n: int = opt(2, "selective mode: checkpoint every n-th block")
+    memory_budget: float = opt(
+        0.5, "budget mode (needs compile): share of the activation memory kept (0..1); the cheapest ops are recomputed"
+    )
 
 
 @dataclass
@@ -168,6 +181,9 @@ class CheckpointSection:
     export_hf: bool = opt(False, "write <output_dir>/hf/ (weights + tokenizer) at the end")
     save_final: bool = opt(True, "save a checkpoint at the last step")
     resume: bool = opt(True, "resume from the latest complete checkpoint in output_dir")
+    overwrite: bool = opt(
+        False, "with resume = false: delete an earlier run's checkpoints and metrics.jsonl in output_dir (else refused)"
+    )
     async_save: bool = opt(False, "write checkpoints in the background (torch.distributed.checkpoint.async_save)")
 
 

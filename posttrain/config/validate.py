@@ -6,6 +6,7 @@ Each failure is a ConfigError whose `key` is the setting to change; the loader a
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING
 
@@ -41,8 +42,14 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     _validate_training(cfg)
     _validate_optimizer(cfg)
     _validate_parallelism(cfg)
+    _validate_float8(cfg)
     ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
     _positive(ac.every_n, "activation_checkpoint.every_n")
+    _require(
+        0 <= ac.memory_budget <= 1, "activation_checkpoint.memory_budget", f"must be in [0, 1], got {ac.memory_budget}"
+    )
+    if ac.mode == "budget":
+        _require(cfg.compile.enabled, "activation_checkpoint.mode", "= 'budget' works through torch.compile; set compile.enabled = true")
     _non_negative(ckpt.interval, "checkpoint.interval")
     _non_negative(ckpt.keep_last, "checkpoint.keep_last")
     _positive(metrics.log_freq, "metrics.log_freq")
@@ -156,6 +163,27 @@ def _validate_parallelism(cfg: "JobConfig") -> None:
     _positive(p.dp_replicate, "parallelism.dp_replicate")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, "parallelism.dp_shard", f"must be -1 or >= 1, got {p.dp_shard}")
     _positive(p.tp, "parallelism.tp")
+
+
+FLOAT8_INSTALL_HINT = "pip install 'posttrain[float8]' (or pip install 'torchao>=0.18')"
+
+
+def _validate_float8(cfg: "JobConfig") -> None:
+    """What training.float8 needs besides float8 hardware (checked where the device is known)."""
+    if not cfg.training.float8:
+        return
+    key = "training.float8"
+    _require(cfg.model.backend == "native", key, "works with model.backend = 'native' only; set it to false")
+    _require(cfg.lora.rank == 0, key, "converts full fine-tuning's Linear layers; it cannot be combined with LoRA (lora.rank > 0)")
+    _require(
+        cfg.compile.enabled, key,
+        "needs compile.enabled = true (uncompiled, torchao's float8 casts run as many small kernels and the step is slower than bf16)",
+    )
+    _require(
+        cfg.training.mixed_precision != "fp32", key,
+        "needs bf16 compute; set training.mixed_precision to auto or bf16",
+    )
+    _require(importlib.util.find_spec("torchao") is not None, key, f"needs torchao, which is not installed: {FLOAT8_INSTALL_HINT}")
 
 
 def validate_world_size(cfg: "JobConfig", world_size: int) -> None:

@@ -32,7 +32,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from posttrain.config.sections import DataSection
-from posttrain.datasets.errors import DataError
+from posttrain.datasets.errors import DataError, data_worker_death
 from posttrain.datasets.sft_dataset import PackedEvalDataset, PackedSFTDataset, PipelineConfig
 from posttrain.datasets.sft_format import FORMATS, SFTTokenizer, load_user_format
 from posttrain.datasets.sources import resolve_data_files
@@ -127,6 +127,12 @@ class SFTDataLoader:
         except DataError as e:
             self._stop_workers()  # the stream ends here; its workers must not outlive it
             raise _without_worker_traceback(e) from e
+        except RuntimeError as e:
+            died = data_worker_death(e, ", ".join(self.dataset.cfg.names))
+            if died is None:
+                raise
+            self._stop_workers()
+            raise DataError(died) from e
         shard_stats = dict(batch["stats"])
         self._shard_stats[str(shard_stats.pop("shard"))] = shard_stats
         batch["stats"] = self.stats
@@ -236,6 +242,7 @@ def _pipeline_config(
         num_epochs=num_epochs,
         vocab_size=vocab_size,
         columns=tuple(data.columns.items()),
+        max_row_bytes=data.max_row_bytes,
     )
 
 

@@ -15,3 +15,16 @@ class BadRowError(DataError):
 
     Raised unless `data.skip_bad_rows = true`, in which case the row is skipped, counted and logged.
     """
+
+
+def data_worker_death(error: BaseException, data_names: str) -> str | None:
+    """One line for torch's "DataLoader worker ... exited unexpectedly / is killed by signal" (raised from
+    `next()`, or at any point by torch's SIGCHLD handler); None for any other error."""
+    text = str(error).strip()
+    if "DataLoader worker" not in text:
+        return None
+    return (
+        f"a data worker reading {data_names} died ({text.splitlines()[0]}), most likely killed for memory: check "
+        "data.max_row_bytes (a row is held many times over while it is tokenized), lower data.num_workers / "
+        "data.prefetch, or set data.num_workers = 0 to see any error in the training process"
+    )

@@ -27,6 +27,8 @@ is exact.
 
 from __future__ import annotations
 
+import logging
+
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ __all__ = [
     "take_pairs_for_rows",
     "tokenize_preference_row",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,14 +116,15 @@ def _fit(pair: PreferencePair, seq_len: int, overlong: str) -> PreferencePair | 
 
 def load_preference_pairs(
     path: str, tokenizer: Any, *, seq_len: int, overlong: str = "truncate", skip_bad_rows: bool = False,
-    columns: Mapping[str, str] | None = None,
+    field: str = "data.path", max_row_bytes: int = 0, columns: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferencePair], dict[str, int]]:
-    """Read and tokenize every row of `path` (file / glob / folder); return the usable pairs and counts.
-    `columns` (`[data.columns]`) renames the rows' own columns to prompt / chosen / rejected first."""
+    """Read and tokenize every row of `path` (file / glob / folder; `field` is the config key that named it);
+    return the usable pairs and counts. The first dropped pair is logged with its file:line. `columns`
+    (`[data.columns]`) renames the rows' own columns to prompt / chosen / rejected first."""
     pairs: list[PreferencePair] = []
     stats = {"rows": 0, "dropped": 0, "bad_rows": 0}
-    for data_file in resolve_data_files(path):
-        for src in iter_file_rows(data_file):
+    for data_file in resolve_data_files(path, field=field):
+        for src in iter_file_rows(data_file, max_row_bytes=max_row_bytes):
             stats["rows"] += 1
             try:
                 row = src.value
@@ -135,6 +140,9 @@ def load_preference_pairs(
             fitted = _fit(pair, seq_len, overlong)
             if fitted is None:
                 stats["dropped"] += 1
+                if stats["dropped"] == 1:
+                    logger.warning("%s: pair dropped (%d tokens for seq_len = %d, data.overlong = %s, or no trained "
+                                   "token left); further drops are counted", src.where, len(pair), seq_len, overlong)
                 continue
             pairs.append(fitted)
     if not pairs:

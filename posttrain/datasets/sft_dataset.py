@@ -55,6 +55,7 @@ class PipelineConfig:
     num_epochs: int | None = None  # None: repeat forever
     vocab_size: int | None = None  # token rows: ids must be below it (None: unchecked)
     columns: tuple[tuple[str, str], ...] = ()  # [data.columns]: (field, the rows' column) renamed before tokenizing
+    max_row_bytes: int = 0  # a JSON line longer than this is a bad row, never parsed (0: no limit)
 
 
 class ShardPipeline:
@@ -69,7 +70,8 @@ class ShardPipeline:
         self.streams = [
             ShuffledEpochs(
                 ShardedRowStream(
-                    list(files), shard=shard, num_shards=num_shards, seed=cfg.seed, name=name, shuffle_files=shuffle
+                    list(files), shard=shard, num_shards=num_shards, seed=cfg.seed, name=name, shuffle_files=shuffle,
+                    max_row_bytes=cfg.max_row_bytes,
                 ),
                 buffer_size=cfg.shuffle_buffer,
                 seed=cfg.seed,
@@ -136,7 +138,12 @@ class ShardPipeline:
                 continue
             fitted, outcome = fit_to_length(sample, cfg.seq_len, cfg.overlong)
             if fitted is None:
-                setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+                count = getattr(self.stats, outcome) + 1
+                setattr(self.stats, outcome, count)
+                if count == 1:  # the first of each kind, with where it came from; later ones are only counted
+                    logger.warning("%s: %d tokens, %s (seq_len = %d, data.overlong = %s); further ones are counted "
+                                   "in data/%s", row.where, len(sample), outcome.replace("_", " "), cfg.seq_len,
+                                   cfg.overlong, outcome)
                 self._unusable(sample, outcome.replace("_", " "))
                 continue
             if outcome == "truncated":

@@ -26,6 +26,7 @@ Every problem with a row raises `BadRowError` naming `file:line` and the field, 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,6 +54,8 @@ SHAREGPT_ROLES = {
     "function_call": "assistant",
 }
 _FIX = "fix the row or set data.skip_bad_rows = true to skip and count such rows"
+logger = logging.getLogger(__name__)
+_reported_template_drop = False  # once per process (each data worker reports its first)
 
 
 class SFTTokenizer(Protocol):
@@ -221,16 +224,42 @@ def _takes_tools(tokenizer: SFTTokenizer) -> bool:
         return False
 
 
+def _report_template_drop(messages: list[dict[str, Any]], ids: list[int], tokenizer: Any, where: str) -> None:
+    """Log the first message whose text the chat template left out (e.g. Qwen3 renders no `developer` turn)."""
+    global _reported_template_drop
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None:
+        return
+    rendered = decode(ids)
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message["role"] != "assistant" and isinstance(content, str) and content.strip():
+            if content.strip() not in rendered:
+                _reported_template_drop = True
+                logger.warning("%s: messages[%d] (role %r) is not in what the chat template rendered: the template "
+                               "dropped it, so the model never sees it (logged once; map the role to one the "
+                               "template renders)", where, i, message["role"])
+                return
+
+
 def _tokenize(row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer) -> tuple[list[int], list[bool]]:
     if fmt == "chat" or fmt == "sharegpt":
         messages = chat_messages(row, where) if fmt == "chat" else sharegpt_messages(row, where)
         messages = _with_system(messages, row, where)
         tools = row.get("tools")
         if tools and _takes_tools(tokenizer):
-            return tokenizer.tokenize_messages(messages, tools=tools)  # type: ignore[call-arg]
-        return tokenizer.tokenize_messages(messages)
+            ids, mask = tokenizer.tokenize_messages(messages, tools=tools)  # type: ignore[call-arg]
+        else:
+            ids, mask = tokenizer.tokenize_messages(messages)
+        if not _reported_template_drop:
+            _report_template_drop(messages, ids, tokenizer, where)
+        return ids, mask
     if fmt == "alpaca":
-        return tokenizer.tokenize_messages(chat_messages({"messages": alpaca_messages(row, where)}, where))
+        messages = chat_messages({"messages": alpaca_messages(row, where)}, where)
+        ids, mask = tokenizer.tokenize_messages(messages)
+        if not _reported_template_drop:
+            _report_template_drop(messages, ids, tokenizer, where)
+        return ids, mask
     if fmt == "prompt_completion":
         prompt = _require(row, "prompt", fmt, where)
         completion = _require(row, "completion", fmt, where)

@@ -299,18 +299,39 @@ def _open_binary(path: str, *, streaming: bool) -> BinaryIO:
     return raw
 
 
-def _iter_lines(f: BinaryIO) -> Iterator[bytes]:
-    """Lines (with their newline) read in 1 MiB chunks: works on any stream, counts bytes exactly."""
+class OverlongLine(int):
+    """Stands for a line longer than the row limit: its length in bytes (its content was never kept)."""
+
+
+def _iter_lines(f: BinaryIO, max_bytes: int = 0) -> Iterator[bytes | OverlongLine]:
+    """Lines (with their newline) read in 1 MiB chunks: works on any stream, counts bytes exactly. A line over
+    `max_bytes` (0: no limit) is read through without being held and comes out as an `OverlongLine`."""
     pending = b""
+    skipped = 0  # bytes of an overlong line read so far
     while True:
         chunk = f.read(_READ_CHUNK)
         if not chunk:
             break
-        parts = (pending + chunk).split(b"\n")
-        pending = parts.pop()
-        for part in parts:
-            yield part + b"\n"
-    if pending:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start : end + 1]
+            if skipped:
+                skipped += len(piece)
+            else:
+                pending += piece
+                if max_bytes and len(pending) > max_bytes:
+                    skipped, pending = len(pending), b""
+            if end < 0:
+                break
+            if skipped:
+                yield OverlongLine(skipped)
+            else:
+                yield pending
+            skipped, pending, start = 0, b"", end + 1
+    if skipped:
+        yield OverlongLine(skipped)
+    elif pending:
         yield pending
 
 
@@ -348,16 +369,22 @@ def _decode_json_row(text: bytes | str, where: str) -> SourceRow:
     return SourceRow(value, where)
 
 
-def _iter_jsonl(path: str, cursor: FileCursor, keep: Callable[[int], bool]) -> Iterator[SourceRow]:
+def _iter_jsonl(
+    path: str, cursor: FileCursor, keep: Callable[[int], bool], max_row_bytes: int = 0
+) -> Iterator[SourceRow]:
     f = _open_binary(path, streaming=True)
     try:
         if cursor.byte_offset:
             _skip_bytes(f, cursor.byte_offset)
-        for line in _iter_lines(f):
+        for line in _iter_lines(f, max_row_bytes):
             index = cursor.row
             cursor.row += 1
-            cursor.byte_offset += len(line)
+            cursor.byte_offset += line if isinstance(line, OverlongLine) else len(line)
             if not keep(index):
+                continue
+            if isinstance(line, OverlongLine):
+                yield SourceRow(None, f"{path}:{index + 1}", f"the line is {int(line)} bytes, over "
+                                f"data.max_row_bytes = {max_row_bytes} (raise that limit for rows this long)")
                 continue
             text = line.strip()
             if not text:
@@ -393,7 +420,9 @@ def _json_array_rows(path: str, text: str) -> Iterator[tuple[Any, str]]:
         pos = end
 
 
-def _iter_json(path: str, cursor: FileCursor, keep: Callable[[int], bool]) -> Iterator[SourceRow]:
+def _iter_json(
+    path: str, cursor: FileCursor, keep: Callable[[int], bool], max_row_bytes: int = 0
+) -> Iterator[SourceRow]:
     with _open_binary(path, streaming=True) as f:
         raw = f.read()
     try:
@@ -408,7 +437,7 @@ def _iter_json(path: str, cursor: FileCursor, keep: Callable[[int], bool]) -> It
             document = json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # several objects: this .json file is JSON lines
-                yield from _iter_jsonl(path, cursor, keep)
+                yield from _iter_jsonl(path, cursor, keep, max_row_bytes)
                 return
             raise DataError(
                 f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a broken .json file cannot be skipped "
@@ -510,10 +539,18 @@ _READERS = {
 
 
 def iter_file_rows(
-    data_file: DataFile, cursor: FileCursor | None = None, keep: Callable[[int], bool] | None = None
+    data_file: DataFile,
+    cursor: FileCursor | None = None,
+    keep: Callable[[int], bool] | None = None,
+    *,
+    max_row_bytes: int = 0,
 ) -> Iterator[SourceRow]:
-    """Rows of one file from `cursor` on (advanced as rows are consumed); `keep(i)` selects row slots."""
-    return _READERS[data_file.kind](data_file.path, cursor or FileCursor(), keep or (lambda i: True))
+    """Rows of one file from `cursor` on (advanced as rows are consumed); `keep(i)` selects row slots. A JSON
+    line longer than `max_row_bytes` (0: no limit) becomes a bad row, checked before it is parsed or held."""
+    reader = _READERS[data_file.kind]
+    if data_file.kind in ("jsonl", "json"):
+        reader = partial(reader, max_row_bytes=max_row_bytes)
+    return reader(data_file.path, cursor or FileCursor(), keep or (lambda i: True))
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -536,6 +573,7 @@ class ShardedRowStream:
         seed: int,
         name: str,
         shuffle_files: bool,
+        max_row_bytes: int = 0,
     ) -> None:
         if not files:
             raise DataError(f"{name}: no data files")
@@ -545,6 +583,7 @@ class ShardedRowStream:
         self.seed = seed
         self.name = name
         self.shuffle_files = shuffle_files
+        self.max_row_bytes = max_row_bytes
         self.by_files = len(files) >= FILE_SHARDING_MIN_FILES_PER_SHARD * num_shards and num_shards > 1
         self.epoch = 0
         self.file_pos = 0  # index into this epoch's list of files this shard reads
@@ -586,7 +625,7 @@ class ShardedRowStream:
         while self.file_pos < len(self._order):
             if self._rows is None:
                 data_file = self.files[self._order[self.file_pos]]
-                self._rows = iter_file_rows(data_file, self.cursor, self._keep)
+                self._rows = iter_file_rows(data_file, self.cursor, self._keep, max_row_bytes=self.max_row_bytes)
             row = next(self._rows, None)
             if row is not None:
                 self.rows_in_epoch += 1

@@ -6,6 +6,11 @@ Modes (``ActivationCheckpointSection.mode``):
 - ``selective``: like ``full`` but only every ``every_n``-th block (a memory/speed dial between none and full).
 - ``op``: every block is wrapped, but the outputs of the expensive ops (matmuls, attention kernels,
   reduce-scatters) are saved, so backward recomputes only the cheap pointwise ops (norms, activations, rope).
+- ``budget``: no wrapper; torch.compile's min-cut partitioner keeps at most ``memory_budget`` (a share, 0..1)
+  of the activation memory each compiled block would otherwise save, recomputing the ops that cost the least
+  runtime per byte freed (``torch._functorch.config.activation_memory_budget``, as torchtitan's
+  ``memory_budget`` mode). Needs compile. The setting is process-wide and read when a graph is compiled, so
+  every other mode resets it to 1.0 (keep everything), and it also applies to a compiled loss.
 
 Blocks are replaced in ``model.layers`` by a ``CheckpointWrapper``; parameter names gain a
 ``_checkpoint_wrapped_module.`` segment, while ``state_dict()`` keys stay unchanged (the wrapper strips it).
@@ -16,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full", "selective", "op")
+AC_MODES = ("none", "full", "selective", "op", "budget")
 
 
 def _op_save_list() -> set:
@@ -67,11 +73,19 @@ def wrap_block(block: nn.Module, mode: str) -> nn.Module:
     return checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2) -> None:
+def set_activation_memory_budget(budget: float) -> None:
+    """The share of activation memory compiled graphs keep (1.0: all, torch's default; 0.0: recompute all)."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"activation_checkpoint.memory_budget must be in [0, 1], got {budget}")
+    torch._functorch.config.activation_memory_budget = budget
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2, memory_budget: float = 1.0) -> None:
     """Wrap ``model.layers`` blocks in place according to ``mode`` (see the module docstring)."""
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {mode!r}")
-    if mode == "none":
+    set_activation_memory_budget(memory_budget if mode == "budget" else 1.0)
+    if mode in ("none", "budget"):
         return
     if mode == "selective" and every_n < 1:
         raise ValueError(f"activation_checkpoint.every_n must be >= 1 for selective mode, got {every_n}")
@@ -86,4 +100,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2
         model.layers.register_module(name, wrapped)
 
 
-__all__ = ["AC_MODES", "apply_activation_checkpointing", "op_selective_context_fn", "wrap_block"]
+__all__ = [
+    "AC_MODES", "apply_activation_checkpointing", "op_selective_context_fn", "set_activation_memory_budget", "wrap_block",
+]

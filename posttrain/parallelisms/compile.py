@@ -28,5 +28,10 @@ def prime_lazy_attention_kernels(device_type: str) -> None:
 def apply_compile(model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda") -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing)."""
     prime_lazy_attention_kernels(device_type)
+    if hasattr(model, "moe_layers") and model.moe_layers():
+        # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed
+        # block dynamo refuses that side effect ("HOP: Unsafe side effect") unless it need not replay it in the
+        # backward's recomputation, which would only write the same values again.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in model.layers.children():
         block.compile(fullgraph=fullgraph)

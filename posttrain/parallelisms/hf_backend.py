@@ -59,7 +59,9 @@ def parallelize_hf(
     if parallelism.loss_parallel:
         raise SystemExit("parallelism.loss_parallel needs tensor parallelism, which model.backend = 'hf' does not have")
     device_type = parallel_dims.device_type or "cpu"
-    apply_activation_checkpointing(model, ac.mode, ac.every_n)
+    if ac.mode == "budget" and not compile.enabled:
+        raise SystemExit("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
+    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
     if compile.enabled:
         # HF layers take keyword inputs and may branch on config values: allow graph breaks
         apply_compile(model, fullgraph=False, device_type=device_type)

@@ -65,7 +65,9 @@ def parallelize_decoder(
     if parallel_dims.tp_enabled:
         apply_tp(model, parallel_dims.tp_mesh, tp_plan(model, loss_parallel=parallelism.loss_parallel))
 
-    apply_activation_checkpointing(model, ac.mode, ac.every_n)
+    if ac.mode == "budget" and not compile.enabled:
+        raise ValueError("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
+    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
 
     if compile.enabled:
         apply_compile(model, device_type=device_type)

@@ -152,7 +152,9 @@ def run(cfg: JobConfig) -> None:
     chunk_size = cfg.training.loss_chunk_size
     heads = {"chunk_size": chunk_size, "loss_impl": cfg.training.loss_impl}
     trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
-    eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False) if cfg.data.eval_path else None
+    eval_loader = None
+    if cfg.data.eval_path:
+        eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False, field="data.eval_path")
 
     needs_reference = dpo.reference == "model" and dpo.loss_type != "simpo"
     if needs_reference and has_lora(trainer.model):  # the frozen base is the reference: no second copy

@@ -12,8 +12,11 @@ from posttrain.datasets.preference import PreferenceDataLoader, load_preference_
 from posttrain.trainer import LossOutput, Trainer
 
 
-def build_preference_loader(trainer: Trainer, path: str, *, shuffle: bool = True) -> PreferenceDataLoader:
-    """This rank's loader of packed [chosen, rejected] pairs read from `path` (data.* settings apply)."""
+def build_preference_loader(
+    trainer: Trainer, path: str, *, shuffle: bool = True, field: str = "data.path"
+) -> PreferenceDataLoader:
+    """This rank's loader of packed [chosen, rejected] pairs read from `path`, the value of config key `field`
+    (data.* settings apply)."""
     cfg = trainer.cfg
     if not path:
         raise SystemExit("no preference data: set data.path to a jsonl of prompt / chosen / rejected rows")
@@ -21,7 +24,8 @@ def build_preference_loader(trainer: Trainer, path: str, *, shuffle: bool = True
         raise SystemExit("the pairwise recipes read one data.path; data.paths (mixing) is for SFT")
     pairs, stats = load_preference_pairs(
         path, trainer.tokenizer, seq_len=cfg.training.seq_len, overlong=cfg.data.overlong,
-        skip_bad_rows=cfg.data.skip_bad_rows, columns=cfg.data.columns,
+        skip_bad_rows=cfg.data.skip_bad_rows, field=field, max_row_bytes=cfg.data.max_row_bytes,
+        columns=cfg.data.columns,
     )
     return PreferenceDataLoader(
         pairs, seq_len=cfg.training.seq_len, micro_batch_size=trainer.micro_batch_size, pad_id=trainer.tokenizer.pad_id,

@@ -65,7 +65,9 @@ def run(cfg: JobConfig) -> None:
     cfg = with_value_head(cfg)
     trainer = Trainer(cfg)
     trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
-    eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False) if cfg.data.eval_path else None
+    eval_loader = None
+    if cfg.data.eval_path:
+        eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False, field="data.eval_path")
     trainer.resume()
     if eval_loader is not None and trainer.step == 0:
         trainer.metrics.log(0, evaluate_pairs(trainer, eval_loader, reward_model_loss))

@@ -188,14 +188,15 @@ class PolicyWorker:
         if not self.trainer.cfg.checkpoint.resume:
             return None
         state = self._state(None)
-        step = self.trainer.checkpoint.load(state, source_rank=self.trainer._per_rank_source)
+        step = self.trainer.load_checkpoint(state)
         if step is None:
             return None
         self.trainer.step = step * self.updates_per_step
         return {"step": step, "controller": state["controller"].obj}
 
     def save(self, step: int, controller_state: Any) -> None:
-        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer._rank_layout())
+        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer._rank_layout(),
+                                     fingerprint=self.trainer.run_fingerprint())
         self.trainer.checkpoint.wait()
 
     # -- scoring ---------------------------------------------------------------------------------------

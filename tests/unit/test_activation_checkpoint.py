@@ -1,5 +1,6 @@
 """Activation checkpointing modes: which blocks are wrapped, same outputs and grads, and what backward
-recomputes (full: the block's matmuls again; op-level selective: none of them)."""
+recomputes (full: the block's matmuls again; op-level selective: none of them); budget mode: what compiled
+graphs save for backward shrinks with the budget."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from posttrain.config import ConfigError, config_from_dict
 from posttrain.models.registry import build_model
 from posttrain.models.sharded_load import canonical_name
 from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
@@ -54,6 +56,7 @@ def wrapped(model: torch.nn.Module) -> list[bool]:
         ("selective", 3, [False, False, True, False]),
         ("selective", 1, [True] * 4),
         ("op", 2, [True] * 4),
+        ("budget", 2, [False] * 4),  # the compiled partitioner decides, no wrapper
     ],
 )
 def test_modes_wrap_the_right_blocks_and_keep_state_dict_keys(mode, every_n, expected):
@@ -94,3 +97,54 @@ def test_compile_is_applied_in_place_per_block():
     apply_compile(model)
     assert all(b._compiled_call_impl is not None for b in model.layers.children())
     assert list(model.state_dict()) == keys
+
+
+def _pointwise_heavy_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    h = F.rms_norm(x, (x.shape[-1],))
+    up = h @ w1
+    a = F.silu(up) * up.sigmoid()
+    return x + (a.cos() * a.sin()) @ w2
+
+
+def _bytes_saved_for_backward() -> int:
+    """Compile with the min-cut partitioner (inductor's, without code generation) and sum what the compiled
+    forward saves for backward."""
+    torch._dynamo.reset()  # the budget is read when a graph is compiled
+    fn = torch.compile(_pointwise_heavy_block, backend="aot_eager_decomp_partition")
+    gen = torch.Generator().manual_seed(0)
+    x, w1, w2 = (torch.randn(*shape, generator=gen, requires_grad=True) for shape in ((64, 128), (128, 512), (512, 128)))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        out = fn(x, w1, w2)
+    out.sum().backward()
+    return sum(saved)
+
+
+@pytest.fixture
+def restore_memory_budget():
+    yield
+    torch._functorch.config.activation_memory_budget = 1.0
+    torch._dynamo.reset()
+
+
+def test_budget_mode_makes_compiled_blocks_save_less(restore_memory_budget):
+    apply_activation_checkpointing(debug_model(n_layers=1), "budget", memory_budget=0.1)
+    assert torch._functorch.config.activation_memory_budget == 0.1
+    low = _bytes_saved_for_backward()
+    apply_activation_checkpointing(debug_model(n_layers=1), "none")  # any other mode keeps everything again
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    full = _bytes_saved_for_backward()
+    weights = (128 * 512 + 512 * 128) * 4
+    assert low - weights < 0.5 * (full - weights)  # activations saved, weights aside
+
+
+def test_budget_mode_needs_compile_and_a_share():
+    with pytest.raises(ConfigError, match="set compile.enabled = true") as err:
+        config_from_dict({"activation_checkpoint": {"mode": "budget"}})
+    assert err.value.key == "activation_checkpoint.mode"
+    with pytest.raises(ConfigError, match=r"activation_checkpoint.memory_budget must be in \[0, 1\], got 1.5"):
+        config_from_dict({"activation_checkpoint": {"mode": "budget", "memory_budget": 1.5}, "compile": {"enabled": True}})
+    cfg = config_from_dict({"activation_checkpoint": {"mode": "budget", "memory_budget": 0.3}, "compile": {"enabled": True}})
+    assert cfg.activation_checkpoint.memory_budget == 0.3
+    with pytest.raises(ValueError, match="memory_budget"):
+        apply_activation_checkpointing(debug_model(n_layers=1), "budget", memory_budget=-0.1)

@@ -63,7 +63,7 @@ def test_all_checkpoints_damaged_refuses_to_start_from_scratch(tmp_path: Path) -
     manager = _save_two(tmp_path)
     for step in (1, 2):
         (manager.step_dir(step) / SHARED_FILE).unlink()
-    with pytest.raises(RuntimeError, match="refusing to start from scratch"):
+    with pytest.raises(SystemExit, match="refusing to start from scratch"):
         manager.load(_state(0)[1])
 
 

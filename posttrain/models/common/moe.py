@@ -54,8 +54,12 @@ class ExpertGroups:
             padded_ends = padded_counts.cumsum(0)
             shift = (padded_ends - padded_counts) - (counts.cumsum(0) - counts)  # padded start - start
             self.dest = torch.arange(n, device=x.device) + shift[row_expert]
-            self.rows = n + n_experts * (GROUPED_MM_ALIGN - 1)
+            # A static size (no host sync) with room for every group's padding. The last group runs to the end:
+            # torch._grouped_mm leaves rows past the last offset unwritten, and garbage there reached the
+            # bias gradients (index_add over every row) as NaN / wrong values.
+            self.rows = -(-(n + n_experts * (GROUPED_MM_ALIGN - 1)) // GROUPED_MM_ALIGN) * GROUPED_MM_ALIGN
             self.offs = padded_ends.to(torch.int32)
+            self.offs[-1] = self.rows
             # padding rows take expert 0's bias; they are dropped by unpad
             self.row_expert = row_expert.new_zeros(self.rows).index_put((self.dest,), row_expert)
         else:

@@ -1,0 +1,38 @@
+"""Helpers the GPU tier's tests share (conftest.py holds the fixtures)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+DEVICE_VAR = "POSTTRAIN_GPU_TESTS_DEVICE"
+
+
+def tier_device() -> tuple[str | None, str]:
+    """The device the tier runs on (None: skip) and the reason when it skips."""
+    choice = os.environ.get(DEVICE_VAR, "cuda")
+    if choice not in ("cuda", "cpu"):
+        raise pytest.UsageError(f"{DEVICE_VAR}={choice!r}: use 'cuda' (the default) or 'cpu' (a dry run)")
+    if choice == "cpu":
+        return "cpu", ""
+    if not torch.cuda.is_available():
+        return None, f"GPU tier: no CUDA device visible (set {DEVICE_VAR}=cpu to dry-run it on the CPU)"
+    return "cuda", ""
+
+
+def load_verifier():
+    """scripts/verify_hf_parity.py as a module: the random tiny HF configs and the logit comparison."""
+    if "verify_hf_parity" in sys.modules:
+        return sys.modules["verify_hf_parity"]
+    spec = importlib.util.spec_from_file_location("verify_hf_parity", REPO / "scripts" / "verify_hf_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

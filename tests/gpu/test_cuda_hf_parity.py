@@ -1,0 +1,73 @@
+"""Logit parity with transformers on the tier's device, every family, on random tiny configs with awkward shapes
+(scripts/verify_hf_parity.py: GQA, head_dim != hidden / heads, vocab not a multiple of 64, Llama-3 rope scaling,
+Gemma 3 sliding windows shorter than the documents with linear-scaled global RoPE, GPT-OSS attention sinks with
+YaRN and a sliding window, Qwen3-MoE / GPT-OSS experts). Both attention backends, fp32 (tight) and bf16 (loose;
+bf16 MoE layers run the ``torch._grouped_mm`` path on sm90+). Each check covers a plain batch and a packed row
+of three documents against each document run alone, and records its relative error in the junit XML.
+
+The MoE references run transformers' eager expert loop (``experts_implementation="eager"``): on CUDA its
+default is its own grouped-mm path, which for GPT-OSS disagreed with its eager loop (and with posttrain, which
+matches the loop on CPU and CUDA alike) on transformers 5.17; the last test here tracks that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _gpu_tier import load_verifier
+
+MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss")
+MOE_TYPES = ("qwen3_moe", "gpt_oss")
+# max |logit diff| / max |logit|: fp32 far under tf32's ~3e-4. bf16 only bounds rounding noise; in the MoE
+# families one bf16 rounding can route a token to another expert, a large but local difference, so the mean
+# difference is bounded too.
+MAX_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
+MEAN_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+def describe(report) -> str:
+    layers = ", ".join(f"{d.name} {d.max_abs / max(d.ref_max_abs, 1e-12):.1e}" for d in report.layers)
+    return (f"max rel {report.rel:.2e}, mean abs {report.mean_abs:.2e} (packed {report.packed_mean_abs:.2e}), "
+            f"max |logit| {report.ref_max_abs:.2f}; per layer (max rel): {layers}")
+
+
+def reference_kwargs(model_type: str) -> dict:
+    return {"experts_implementation": "eager"} if model_type in MOE_TYPES else {}
+
+
+@pytest.mark.parametrize("attn_backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_logits_match_transformers(
+    model_type: str, dtype: torch.dtype, attn_backend: str, random_hf: dict[str, Path], device: torch.device,
+    record_property,
+) -> None:
+    verify = load_verifier()
+    report = verify.compare_logits(random_hf[model_type], dtype=dtype, device=str(device), seq_len=45, batch=2,
+                                   attn_backend=attn_backend, reference_kwargs=reference_kwargs(model_type))
+    record_property("rel_err", describe(report))
+    mean_rel = max(report.mean_abs, report.packed_mean_abs) / report.ref_max_abs
+    assert report.rel < MAX_TOLERANCE[dtype] and mean_rel < MEAN_TOLERANCE[dtype], describe(report)
+    assert report.ref_max_abs > 1.0  # logits of a size where the relative error means something
+
+
+@pytest.mark.xfail(reason="transformers 5.17 on CUDA: GPT-OSS's default (grouped_mm) experts disagree with its "
+                          "eager expert loop (rel. logit error ~0.3 in fp32, seen 2026-12-02); an upstream issue",
+                   strict=False)
+def test_transformers_gpt_oss_default_experts_equal_its_eager_loop(
+    random_hf: dict[str, Path], device: torch.device, record_property
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 45), generator=torch.Generator().manual_seed(0)).to(device)
+    logits, chosen = {}, {}
+    for impl in (None, "eager"):
+        kwargs = {} if impl is None else {"experts_implementation": impl}
+        model = AutoModelForCausalLM.from_pretrained(str(random_hf["gpt_oss"]), dtype=torch.float32, **kwargs)
+        chosen[impl] = getattr(model.config, "_experts_implementation", "?")
+        with torch.no_grad():
+            logits[impl] = model.to(device).eval()(input_ids=ids, use_cache=False).logits
+    rel = ((logits[None] - logits["eager"]).abs().max() / logits["eager"].abs().max()).item()
+    record_property("rel_err", f"{rel:.2e} (default experts: {chosen[None]})")
+    assert rel < 1e-4

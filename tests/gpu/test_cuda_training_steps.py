@@ -1,0 +1,86 @@
+"""A few training steps on the tier's device: equal to the same steps on the CPU in fp32 (every family; the CUDA
+run uses the fused AdamW), and, on the device, activation checkpointing (each mode), the flex backend and
+per-block compile equal to eager sdpa; compile + flex under bf16 autocast (the trainer's GPU default) equal to
+eager under the same autocast, loosely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from _train_steps import max_rel_diff, packed_batch, train_steps
+
+from posttrain.models import load_hf
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.compile import apply_compile
+
+MODEL_TYPES = ("llama", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss")
+LOSS_RTOL = 1e-4  # fp32, 3 AdamW steps: different kernels and reduction orders only
+GRAD_RTOL = 1e-3  # first step's gradients, per tensor, relative to its largest entry
+VARIANTS = {  # name: (attention backend, activation checkpointing, compile)
+    "ac_full": ("sdpa", "full", False),
+    "ac_selective": ("sdpa", "selective", False),
+    "ac_op": ("sdpa", "op", False),
+    "flex": ("flex", "none", False),
+    "compile_sdpa": ("sdpa", "none", True),
+    "compile_flex_ac_full": ("flex", "full", True),
+}
+
+
+def _model(folder: Path, device: torch.device, backend: str = "sdpa", ac: str = "none", compiled: bool = False):
+    model = load_hf(folder, device=device, attn_backend=backend)
+    apply_activation_checkpointing(model, ac, every_n=2)
+    if compiled:
+        apply_compile(model, device_type=device.type)
+    return model
+
+
+def _skip_flex_backward_on_cpu(device: torch.device, backend: str) -> None:
+    if backend == "flex" and device.type == "cpu":
+        pytest.skip("FlexAttention has no backward on CPU")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_steps_on_device_equal_cpu_fp32(model_type: str, random_hf: dict[str, Path], device: torch.device,
+                                        record_property) -> None:
+    batch = packed_batch(1000)
+    cpu_losses, cpu_grads = train_steps(_model(random_hf[model_type], torch.device("cpu")), batch)
+    losses, grads = train_steps(_model(random_hf[model_type], device), batch.to(device))
+    grad_rel, worst = max_rel_diff(grads, cpu_grads)
+    record_property("rel_err", f"loss {max(abs(a / b - 1) for a, b in zip(losses, cpu_losses)):.2e}, "
+                               f"grad {grad_rel:.2e} ({worst})")
+    assert losses == pytest.approx(cpu_losses, rel=LOSS_RTOL)
+    assert grad_rel < GRAD_RTOL, worst
+    assert cpu_losses[-1] < cpu_losses[0]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_checkpointing_flex_and_compile_equal_eager(
+    model_type: str, variant: str, random_hf: dict[str, Path], device: torch.device, record_property
+) -> None:
+    backend, ac, compiled = VARIANTS[variant]
+    _skip_flex_backward_on_cpu(device, backend)
+    batch = packed_batch(1000).to(device)
+    ref_losses, ref_grads = train_steps(_model(random_hf[model_type], device), batch)
+    losses, grads = train_steps(_model(random_hf[model_type], device, backend, ac, compiled), batch)
+    grad_rel, worst = max_rel_diff(grads, ref_grads)
+    record_property("rel_err", f"loss {max(abs(a / b - 1) for a, b in zip(losses, ref_losses)):.2e}, "
+                               f"grad {grad_rel:.2e} ({worst})")
+    assert set(grads) == set(ref_grads)
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    assert grad_rel < GRAD_RTOL, worst
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_compiled_flex_under_bf16_autocast_equals_eager(
+    model_type: str, random_hf: dict[str, Path], device: torch.device, record_property
+) -> None:
+    _skip_flex_backward_on_cpu(device, "flex")
+    batch = packed_batch(1000).to(device)
+    ref_losses, _ = train_steps(_model(random_hf[model_type], device), batch, autocast_bf16=True)
+    losses, _ = train_steps(_model(random_hf[model_type], device, "flex", "none", True), batch, autocast_bf16=True)
+    record_property("rel_err", f"loss {max(abs(a / b - 1) for a, b in zip(losses, ref_losses)):.2e}")
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    assert losses[-1] < losses[0]
