@@ -111,3 +111,17 @@ def test_help_lists_every_builtin_recipe() -> None:
     recipe_help = text[text.index("--job.recipe"):text.index("--job.description")]
     for recipe in train.RECIPES:
         assert recipe in recipe_help, (recipe, recipe_help)
+
+
+def test_the_readme_reward_model_command_after_dpo_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """The README's old sequence, `--job.recipe reward_model` into the DPO run's folder, died with a raw DCP
+    traceback (`Missing key ... model.score.weight`); the resume fingerprint refuses it in one line (and the README
+    command now has its own folder: test_readme_is_true.py)."""
+    monkeypatch.chdir(REPO)
+    tiny = ["--config", "train_configs/debug_dpo.toml", "--job.output_dir", str(tmp_path / "dpo"), "--training.steps",
+            "1", "--training.seq_len", "128", "--data.eval_path", "", "--metrics.tensorboard", "false"]
+    train.main(tiny)
+    with pytest.raises(SystemExit) as refused:
+        train.main([*tiny, "--job.recipe", "reward_model"])
+    message = str(refused.value.code)
+    assert "\n" not in message and "reward_model" in message and "Missing key" not in message, message
