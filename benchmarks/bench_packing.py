@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             report["results"] = [{"name": m, "status": "failed", "reason": f"build: {reason}"} for m in modes]
         if trainer is not None:
             feeder = Feeder()
-            trainer.data_loader = feeder
+            trainer.set_data_loader(feeder)
             for mode in modes:
                 entry: dict[str, Any] = {"name": mode}
                 if deadline.remaining() < 10:

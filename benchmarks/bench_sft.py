@@ -374,7 +374,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
         try:
             synchronize(s.device)
             build_s = time.perf_counter() - t0
-            trainer.data_loader = endless(s.batches.posttrain)
+            trainer.set_data_loader(endless(s.batches.posttrain))
             loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size, loss_impl=cfg.training.loss_impl)
             calls = [0]
 

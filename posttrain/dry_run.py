@@ -21,6 +21,7 @@ from torch import nn
 
 from posttrain.config import JobConfig, config_to_dict
 from posttrain.losses.fused_head import chunk_rows
+from posttrain.models import protocol as model_hooks
 from posttrain.models.registry import get_model_spec, resolve_args
 from posttrain.parallelisms import ParallelDims
 
@@ -36,13 +37,12 @@ class ParamCounts:
 
 def count_parameters(model: nn.Module) -> ParamCounts:
     """A mixture-of-experts model says which share of a weight one token uses (`param_active_fraction`)."""
-    active_fraction = getattr(model, "param_active_fraction", lambda name: 1.0)
     total = trainable = 0
     active = 0.0
     for name, p in model.named_parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-        active += p.numel() * active_fraction(name)
+        active += p.numel() * model_hooks.param_active_fraction(model, name)
     return ParamCounts(total, trainable, int(active))
 
 

@@ -40,6 +40,7 @@ from posttrain.metrics import (
     reset_peak_memory,
 )
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
+from posttrain.models import protocol as model_hooks
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
 from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
@@ -92,8 +93,8 @@ def build_training_model(
     the config are attached before parallelizing (see `posttrain/finetune_setup.py`).
     """
     m = cfg.model
-    if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_backend.py)
-        from posttrain.parallelisms.hf_backend import build_parallel_hf_model
+    if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_parallelize.py)
+        from posttrain.parallelisms.hf_parallelize import build_parallel_hf_model
 
         return build_parallel_hf_model(
             m, parallel_dims=parallel_dims, device=device, mixed_precision=mixed_precision,
@@ -141,14 +142,17 @@ def build_training_model(
             apply_float8_training(model, device=device, convert_small_gemms=cfg.training.float8_convert_small_gemms)
         except Float8Unavailable as err:
             raise SystemExit(f"training.float8 = true: {err}") from err
-    get_parallelize_fn(spec.name)(
-        model,
-        parallel_dims,
-        mixed_precision=mixed_precision,
-        ac=cfg.activation_checkpoint,
-        compile=cfg.compile,
-        parallelism=cfg.parallelism,
-    )
+    try:
+        get_parallelize_fn(spec.name)(
+            model,
+            parallel_dims,
+            mixed_precision=mixed_precision,
+            ac=cfg.activation_checkpoint,
+            compile=cfg.compile,
+            parallelism=cfg.parallelism,
+        )
+    except (ValueError, NotImplementedError) as err:  # a TP degree, plan or loss_parallel the model cannot take
+        raise SystemExit(f"model {spec.name}: {err}") from err
     if m.dtype == "bfloat16":
         model.to(dtype=torch.bfloat16)
     model.to_empty(device=device)
@@ -162,7 +166,26 @@ def build_training_model(
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None):
+    """The training core. Public surface for recipes and RL (nothing else of it is for use from outside):
+
+    - ``set_data_loader(loader)``: the source of ``train_step``'s micro-batches (its state is checkpointed),
+    - ``train_step(loss_fn)``: one optimizer step over ``grad_accum`` micro-batches drawn from the loader;
+      ``train_step_on(micro_batches, loss_fn)``: the same step over micro-batches the caller gives,
+    - ``fit(loss_fn)``: steps until ``training.steps`` with logging, checkpoints, hooks and preemption,
+    - ``to_device(batch)``: a CPU batch on the training device (as the step moves it),
+    - ``global_sum(values)``: host numbers summed over the data-parallel ranks,
+    - ``rank_layout()`` / ``checkpoint_source_rank(metadata)``: the data-parallel rank layout saved with a
+      checkpoint, and which saved rank's per-rank state this rank continues,
+    - ``checkpoint_state()``, ``load_checkpoint(state)``, ``run_fingerprint()``, ``resume()``,
+      ``save_checkpoint()``, ``export_hf()``, ``close()``,
+    - attributes ``model``, ``optimizer``, ``tokenizer``, ``device``, ``parallel_dims``, ``dp_rank``,
+      ``dp_degree``, ``step``, ``step_hooks``, ``checkpoint``, ``cfg``.
+
+    ``write_metrics=False``: this trainer writes no metrics.jsonl / TensorBoard (another process, e.g. the
+    GRPO controller, logs the run).
+    """
+
+    def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None, write_metrics: bool = True):
         self.cfg = cfg
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         self.dist = init_distributed(cfg.training.device, timeout_s=cfg.job.collective_timeout_s)
@@ -208,12 +231,13 @@ class Trainer:
             self._write_run_config()  # else once the resume is accepted (load_checkpoint)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank, total_steps=t.steps)
+        self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank if write_metrics else -1,
+                                     total_steps=t.steps)
         self.peak_flops = self.metrics.peak_flops(self.device)
-        mfu_unavailable = getattr(self.model, "mfu_unavailable_reason", None)  # the hf backend's models
-        if mfu_unavailable is not None and mfu_unavailable(t.seq_len):
+        mfu_unavailable = model_hooks.mfu_unavailable_reason(self.model, t.seq_len)  # the hf backend's models
+        if mfu_unavailable:
             if self.dist.is_main:
-                logger.info("MFU is not reported (mfu = null): %s", mfu_unavailable(t.seq_len))
+                logger.info("MFU is not reported (mfu = null): %s", mfu_unavailable)
             self.peak_flops = None
         self.divergence = DivergenceGuard(t.max_consecutive_bad_steps)
         self.preemption = PreemptionFlag()
@@ -284,7 +308,7 @@ class Trainer:
         vocabulary, recipe or data-parallel degree changed; a new lr / schedule / steps / data applies from the
         resumed step. Returns its step, or None (no checkpoint)."""
         check = ResumeFingerprintCheck(self.checkpoint.folder, self.run_fingerprint(), log=self.dist.is_main)
-        step = self.checkpoint.load(state, source_rank=self._per_rank_source, before_load=check)
+        step = self.checkpoint.load(state, source_rank=self.checkpoint_source_rank, before_load=check)
         if step is not None:
             apply_optimizer_config(self.optimizer, self.lr_scheduler, self.cfg.optimizer)
             self._write_run_config()
@@ -303,7 +327,7 @@ class Trainer:
         self.metrics.truncate_after(step)
         logger.info("resumed from %s at step %d", self.checkpoint.step_dir(step), step)
 
-    def _rank_layout(self) -> dict[str, Any]:
+    def rank_layout(self) -> dict[str, Any]:
         """Which data-parallel rank each global rank is: per-rank state (data position, RNG) follows it."""
         dp_rank_of_rank = [self.dp_rank]
         if self.dist.world_size > 1:
@@ -311,7 +335,7 @@ class Trainer:
             dist.all_gather_object(dp_rank_of_rank, self.dp_rank)
         return {"dp_degree": self.dp_degree, "dp_rank_of_rank": dp_rank_of_rank}
 
-    def _per_rank_source(self, metadata: dict[str, Any]) -> int:
+    def checkpoint_source_rank(self, metadata: dict[str, Any]) -> int:
         """The saved rank whose data-loader / RNG state this rank continues (the layout may have changed)."""
         layout = metadata.get("layout")
         if layout is None:
@@ -328,6 +352,12 @@ class Trainer:
         return layout["dp_rank_of_rank"].index(self.dp_rank)
 
     # ---------------------------------------------------------------- training
+    def set_data_loader(self, loader: Any) -> None:
+        """Where ``train_step`` draws micro-batches from (an iterable; with ``state_dict`` /
+        ``load_state_dict`` its position is checkpointed and resumed)."""
+        self.data_loader = loader
+        self._data_iter = None
+
     def next_micro_batch(self) -> dict[str, torch.Tensor]:
         if self._data_iter is None:
             self._data_iter = iter(self.data_loader)
@@ -339,13 +369,15 @@ class Trainer:
             dist.all_reduce(value, group=dp_mesh.get_group())
         return value
 
-    def _global_sum(self, values: list[float]) -> list[float]:
+    def global_sum(self, values: list[float]) -> list[float]:
         """Sum host-side numbers over data-parallel ranks (no device sync at world size 1)."""
         if self.parallel_dims.dp_mesh is None:
             return values
         return self._all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A CPU micro-batch on the training device, as the step sees it (single-document rows drop their
+        document ids)."""
         out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         doc_ids = batch.get("document_ids")
         if doc_ids is not None and bool((doc_ids <= 0).all()):
@@ -355,15 +387,21 @@ class Trainer:
         return out
 
     def train_step(self, loss_fn: LossFn, *, log: bool = True) -> dict[str, float]:
-        """One optimizer step. With `log=False` nothing waits for the device (no host syncs)."""
+        """One optimizer step over `grad_accum` micro-batches from the data loader. With `log=False` nothing
+        waits for the device (no host syncs)."""
         t0 = time.perf_counter()
         cpu_batches = [self.next_micro_batch() for _ in range(self.grad_accum)]
-        data_wait_s = time.perf_counter() - t0
+        return self.train_step_on(cpu_batches, loss_fn, log=log, data_wait_s=time.perf_counter() - t0)
 
+    def train_step_on(
+        self, cpu_batches: list[dict[str, Any]], loss_fn: LossFn, *, log: bool = True, data_wait_s: float = 0.0
+    ) -> dict[str, float]:
+        """One optimizer step over the given CPU micro-batches (every data-parallel rank passes its own, the
+        same number of them): the gradient is the token-weighted mean over all of them on all ranks."""
         # Counted on the host before the copy, so the step itself never waits for the device.
         n_local = sum(int(count_targets(mb)) for mb in cpu_batches)
         tokens, flops = self._step_token_stats(cpu_batches)
-        n_global, tokens, flops = self._global_sum([float(n_local), tokens, flops])
+        n_global, tokens, flops = self.global_sum([float(n_local), tokens, flops])
         if n_global == 0:
             raise RuntimeError(f"step {self.step + 1}: the global batch holds no target tokens")
         # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
@@ -372,11 +410,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
-        defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and self.grad_accum > 1
+        defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and len(cpu_batches) > 1
         for i, cpu_mb in enumerate(cpu_batches):
             if defer_sync:  # FSDP keeps unsharded gradients until the last micro-batch, then reduces once
                 self.model.set_requires_gradient_sync(i == len(cpu_batches) - 1)
-            mb = self._to_device(cpu_mb)
+            mb = self.to_device(cpu_mb)
             with autocast:
                 out = loss_fn(self.model, mb, n_global)
             (out.loss_sum * scale).backward()
@@ -445,12 +483,11 @@ class Trainer:
         if not hasattr(self, "_param_count_cache"):
             trainable = frozen = 0
             # MoE: a token computes with top_k of the experts only (the model says which share of a weight is used)
-            active_fraction = getattr(self.model, "param_active_fraction", lambda name: 1.0)
             for name, p in self.model.named_parameters():
                 if ("tok_embeddings" in name or "embed_tokens" in name) and not self.model_args.tie_embeddings:
                     continue  # an embedding lookup is not a matmul
                 n = p.numel() if not hasattr(p, "full_tensor") else p.shape.numel()
-                n = int(n * active_fraction(name))
+                n = int(n * model_hooks.param_active_fraction(self.model, name))
                 if p.requires_grad:
                     trainable += n
                 else:
@@ -526,7 +563,7 @@ class Trainer:
         t0 = time.perf_counter()
         with self.preemption.busy():  # a preemption signal during a save waits for it
             self.checkpoint.save(
-                self.step, self.checkpoint_state(), layout=self._rank_layout(), fingerprint=self.run_fingerprint()
+                self.step, self.checkpoint_state(), layout=self.rank_layout(), fingerprint=self.run_fingerprint()
             )
         # The training stall: the whole save when synchronous, staging (plus the previous save's wait) when async.
         self._checkpoint_stall_s = time.perf_counter() - t0
@@ -560,7 +597,13 @@ class Trainer:
         if self.abnormal_end is not None and not self._restore_last_checkpoint_weights():
             return
         out = self.output_dir / "hf"
-        save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
+        try:
+            save_hf(self.model, out, tokenizer=self.tokenizer if self.dist.is_main else None)  # LoRA merged in
+        except KeyError as err:  # a weight the family's HF adapter cannot name (e.g. a forked block)
+            raise SystemExit(
+                f"checkpoint.export_hf: {err.args[0]}; the DCP checkpoints in {self.checkpoint.folder} are kept "
+                "(map the name in the family's hf_adapter.py, or set checkpoint.export_hf = false)"
+            ) from err
         if self.dist.is_main:
             logger.info("exported Hugging Face checkpoint to %s", out)
         if self.cfg.lora.rank > 0:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from posttrain.config.errors import ConfigError
+from posttrain.config.extension_sections import EXTENSION_KEYS, SECTION_SOURCE, declared_extension_sections
 from posttrain.config.schema import KeyInfo, format_help, format_value, section_keys, suggest, suggest_key
 from posttrain.config.sections import (
     SECTIONS,
@@ -73,6 +74,8 @@ class JobConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     profiling: ProfilingSection = field(default_factory=ProfilingSection)
+    # Sections declared by user code named by import path (posttrain/config/extension_sections.py)
+    extensions: dict[str, Any] = field(default_factory=dict)
 
 
 _missing = set(SECTIONS) - {f.name for f in dataclasses.fields(JobConfig)}
@@ -90,13 +93,13 @@ def _merge(into: _Layer, layer: _Layer) -> None:
         into.setdefault(section, {}).update(keys)
 
 
-def _lookup_key(section: str, name: str, *, source: str) -> KeyInfo:
-    if section not in SECTIONS:
+def _lookup_key(section: str, name: str, *, source: str, cls: type | None = None) -> KeyInfo:
+    if section not in SECTIONS and cls is None:
         raise ConfigError(f"unknown section '{section}'{suggest(section, list(SECTIONS))}", source=source)
-    keys = section_keys(section)
+    keys = section_keys(section, cls)
     if name not in keys:
         dotted = f"{section}.{name}"
-        raise ConfigError(f"unknown key '{dotted}'{suggest_key(section, name)}", source=source, key=dotted)
+        raise ConfigError(f"unknown key '{dotted}'{suggest_key(section, name, cls)}", source=source, key=dotted)
     return keys[name]
 
 
@@ -112,10 +115,14 @@ def _layer_from_tables(tables: dict[str, Any], source: str) -> _Layer:
     """Check and convert {section: {key: value}} (parsed TOML or JSON) read from `source`."""
     layer: _Layer = {}
     for section, table in tables.items():
-        if section not in SECTIONS:
+        if section not in SECTIONS and not isinstance(table, dict):
             raise _top_level_key_error(section, table, source)
         if not isinstance(table, dict):
             raise ConfigError(f"'{section}' must be a table ([{section}]), got {format_value(table)}", source=source)
+        if section not in SECTIONS:  # maybe an extension's section: checked once the extensions are known
+            layer.setdefault(section, {}).update({name: (value, source) for name, value in table.items()})
+            layer[section].setdefault(SECTION_SOURCE, (None, source))
+            continue
         for name, value in table.items():
             info = _lookup_key(section, name, source=source)
             try:
@@ -218,6 +225,10 @@ def _override_layer(overrides: list[tuple[str, str | None]]) -> _Layer:
             owners = [s for s in SECTIONS if key in section_keys(s)]
             hint = f" (did you mean '--{owners[0]}.{key}'?)" if owners else ""
             raise ConfigError(f"unknown option '--{raw_key}'; overrides look like --section.key{hint}", source=COMMAND_LINE)
+        if section not in SECTIONS:  # maybe an extension's section: checked once the extensions are known
+            layer.setdefault(section, {})[name] = (text, COMMAND_LINE)
+            layer[section].setdefault(SECTION_SOURCE, (None, COMMAND_LINE))
+            continue
         info = _lookup_key(section, name, source=COMMAND_LINE)
         if text is None:
             if info.base is not bool:
@@ -230,12 +241,55 @@ def _override_layer(overrides: list[tuple[str, str | None]]) -> _Layer:
     return layer
 
 
+def _extension_layer(layer: _Layer) -> tuple[_Layer, dict[str, type]]:
+    """The sections of `layer` that no built-in owns, checked and converted against the sections declared by
+    the user code the config names; an undeclared section or key is refused naming the file (or command
+    line) that set it."""
+    def chosen(section: str, name: str) -> str:
+        entry = layer.get(section, {}).get(name)
+        return entry[0] if entry is not None else getattr(SECTIONS[section](), name)
+
+    pending = {s: keys for s, keys in layer.items() if s not in SECTIONS}
+    # Without a table to check, user code that does not import is left to the run to report (it loads it).
+    chosen_values = {key: chosen(*key.split(".")) for key in EXTENSION_KEYS}
+    declared = declared_extension_sections(chosen_values, must_import=bool(pending))
+    out: _Layer = {}
+    for section, keys in pending.items():
+        cls = declared.get(section)
+        if cls is None:
+            source = keys[SECTION_SOURCE][1]
+            hint = suggest(section, [*SECTIONS, *declared]) or (
+                " (a recipe or model named by import path declares its own sections in its module's CONFIG_SECTIONS)"
+            )
+            raise ConfigError(f"unknown section '{section}'{hint}", source=source)
+        out[section] = {}
+        for name, (raw, source) in keys.items():
+            if name == SECTION_SOURCE:
+                continue
+            info = _lookup_key(section, name, source=source, cls=cls)
+            convert = convert_cli_value if source == COMMAND_LINE else convert_toml_value
+            try:
+                out[section][name] = (convert(raw, info), source)
+            except ConfigError as e:
+                raise e.with_source(source) from None
+    return out, declared
+
+
 def _build(layer: _Layer) -> JobConfig:
+    extension_layer, declared = _extension_layer(layer)
+    extensions = {}
+    for section, cls in declared.items():
+        values = {name: value for name, (value, _) in extension_layer.get(section, {}).items()}
+        try:
+            extensions[section] = cls(**values)
+        except (TypeError, ValueError) as e:  # a missing required key or the dataclass's own check
+            raise ConfigError(f"[{section}]: {e}", key=section) from None
     return JobConfig(
         **{
             section: cls(**{name: value for name, (value, _) in layer.get(section, {}).items()})
             for section, cls in SECTIONS.items()
-        }
+        },
+        extensions=extensions,
     )
 
 
@@ -282,7 +336,9 @@ def load_config(argv: Sequence[str] | None = None) -> JobConfig:
 
 def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     """{section: {key: value}}, JSON-serializable (for <output_dir>/config.json)."""
-    return {section: dataclasses.asdict(getattr(cfg, section)) for section in SECTIONS}
+    out = {section: dataclasses.asdict(getattr(cfg, section)) for section in SECTIONS}
+    out.update({section: dataclasses.asdict(value) for section, value in cfg.extensions.items()})
+    return out
 
 
 def config_from_dict(tables: dict[str, Any], *, source: str = "config dict") -> JobConfig:

@@ -64,10 +64,13 @@ def _default_of(f: dataclasses.Field) -> Any:
     return _MISSING
 
 
+def section_keys(section: str, cls: type | None = None) -> dict[str, KeyInfo]:
+    """The keys of one section, in declaration order (``cls``: an extension's section dataclass)."""
+    return _dataclass_keys(section, cls or SECTIONS[section])
+
+
 @functools.cache
-def section_keys(section: str) -> dict[str, KeyInfo]:
-    """The keys of one section, in declaration order."""
-    cls = SECTIONS[section]
+def _dataclass_keys(section: str, cls: type) -> dict[str, KeyInfo]:
     hints = typing.get_type_hints(cls)
     keys = {}
     for f in dataclasses.fields(cls):
@@ -126,11 +129,11 @@ def suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def suggest_key(section: str, name: str) -> str:
+def suggest_key(section: str, name: str, cls: type | None = None) -> str:
     """Suggestion for an unknown `section.name`: a close key in the same section, else the same
-    name in another section, else any close dotted key."""
-    if section in SECTIONS:
-        close = difflib.get_close_matches(name, list(section_keys(section)), n=1, cutoff=0.6)
+    name in another section, else any close dotted key. `cls`: an extension section's dataclass."""
+    if section in SECTIONS or cls is not None:
+        close = difflib.get_close_matches(name, list(section_keys(section, cls)), n=1, cutoff=0.6)
         if close:
             return f" (did you mean '{section}.{close[0]}'?)"
     elsewhere = [info.dotted for s in SECTIONS for info in section_keys(s).values() if info.name == name]

@@ -59,7 +59,7 @@ def local_validation_loss(
 
 class ValidationLoss:
     """A trainer step hook: logs `eval_loss` / `eval_tokens` every `freq` steps and at the last step (summed over
-    data-parallel ranks with the trainer's `_global_sum`)."""
+    data-parallel ranks with the trainer's `global_sum`)."""
 
     def __init__(self, trainer: Any, eval_loader: Iterable[dict[str, Any]], *, freq: int, max_batches: int) -> None:
         self.trainer = trainer
@@ -70,10 +70,10 @@ class ValidationLoss:
     def evaluate(self) -> dict[str, float]:
         t = self.trainer
         loss_sum, n = local_validation_loss(
-            t.model, self.eval_loader, to_device=t._to_device, chunk_size=t.cfg.training.loss_chunk_size,
+            t.model, self.eval_loader, to_device=t.to_device, chunk_size=t.cfg.training.loss_chunk_size,
             max_batches=self.max_batches, loss_impl=t.cfg.training.loss_impl,
         )
-        loss_sum, n = t._global_sum([loss_sum, float(n)])
+        loss_sum, n = t.global_sum([loss_sum, float(n)])
         if n == 0:
             raise SystemExit("data.eval_path holds no target tokens (nothing to compute eval_loss on)")
         return {"eval_loss": loss_sum / n, "eval_tokens": n}

@@ -19,8 +19,15 @@ BUILTIN_FAMILIES = ("llama3", "qwen3", "gemma3", "qwen3_moe", "gpt_oss")
 class ModelSpec:
     """Everything the rest of posttrain needs to know about a model family.
 
-    ``to_hf_name`` / ``from_hf_name`` rename one state-dict key (None: the key has no counterpart).
-    ``parallelize_fn`` is the family's TP plan (filled in by ``parallelize.py`` when it exists).
+    Parts: ``args_cls`` (sizes; ``flavors`` names instances of it), ``model_cls`` (built from an args
+    object), the HF adapter (``args_from_hf_config`` / ``hf_config_from_args``; ``to_hf_name`` /
+    ``from_hf_name`` rename one state-dict key, None: the key has no counterpart).
+
+    Parallelism: ``tp_plan(model, *, loss_parallel=False) -> TPPlan`` (``posttrain.models.common.tp_plan``;
+    None: no tensor parallelism, ``parallelism.tp > 1`` is refused). ``parallelize_fn`` replaces the whole
+    shared order (TP -> AC -> compile -> FSDP of ``posttrain.parallelisms.parallelize.parallelize_decoder``)
+    for a family that needs another one; most leave it None. This dataclass is the one place a family is
+    registered: ``posttrain.parallelisms.get_parallelize_fn`` reads both fields from it.
     """
 
     name: str
@@ -32,6 +39,7 @@ class ModelSpec:
     hf_config_from_args: Callable[[Any], dict[str, Any]]
     to_hf_name: Callable[[str], str | None]
     from_hf_name: Callable[[str], str | None]
+    tp_plan: Callable[..., Any] | None = field(default=None)
     parallelize_fn: Callable[..., Any] | None = field(default=None)
 
 

@@ -32,6 +32,7 @@ from posttrain.models.hf import (
 from posttrain.models.common.heads import is_head_param
 from posttrain.models.common.lora import base_param_name, is_adapter_param
 from posttrain.models.common.stacked_names import expand_stacked, is_stacked
+from posttrain.models import protocol as model_hooks
 from posttrain.models.registry import ModelSpec, build_model, get_model_spec_for
 
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # derived buffers some checkpoints store
@@ -190,11 +191,6 @@ def _check_checkpoint(model: nn.Module, spec: ModelSpec, tensors: dict[str, tupl
         raise KeyError("\n".join(lines))
 
 
-def _init_buffers(model: nn.Module, device: torch.device | str | None) -> None:
-    if hasattr(model, "init_buffers"):
-        model.init_buffers(device)
-
-
 def _param_device(model: nn.Module) -> torch.device:
     p = next(model.parameters())
     return (p._local_tensor if hasattr(p, "_local_tensor") else p).device
@@ -238,7 +234,7 @@ def load_hf_weights_sharded(
             return f.get_slice(hf_name)[slices]
 
     fill_local_shards(model, read, vocab_size=vocab_size)
-    _init_buffers(model, _param_device(model))
+    model_hooks.init_buffers(model, _param_device(model))
 
 
 def _dtensor_rng_distinguishes_shards(model: nn.Module) -> bool:
@@ -271,4 +267,4 @@ def init_weights_sharded(model: nn.Module, seed: int, buffer_device: torch.devic
     reference = build_model(spec.name, model.args, device="cpu")
     load_full_state_dict_sharded(model, {k: v for k, v in reference.named_parameters()})
     del reference
-    _init_buffers(model, buffer_device)
+    model_hooks.init_buffers(model, buffer_device)

@@ -12,38 +12,26 @@ Order of use in a trainer::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from functools import partial
 
+from posttrain.models.registry import get_model_spec
 from posttrain.parallelisms.grad_clip import clip_grad_norm_, get_total_grad_norm
 from posttrain.parallelisms.parallel_dims import ParallelDims
-
-# family name -> module holding its ``parallelize(model, parallel_dims, *, mixed_precision, ac, compile, parallelism)``
-PARALLELIZE_MODULES: dict[str, str] = {
-    "llama3": "posttrain.models.llama3.parallelize",
-    "qwen3": "posttrain.models.qwen3.parallelize",
-    "gemma3": "posttrain.models.gemma3.parallelize",
-    "qwen3_moe": "posttrain.models.qwen3_moe.parallelize",
-    "gpt_oss": "posttrain.models.gpt_oss.parallelize",
-}
+from posttrain.parallelisms.parallelize import parallelize_decoder
 
 
 def get_parallelize_fn(family: str) -> Callable:
-    """The family's ``parallelize`` (``ModelSpec.parallelize_fn`` when the registry sets one).
+    """The family's ``parallelize(model, parallel_dims, *, mixed_precision, ac, compile, parallelism)``.
 
-    ``family`` is a posttrain family name or an HF model_type.
+    ``family`` is a posttrain family name, an HF model_type or a ``ModelSpec`` import path. Its ``ModelSpec``
+    decides: its own ``parallelize_fn`` when it sets one, else the shared decoder order (TP -> AC -> compile
+    -> FSDP, ``parallelize_decoder``) with the spec's ``tp_plan``.
     """
-    from posttrain.models.registry import get_model_spec
-
     spec = get_model_spec(family)
-    if getattr(spec, "parallelize_fn", None) is not None:
+    if spec.parallelize_fn is not None:
         return spec.parallelize_fn
-    module = PARALLELIZE_MODULES.get(spec.name)
-    if module is None:
-        raise NotImplementedError(
-            f"model family {spec.name!r} has no parallelize plan yet; known: {sorted(PARALLELIZE_MODULES)}"
-        )
-    return importlib.import_module(module).parallelize
+    return partial(parallelize_decoder, tp_plan=spec.tp_plan)
 
 
-__all__ = ["PARALLELIZE_MODULES", "ParallelDims", "clip_grad_norm_", "get_parallelize_fn", "get_total_grad_norm"]
+__all__ = ["ParallelDims", "clip_grad_norm_", "get_parallelize_fn", "get_total_grad_norm"]

@@ -13,8 +13,6 @@ Call on a model built on the meta device; afterwards ``model.to_empty(device=...
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn as nn
 
@@ -23,9 +21,8 @@ from posttrain.parallelisms.activation_checkpoint import apply_activation_checkp
 from posttrain.parallelisms.compile import apply_compile
 from posttrain.parallelisms.fsdp import apply_fsdp
 from posttrain.parallelisms.parallel_dims import ParallelDims
-from posttrain.parallelisms.tensor_parallel import TPPlan, apply_tp, dense_decoder_tp_plan
-
-TPPlanFn = Callable[..., TPPlan]
+from posttrain.models.common.tp_plan import TPPlanFn, dense_decoder_tp_plan
+from posttrain.parallelisms.tensor_parallel import apply_tp
 
 
 def resolve_mixed_precision(mixed_precision: str, device_type: str) -> str:
@@ -50,9 +47,12 @@ def parallelize_decoder(
     ac: ActivationCheckpointSection | None = None,
     compile: CompileSection | None = None,
     parallelism: ParallelismSection | None = None,
-    tp_plan: TPPlanFn = dense_decoder_tp_plan,
+    tp_plan: TPPlanFn | None = dense_decoder_tp_plan,
 ) -> nn.Module:
     """Apply TP (``tp_plan(model, loss_parallel=...)``), activation checkpointing, compile and FSDP in place.
+
+    The default parallelize function of every family (``get_parallelize_fn``); ``tp_plan`` None: the model
+    has no tensor-parallel plan and ``parallelism.tp > 1`` is refused.
 
     Call ``parallel_dims.build_mesh(device_type)`` first (it also records the device type for a world of 1).
     Returns ``model`` (the same object; FSDP changes its class in place).
@@ -63,6 +63,11 @@ def parallelize_decoder(
     device_type = parallel_dims.device_type or _default_device_type()
 
     if parallel_dims.tp_enabled:
+        if tp_plan is None:
+            raise NotImplementedError(
+                f"parallelism.tp={parallel_dims.tp}: {type(model).__name__} has no tensor-parallel plan (its "
+                "ModelSpec.tp_plan is None); set parallelism.tp=1 and shard with FSDP (parallelism.dp_shard)"
+            )
         apply_tp(model, parallel_dims.tp_mesh, tp_plan(model, loss_parallel=parallelism.loss_parallel))
 
     if ac.mode == "budget" and not compile.enabled:

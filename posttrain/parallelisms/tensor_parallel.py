@@ -1,98 +1,20 @@
-"""Tensor parallelism (Megatron-style, with sequence parallelism) over PyTorch's ``parallelize_module``.
-
-The residual stream between blocks is sharded on the sequence dimension (``Shard(1)``): norms run on
-their sequence shard (``SequenceParallel``), the input of attention / feed-forward is all-gathered, the
-q/k/v and gate/up projections are column-sharded (each rank owns whole heads / a slice of the hidden
-dimension), and the output / down projections are row-sharded and reduce-scattered back to ``Shard(1)``.
-Attention infers its head count from the projection width (``view(B, S, -1, head_dim)``), so it runs on
-its local heads unchanged. The embedding is row-sharded over the vocabulary; the output head column-sharded
-over the vocabulary, with logits gathered (``Replicate``) or left vocab-sharded for a loss-parallel
-cross-entropy (``Shard(-1)``).
-
-Qwen3's per-head q/k RMSNorm weights are replicated; their input is the local heads, so they are marked as
-sharded on the head dimension (``SequenceParallel(sequence_dim=2)``) and their gradients are all-reduced
-over the TP group by DTensor.
+"""Tensor parallelism: apply a family's plan (``posttrain/models/common/tp_plan.py``, named by its
+``ModelSpec.tp_plan``) with PyTorch's ``parallelize_module``, then check that it covered every parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
 
+from posttrain.models.common.tp_plan import TPPlan
 from posttrain.parallelisms.lora_tp import adapt_tp_plan_for_lora
-
-
-@dataclass
-class TPPlan:
-    """``root``: styles for module paths of the whole model; ``block``: styles for paths inside each block."""
-
-    root: dict[str, ParallelStyle] = field(default_factory=dict)
-    block: dict[str, ParallelStyle] = field(default_factory=dict)
-
-
-def dense_decoder_tp_plan(model: nn.Module, *, loss_parallel: bool = False) -> TPPlan:
-    """The plan for the shared dense decoder (Llama 3, Qwen3): module names as in ``common/transformer.py``.
-
-    ``loss_parallel``: ``model(input_ids)`` returns logits as a DTensor sharded over the vocabulary, for a
-    cross-entropy under ``torch.distributed.tensor.parallel.loss_parallel()``; it needs an unpadded
-    vocabulary (logits are sliced to vocab_size otherwise). The ``output_fn`` path is not affected: its
-    function always receives full tensors (see ``_output_fn_pre_hook``).
-    """
-    args = getattr(model, "args", None)
-    if loss_parallel and args is not None and args.padded_vocab_size != args.vocab_size:
-        raise ValueError(
-            f"parallelism.loss_parallel needs a vocabulary that is a multiple of 64 (logits would be sliced from "
-            f"{args.padded_vocab_size} to {args.vocab_size} columns); set parallelism.loss_parallel=false"
-        )
-    root: dict[str, ParallelStyle] = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "output": ColwiseParallel(
-            input_layouts=Shard(1),
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        ),
-    }
-    block: dict[str, ParallelStyle] = {
-        "attention_norm": SequenceParallel(),
-        # Attention.forward(x, cos, sin, mask): only x is gathered from its sequence shard
-        "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None),
-            use_local_output=True,
-        ),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-        ),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
-    }
-    first_block = next(iter(model.layers.children()))
-    if getattr(first_block.attention, "q_norm", None) is not None:
-        # input [B, S, local heads, head_dim]: sharded on the head dimension
-        block["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        block["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    return TPPlan(root=root, block=block)
 
 
 def check_tp_degree(args: Any, tp: int) -> None:
@@ -161,3 +83,25 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan) -> None:
         if name in frozen:
             p.requires_grad_(False)
     model.register_forward_pre_hook(_output_fn_pre_hook, with_kwargs=True)
+    check_tp_plan_covers_parameters(model)
+
+
+def check_tp_plan_covers_parameters(model: nn.Module) -> None:
+    """Raise naming every parameter the TP plan left a plain tensor. LoRA adapters that ``lora_tp.py`` keeps
+    replicated on purpose are allowed; anything else would mix tensors and DTensors (the optimizer refuses
+    that) or, worse, train on a partial gradient."""
+    missed = [
+        name for name, p in model.named_parameters()
+        if not isinstance(p, DTensor) and not _is_replicated_lora_adapter(name)
+    ]
+    if missed:
+        shown = ", ".join(missed[:8]) + (f" (+{len(missed) - 8} more)" if len(missed) > 8 else "")
+        raise ValueError(
+            f"tensor parallelism: the TP plan of {type(model).__name__} covers no style for {len(missed)} "
+            f"parameter(s): {shown}; add a style for their modules to the family's tp_plan (ModelSpec.tp_plan), "
+            "or set parallelism.tp=1"
+        )
+
+
+def _is_replicated_lora_adapter(name: str) -> bool:
+    return ".lora_a." in name or ".lora_b." in name

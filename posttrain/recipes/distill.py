@@ -136,10 +136,10 @@ def run(cfg: JobConfig) -> None:
     check_distill_config(cfg.distill)
     trainer = Trainer(cfg)
     teacher = build_teacher(trainer)
-    trainer.data_loader = build_sft_dataloader(
+    trainer.set_data_loader(build_sft_dataloader(
         cfg.data, trainer.tokenizer, seq_len=cfg.training.seq_len, micro_batch_size=trainer.micro_batch_size,
         dp_rank=trainer.dp_rank, dp_world_size=trainer.dp_degree, seed=cfg.job.seed,
-    )
+    ))
     trainer.resume()
     trainer.fit(partial(distill_loss, teacher=teacher, distill=cfg.distill, chunk_size=cfg.training.loss_chunk_size,
                         loss_impl=cfg.training.loss_impl))

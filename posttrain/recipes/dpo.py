@@ -151,7 +151,7 @@ def run(cfg: JobConfig) -> None:
     trainer = Trainer(cfg)
     chunk_size = cfg.training.loss_chunk_size
     heads = {"chunk_size": chunk_size, "loss_impl": cfg.training.loss_impl}
-    trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
+    trainer.set_data_loader(build_preference_loader(trainer, cfg.data.path))
     eval_loader = None
     if cfg.data.eval_path:
         eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False, field="data.eval_path")
@@ -167,11 +167,11 @@ def run(cfg: JobConfig) -> None:
         if eval_loader is not None:  # the held-out pairs get their own table from the same model
             eval_reference = ReferenceLogProbs(reference.model, adapters_off=reference.adapters_off, **heads)
             eval_reference.precompute(
-                every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer._to_device
+                every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer.to_device
             )
         reference.precompute(
             every_pair_once(trainer, trainer.data_loader), len(trainer.data_loader.pairs), trainer.device,
-            trainer._to_device,
+            trainer.to_device,
         )
         logger.info("reference log-probs precomputed for %d pairs; reference model freed", len(trainer.data_loader.pairs))
     eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, **heads)

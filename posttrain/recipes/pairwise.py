@@ -59,7 +59,7 @@ def evaluate_pairs(
     sums: dict[str, float] = {}
     pairs = 0
     for cpu_batch, counts in every_pair_once(trainer, loader):
-        out = loss_fn(model, trainer._to_device(cpu_batch), None)
+        out = loss_fn(model, trainer.to_device(cpu_batch), None)
         if not counts:
             continue
         pairs += int(cpu_batch["n_targets"])
@@ -67,5 +67,5 @@ def evaluate_pairs(
             sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
     keys = sorted(sums)
-    totals = trainer._global_sum([float(pairs), *[sums[k] for k in keys]])
+    totals = trainer.global_sum([float(pairs), *[sums[k] for k in keys]])
     return {f"{prefix}{k}": v / totals[0] for k, v in zip(keys, totals[1:])} | {f"{prefix}pairs": totals[0]}

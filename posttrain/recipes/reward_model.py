@@ -64,7 +64,7 @@ def with_value_head(cfg: JobConfig) -> JobConfig:
 def run(cfg: JobConfig) -> None:
     cfg = with_value_head(cfg)
     trainer = Trainer(cfg)
-    trainer.data_loader = build_preference_loader(trainer, cfg.data.path)
+    trainer.set_data_loader(build_preference_loader(trainer, cfg.data.path))
     eval_loader = None
     if cfg.data.eval_path:
         eval_loader = build_preference_loader(trainer, cfg.data.eval_path, shuffle=False, field="data.eval_path")

@@ -13,6 +13,7 @@ from posttrain.evaluation.generation import generation_eval_from_config
 from posttrain.evaluation.validation import ValidationLoss
 from posttrain.extensions import load_callable
 from posttrain.losses import cross_entropy_for
+from posttrain.models import protocol as model_hooks
 from posttrain.trainer import LossFn, LossOutput, Trainer
 
 
@@ -32,10 +33,8 @@ def sft_loss(
     )
     # MoE families: routing statistics of this forward (logged per target token like the loss), and
     # coef * load-balancing loss, weighted by this micro-batch's targets like the cross-entropy
-    moe_metrics = getattr(model, "moe_metrics", None)
-    metrics = {k: v * n_targets for k, v in moe_metrics().items()} if moe_metrics is not None else {}
-    moe_aux_loss = getattr(model, "moe_aux_loss", None)
-    aux = moe_aux_loss() if moe_aux_loss is not None else None
+    metrics = {k: v * n_targets for k, v in model_hooks.moe_metrics(model).items()}
+    aux = model_hooks.moe_aux_loss(model)
     if aux is not None:
         loss_sum = loss_sum + aux * n_targets
     return LossOutput(loss_sum=loss_sum, n_targets=n_targets, metrics=metrics)
@@ -61,7 +60,7 @@ def run(cfg: JobConfig) -> None:
         dp_world_size=trainer.dp_degree,
         vocab_size=trainer.model_args.vocab_size,
     )
-    trainer.data_loader = build_sft_dataloader(cfg.data, trainer.tokenizer, seed=cfg.job.seed, **layout)
+    trainer.set_data_loader(build_sft_dataloader(cfg.data, trainer.tokenizer, seed=cfg.job.seed, **layout))
     if cfg.data.eval_path:  # eval_loss every evaluation.freq steps and at the end
         eval_loader = build_eval_dataloader(cfg.data, trainer.tokenizer, **layout)
         e = cfg.evaluation

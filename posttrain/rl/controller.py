@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,13 +323,167 @@ def _step_of(line: str) -> int:
         return 1 << 62
 
 
+# ------------------------------------------------------------------------------------------ the phases of a step
+
+
+@dataclass
+class StepRollouts:
+    """One step's completions and what the phases learn about them, in the order they learn it."""
+
+    samples: list[dict]  # the prompt row of each completion (group_size per prompt)
+    completions: list[Any]
+    texts: list[str]
+    lengths: torch.Tensor  # generated tokens per completion
+    timings: dict[str, float]
+    task_rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # the weighted reward functions
+    rewards: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # plus the overlong penalty
+    reward_stats: dict[str, float] = field(default_factory=dict)
+    keep_group: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    kept: list[int] = field(default_factory=list)  # completions in groups that carry a signal
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the kept completions, as the policy trains on them
+    kl_values: list[torch.Tensor] = field(default_factory=list)  # per-token k3(old policy, reference) of each row
+
+
+def rollout_phase(rollouts: list, tokenizer: HFTokenizer, batch: list[dict], prompt_ids: list[list[int]], sampling,
+                  group_size: int) -> StepRollouts:
+    """1. group_size completions of every prompt, from the engines."""
+    group_prompts = [ids for ids in prompt_ids for _ in range(group_size)]
+    completions, t_generate = generate(rollouts, group_prompts, sampling)
+    return StepRollouts(
+        samples=[s for s in batch for _ in range(group_size)],
+        completions=completions,
+        texts=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
+        lengths=torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32),
+        timings={"generate": t_generate},
+    )
+
+
+def score_phase(step: StepRollouts, g: GRPOSection, weights: list[float]) -> None:
+    """2. rewards (Ray tasks) and the overlong penalty; groups with no reward variance carry no signal and are
+    dropped (or kept) by config; the kept completions become the rows the policy trains on."""
+    from posttrain.rl.algorithms import overlong_penalty, zero_variance_groups
+
+    rewards, step.reward_stats, step.timings["reward"] = score(g.rewards, weights, step.texts, step.samples)
+    step.task_rewards = rewards.clone()
+    if g.overlong_buffer > 0:
+        rewards = rewards + overlong_penalty(step.lengths, g.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+    step.rewards = rewards
+    flat = zero_variance_groups(rewards, g.group_size)
+    step.keep_group = ~flat if g.filter_zero_variance else torch.ones_like(flat)
+    step.kept = [i for i in range(len(step.completions)) if step.keep_group[i // g.group_size]]
+    step.rows = [
+        {"prompt_ids": step.completions[i].prompt_ids, "token_ids": step.completions[i].token_ids,
+         "engine_logp": step.completions[i].log_probs, "advantage": 0.0}
+        for i in step.kept
+    ]
+
+
+def advantage_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g: GRPOSection, *,
+                    recompute_old: bool, need_ref: bool) -> None:
+    """3. old / reference log-probs from the policy group, the KL to the reference, then group advantages over
+    the kept groups (the KL as a reward penalty when kl_mode = "reward")."""
+    from posttrain.rl.algorithms import group_advantages, kl_k3
+
+    rows = step.rows
+    t0 = time.perf_counter()
+    scored = {}
+    if rows and (recompute_old or need_ref):
+        scored = policy_log_probs(policy, dp, rows, old=recompute_old, ref=need_ref, entropy=False)
+    for key, values in scored.items():
+        if key != "entropy":
+            for row, v in zip(rows, values):
+                row[key] = v
+    step.timings["logprobs"] = time.perf_counter() - t0
+    if need_ref and rows:
+        for row in rows:
+            base = torch.tensor(row.get("old_logp") or row["engine_logp"])
+            step.kl_values.append(kl_k3(base, torch.tensor(row["ref_logp"])))
+
+    kept_rewards = step.rewards[step.kept] if step.kept else torch.zeros(0)
+    if need_ref and g.kl_mode == "reward" and rows:
+        kept_rewards = kept_rewards - g.kl_coef * torch.stack([k.sum() for k in step.kl_values])
+    advantages = group_advantages(kept_rewards, g.group_size, scale=g.advantage) if rows else kept_rewards
+    for row, a in zip(rows, advantages.tolist()):
+        row["advantage"] = a
+
+
+def update_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g: GRPOSection, *,
+                 order_seed: int) -> tuple[list[dict[str, float]], int]:
+    """4. the policy update: epochs x minibatches optimizer steps over the rows, shuffled by `order_seed`.
+    Returns each optimizer step's metrics and the tokens trained on."""
+    t0 = time.perf_counter()
+    update_metrics: list[dict[str, float]] = []
+    train_tokens = 0
+    rows = step.rows
+    if rows:
+        order = torch.Generator().manual_seed(order_seed)
+        for _ in range(g.epochs):
+            permuted = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
+            for minibatch in chunk(permuted, -(-len(permuted) // g.minibatches)):
+                update_metrics.append(train_minibatch(policy, dp, minibatch))
+                train_tokens += sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in minibatch)
+    step.timings["update"] = time.perf_counter() - t0
+    return update_metrics, train_tokens
+
+
+def step_metrics(step: StepRollouts, update_metrics: list[dict[str, float]], train_tokens: int,
+                 t_total: float) -> dict[str, Any]:
+    """6. what a step logs: rewards, lengths, kept groups, throughput, phase times and the update's losses."""
+    t = step.timings
+    lengths, completions = step.lengths, step.completions
+    generated = float(lengths.sum())
+    m: dict[str, Any] = {
+        "reward_mean": float(step.task_rewards.mean()),
+        "reward_std": float(step.task_rewards.std()) if len(step.task_rewards) > 1 else 0.0,
+        **step.reward_stats,
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": float(lengths.max()),
+        "response_clipped_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "groups_kept_frac": float(step.keep_group.float().mean()),
+        "rollout_tokens_per_s": generated / max(t["generate"], 1e-9),
+        "train_tokens_per_s": train_tokens / max(t["update"], 1e-9) if train_tokens else None,
+        "tokens_per_s": train_tokens / max(t["update"], 1e-9) if train_tokens else None,
+        "time/generate": t["generate"], "time/reward": t["reward"], "time/logprobs": t["logprobs"],
+        "time/update": t["update"], "time/sync": t["sync"], "time/step": t_total,
+    }
+    if step.kl_values:
+        m["kl_rollout"] = float(torch.cat(step.kl_values).mean())  # k3(old policy, reference) per token
+    if update_metrics:
+        last = update_metrics[-1]
+        m["lr"], m["grad_norm"] = last.get("lr"), last.get("grad_norm")
+        m["loss"] = sum(u["loss"] for u in update_metrics) / len(update_metrics)
+        m.update(token_means(update_metrics))
+    return m
+
+
+def log_step(step_number: int, m: dict[str, Any]) -> None:
+    t = {k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}
+    logger.info(
+        "step %d: reward %.3f (std %.3f) accuracy %s | length %.1f | generate %.1fs reward %.1fs logprobs %.1fs "
+        "update %.1fs sync %.2fs", step_number, m["reward_mean"], m["reward_std"],
+        f"{m['accuracy']:.3f}" if "accuracy" in m else "-", m["response_len_mean"], t["generate"], t["reward"],
+        t["logprobs"], t["update"], t["sync"],
+    )
+
+
+def sample_rows(step: StepRollouts, tokenizer: HFTokenizer, n: int) -> list[dict[str, Any]]:
+    """`n` completions spread over the step, for samples.jsonl."""
+    completions = step.completions
+    shown = list(range(0, len(completions), max(1, len(completions) // n)))[:n]
+    return [
+        {"prompt": tokenizer.decode(completions[i].prompt_ids), "completion": step.texts[i],
+         "reward": float(step.rewards[i]), "answer": str(step.samples[i].get("answer", "")),
+         "finish_reason": completions[i].finish_reason}
+        for i in shown
+    ]
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
 def run(cfg: JobConfig) -> None:
     import ray
 
-    from posttrain.rl.algorithms import group_advantages, kl_k3, overlong_penalty, zero_variance_groups
     from posttrain.rl.prompts import PromptSource
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -395,122 +549,31 @@ def run(cfg: JobConfig) -> None:
         while step < total:
             step += 1
             t_step = time.perf_counter()
-            # ---- 1. sample prompts, G completions each
             batch = prompts.next_batch(g.prompts_per_step)
-            prompt_ids = [encode(s) for s in batch]
             sampling = SamplingParams(
                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                 stop_token_ids=stops, seed=(cfg.job.seed * 1_000_003 + step * 7_919) % (2**31),
             )
-            group_prompts = [ids for ids in prompt_ids for _ in range(g.group_size)]
-            group_samples = [s for s in batch for _ in range(g.group_size)]
-            completions, t_generate = generate(rollouts, group_prompts, sampling)
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-
-            # ---- 2. rewards (Ray tasks), overlong penalty
-            rewards, reward_stats, t_reward = score(g.rewards, weights, texts, group_samples)
-            task_rewards = rewards.clone()
-            if g.overlong_buffer > 0:
-                rewards = rewards + overlong_penalty(lengths, g.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
-
-            # ---- 3. groups with no reward variance carry no signal: dropped (or kept) by config
-            flat = zero_variance_groups(rewards, g.group_size)
-            keep_group = ~flat if g.filter_zero_variance else torch.ones_like(flat)
-            kept = [i for i in range(len(completions)) if keep_group[i // g.group_size]]
-            rows = [
-                {"prompt_ids": completions[i].prompt_ids, "token_ids": completions[i].token_ids,
-                 "engine_logp": completions[i].log_probs, "advantage": 0.0}
-                for i in kept
-            ]
-
-            # ---- 4. old / reference log-probs from the policy group
-            t0 = time.perf_counter()
-            scored = {}
-            if rows and (recompute_old or need_ref):
-                scored = policy_log_probs(policy, dp, rows, old=recompute_old, ref=need_ref, entropy=False)
-            for key, values in scored.items():
-                if key != "entropy":
-                    for row, v in zip(rows, values):
-                        row[key] = v
-            t_logprobs = time.perf_counter() - t0
-            kl_values = []
-            if need_ref and rows:
-                for row in rows:
-                    base = torch.tensor(row.get("old_logp") or row["engine_logp"])
-                    kl_values.append(kl_k3(base, torch.tensor(row["ref_logp"])))
-
-            # ---- 5. advantages over the kept groups (KL as a reward penalty when kl_mode = "reward")
-            kept_rewards = rewards[kept] if kept else torch.zeros(0)
-            if need_ref and g.kl_mode == "reward" and rows:
-                kept_rewards = kept_rewards - g.kl_coef * torch.stack([k.sum() for k in kl_values])
-            advantages = group_advantages(kept_rewards, g.group_size, scale=g.advantage) if rows else kept_rewards
-            for row, a in zip(rows, advantages.tolist()):
-                row["advantage"] = a
-
-            # ---- 6. policy update: epochs x minibatches optimizer steps
-            t0 = time.perf_counter()
-            update_metrics: list[dict[str, float]] = []
-            train_tokens = 0
-            if rows:
-                order = torch.Generator().manual_seed(cfg.job.seed * 31 + step)
-                for _ in range(g.epochs):
-                    permuted = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
-                    for minibatch in chunk(permuted, -(-len(permuted) // g.minibatches)):
-                        update_metrics.append(train_minibatch(policy, dp, minibatch))
-                        train_tokens += sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in minibatch)
-            else:
+            rollout = rollout_phase(rollouts, tokenizer, batch, [encode(s) for s in batch], sampling, g.group_size)
+            score_phase(rollout, g, weights)
+            advantage_phase(rollout, policy, dp, g, recompute_old=recompute_old, need_ref=need_ref)
+            update_metrics, train_tokens = update_phase(rollout, policy, dp, g, order_seed=cfg.job.seed * 31 + step)
+            if not rollout.rows:
                 logger.warning("step %d: every group had the same reward for all completions; no update", step)
-            t_update = time.perf_counter() - t0
-
-            # ---- 7. weight sync to the engines (timed)
-            t_sync = 0.0
-            if rows:
-                t_sync, _ = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")
-
-            # ---- 8. metrics
-            t_total = time.perf_counter() - t_step
-            generated = float(lengths.sum())
-            m: dict[str, Any] = {
-                "reward_mean": float(task_rewards.mean()),
-                "reward_std": float(task_rewards.std()) if len(task_rewards) > 1 else 0.0,
-                **reward_stats,
-                "response_len_mean": float(lengths.mean()),
-                "response_len_max": float(lengths.max()),
-                "response_clipped_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                "groups_kept_frac": float(keep_group.float().mean()),
-                "rollout_tokens_per_s": generated / max(t_generate, 1e-9),
-                "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if train_tokens else None,
-                "tokens_per_s": train_tokens / max(t_update, 1e-9) if train_tokens else None,
-                "time/generate": t_generate, "time/reward": t_reward, "time/logprobs": t_logprobs,
-                "time/update": t_update, "time/sync": t_sync, "time/step": t_total,
-            }
-            if kl_values:
-                m["kl_rollout"] = float(torch.cat(kl_values).mean())  # k3(old policy, reference) per token
-            if update_metrics:
-                last = update_metrics[-1]
-                m["lr"], m["grad_norm"] = last.get("lr"), last.get("grad_norm")
-                m["loss"] = sum(u["loss"] for u in update_metrics) / len(update_metrics)
-                m.update(token_means(update_metrics))
+            # 5. weight sync to the engines (timed)
+            rollout.timings["sync"] = (
+                sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")[0] if rollout.rows else 0.0
+            )
+            # 6. log (and evaluate every eval_freq steps)
+            m = step_metrics(rollout, update_metrics, train_tokens, time.perf_counter() - t_step)
             if g.eval_freq and eval_set and (step % g.eval_freq == 0 or step == total):
                 m.update(evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
             metrics.log(step, m)
-            logger.info(
-                "step %d: reward %.3f (std %.3f) accuracy %s | length %.1f | generate %.1fs reward %.1fs logprobs %.1fs "
-                "update %.1fs sync %.2fs", step, m["reward_mean"], m["reward_std"],
-                f"{m['accuracy']:.3f}" if "accuracy" in m else "-", m["response_len_mean"], t_generate, t_reward,
-                t_logprobs, t_update, t_sync,
-            )
+            log_step(step, m)
             if g.log_samples:
-                shown = list(range(0, len(completions), max(1, len(completions) // g.log_samples)))[: g.log_samples]
-                samples_log.write(step, [
-                    {"prompt": tokenizer.decode(completions[i].prompt_ids), "completion": texts[i],
-                     "reward": float(rewards[i]), "answer": str(group_samples[i].get("answer", "")),
-                     "finish_reason": completions[i].finish_reason}
-                    for i in shown
-                ])
+                samples_log.write(step, sample_rows(rollout, tokenizer, g.log_samples))
 
-            # ---- 9. checkpoint (policy, optimizer, lr, RNG, prompt stream, step)
+            # checkpoint (policy, optimizer, lr, RNG, prompt stream, step)
             if (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0) or (
                 cfg.checkpoint.save_final and step == total
             ):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import replace
@@ -27,7 +26,6 @@ from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
 from posttrain.inference import build_engine
 from posttrain.losses import fused_token_log_probs
-from posttrain.metrics import MetricsLogger
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.batches import chunk, completion_batch, response_values
 from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
@@ -104,27 +102,6 @@ def grpo_loss_fn(
     return LossOutput(loss_sum=loss_sum, n_targets=torch.as_tensor(n_units), metrics=stats)
 
 
-class _MicroBatchFeed:
-    """The trainer's `data_loader` during an update: the micro-batches queued for the next `train_step`."""
-
-    def __init__(self) -> None:
-        self.queue: deque[dict[str, torch.Tensor]] = deque()
-
-    def __iter__(self) -> _MicroBatchFeed:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if not self.queue:
-            raise RuntimeError("the trainer asked for more micro-batches than the controller sent")
-        return self.queue.popleft()
-
-    def state_dict(self) -> dict[str, Any]:  # nothing to resume: the controller regenerates rollouts
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 class PolicyWorker:
     """One rank of the policy trainer group (with its share of the reference model)."""
 
@@ -145,17 +122,13 @@ class PolicyWorker:
         self.updates_per_step = cfg.grpo.epochs * cfg.grpo.minibatches
         micro = max(cfg.training.micro_batch_size, 1)
         # The lr schedule counts optimizer steps (epochs x minibatches per GRPO step); a trainer step takes
-        # however many micro-batches the controller sends (grad_accum is set per update below).
+        # however many micro-batches the controller sends (`train_step_on` below).
         trainer_cfg = replace(cfg, training=replace(
             cfg.training, steps=cfg.training.steps * self.updates_per_step, micro_batch_size=micro,
             batch_size=micro * world_size,
         ), metrics=replace(cfg.metrics, tensorboard=False))
-        self.trainer = Trainer(trainer_cfg)
-        # The controller writes metrics.jsonl / tb/: this trainer's own logger is switched off.
-        self.trainer.metrics.close()
-        self.trainer.metrics = MetricsLogger(cfg.metrics, cfg.job.output_dir, rank=-1, total_steps=cfg.training.steps)
-        self.feed = _MicroBatchFeed()
-        self.trainer.data_loader = self.feed
+        # The controller writes metrics.jsonl / tb/: this trainer writes none.
+        self.trainer = Trainer(trainer_cfg, write_metrics=False)
         self.chunk_size = cfg.training.loss_chunk_size
         self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
         self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
@@ -195,7 +168,7 @@ class PolicyWorker:
         return {"step": step, "controller": state["controller"].obj}
 
     def save(self, step: int, controller_state: Any) -> None:
-        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer._rank_layout(),
+        self.trainer.checkpoint.save(step, self._state(controller_state), layout=self.trainer.rank_layout(),
                                      fingerprint=self.trainer.run_fingerprint())
         self.trainer.checkpoint.wait()
 
@@ -215,7 +188,7 @@ class PolicyWorker:
         model.eval()
         try:
             for piece, cpu_batch in self._micro_batches(rows):
-                batch = self.trainer._to_device(cpu_batch)
+                batch = self.trainer.to_device(cpu_batch)
                 if old or entropy:
                     logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
                                                    entropy=entropy)
@@ -241,10 +214,8 @@ class PolicyWorker:
 
         sequence_targets = self.grpo.loss_agg == "sequence_mean"
         batches = [b for _, b in self._micro_batches(rows, sequence_targets=sequence_targets)]
-        self.feed.queue.extend(batches)
-        self.trainer.grad_accum = len(batches)
         loss_fn = partial(grpo_loss_fn, grpo=self.grpo, chunk_size=self.chunk_size)
-        metrics = self.trainer.train_step(loss_fn)
+        metrics = self.trainer.train_step_on(batches, loss_fn)
         return {k: float(v) for k, v in metrics.items() if v is not None}
 
     # -- weight sync and export ------------------------------------------------------------------------

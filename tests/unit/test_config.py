@@ -39,8 +39,9 @@ def run_load_config(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_job_config_has_one_attribute_per_section_in_order():
-    assert [f.name for f in dataclasses.fields(JobConfig)] == list(SECTIONS)
+    assert [f.name for f in dataclasses.fields(JobConfig)] == [*SECTIONS, "extensions"]  # then user code's sections
     cfg = JobConfig()
+    assert cfg.extensions == {}
     for name, cls in SECTIONS.items():
         assert isinstance(getattr(cfg, name), cls)
 

@@ -88,3 +88,57 @@ def test_scratch_args_take_the_vocab_and_size_overrides():
     assert spec.flavors["0.6B"].vocab_size == 151936  # the flavor itself is untouched
     with pytest.raises(TypeError, match=r"no field\(s\) \['dimm'\]"):
         resolve_scratch_args(spec, "debug", overrides={"dimm": 3})
+
+
+@pytest.fixture
+def recipe_with_section(tmp_path, monkeypatch):
+    pkg = tmp_path / "my_recipe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+
+        @dataclass
+        class RoundsSection:
+            rounds: int = 3
+            temperature: float = 1.0
+
+            def __post_init__(self):
+                if self.rounds < 1:
+                    raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+
+        CONFIG_SECTIONS = {"rounds": RoundsSection}
+
+        def run(cfg):
+            return cfg.extensions["rounds"]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("my_recipe_pkg")]:
+        del sys.modules[name]
+
+
+def test_a_recipe_by_import_path_declares_its_own_config_section(recipe_with_section):
+    from posttrain.config import ConfigError, config_from_dict, config_to_dict, parse_config
+
+    toml = recipe_with_section / "run.toml"
+    toml.write_text('[job]\nrecipe = "my_recipe_pkg:run"\n[rounds]\nrounds = 5\n')
+    cfg = parse_config(["--config", str(toml), "--rounds.temperature", "0.5"])
+    section = cfg.extensions["rounds"]
+    assert (type(section).__name__, section.rounds, section.temperature) == ("RoundsSection", 5, 0.5)
+    # defaults when the file has no [rounds] table; a round trip through config.json keeps it
+    plain = parse_config(["--job.recipe", "my_recipe_pkg:run"])
+    assert plain.extensions["rounds"].rounds == 3
+    assert config_from_dict(config_to_dict(cfg)).extensions["rounds"].rounds == 5
+
+    toml.write_text('[job]\nrecipe = "my_recipe_pkg:run"\n[rounds]\nround = 5\n')
+    with pytest.raises(ConfigError, match=r"run.toml: unknown key 'rounds.round' \(did you mean 'rounds.rounds'"):
+        parse_config(["--config", str(toml)])
+    toml.write_text('[job]\nrecipe = "my_recipe_pkg:run"\n[rounds]\nrounds = "many"\n')
+    with pytest.raises(ConfigError, match=r"run.toml: .*rounds.rounds"):
+        parse_config(["--config", str(toml)])
+    with pytest.raises(ConfigError, match=r"\[rounds\]: rounds must be at least 1"):
+        parse_config(["--job.recipe", "my_recipe_pkg:run", "--rounds.rounds", "0"])
+    # the same table without the recipe that declares it: refused, naming the file
+    toml.write_text('[rounds]\nrounds = 5\n')
+    with pytest.raises(ConfigError, match=r"run.toml: unknown section 'rounds' \(a recipe or model named by import"):
+        parse_config(["--config", str(toml)])

@@ -138,7 +138,7 @@ def test_logit_softcapping_model_is_refused() -> None:
 def test_tensor_parallel_and_flex_are_refused_at_start() -> None:
     from posttrain.config.sections import ModelSection
     from posttrain.parallelisms import ParallelDims
-    from posttrain.parallelisms.hf_backend import _attn_implementation, parallelize_hf
+    from posttrain.parallelisms.hf_parallelize import _attn_implementation, parallelize_hf
 
     model = build_hf_causal_lm(mistral_config())
     with pytest.raises(SystemExit, match="parallelism.tp"):

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from posttrain.models.common.transformer import Transformer, TransformerArgs
-from posttrain.models.llama3.parallelize import parallelize
 from posttrain.models.registry import ModelSpec
 
 
@@ -59,5 +58,5 @@ MODEL_SPEC = ModelSpec(
     hf_config_from_args=_no_hf,
     to_hf_name=lambda name: None,
     from_hf_name=lambda name: None,
-    parallelize_fn=parallelize,  # the dense decoder's TP -> AC -> compile -> FSDP
+    tp_plan=None,  # FSDP, AC and compile in the shared order; category_head has no tensor-parallel style
 )

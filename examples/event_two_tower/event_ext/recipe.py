@@ -29,11 +29,11 @@ def category_accuracy(model: torch.nn.Module, sequences: list) -> float:
 
 def run(cfg: JobConfig) -> None:
     trainer = Trainer(cfg)
-    trainer.data_loader = build_sft_dataloader(
+    trainer.set_data_loader(build_sft_dataloader(
         cfg.data, trainer.tokenizer, seq_len=cfg.training.seq_len, micro_batch_size=trainer.micro_batch_size,
         dp_rank=trainer.dp_rank, dp_world_size=trainer.dp_degree, seed=cfg.job.seed,
         vocab_size=trainer.model_args.vocab_size,
-    )
+    ))
     trainer.resume()
     trainer.fit(build_loss_fn(cfg))
     if cfg.data.eval_path and trainer.dist.is_main and trainer.dist.world_size == 1:

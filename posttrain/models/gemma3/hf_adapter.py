@@ -6,7 +6,7 @@ from typing import Any
 
 from posttrain.models.common.hf_config import require, rope_from_hf_config
 from posttrain.models.common.hf_names import StateDictNameMap
-from posttrain.models.gemma3.args import FULL, SLIDING, Gemma3Args, default_layer_types
+from .args import FULL, SLIDING, Gemma3Args, default_layer_types
 
 HF_MODEL_TYPE = "gemma3_text"
 HF_ARCHITECTURE = "Gemma3ForCausalLM"

@@ -25,7 +25,7 @@ from posttrain.models.common.attention import (
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import RotaryEmbedding
 from posttrain.models.common.transformer import Transformer
-from posttrain.models.gemma3.args import SLIDING, Gemma3Args
+from .args import SLIDING, Gemma3Args
 
 
 class ScaledEmbedding(nn.Embedding):

@@ -1,9 +1,10 @@
 """GPT-OSS models (HF model_type "gpt_oss"), bf16 checkpoints."""
 
-from posttrain.models.gpt_oss import hf_adapter
-from posttrain.models.gpt_oss.args import GPT_OSS_FLAVORS, GptOssArgs
-from posttrain.models.gpt_oss.model import GptOssModel
 from posttrain.models.registry import ModelSpec
+
+from . import hf_adapter
+from .args import GPT_OSS_FLAVORS, GptOssArgs
+from .model import GptOssModel
 
 MODEL_SPEC = ModelSpec(
     name="gpt_oss",
@@ -15,6 +16,7 @@ MODEL_SPEC = ModelSpec(
     hf_config_from_args=hf_adapter.hf_config_from_args,
     to_hf_name=hf_adapter.to_hf_name,
     from_hf_name=hf_adapter.from_hf_name,
+    tp_plan=None,  # experts are sharded by FSDP only: no tensor or expert parallelism yet
 )
 
 __all__ = ["GPT_OSS_FLAVORS", "MODEL_SPEC", "GptOssArgs", "GptOssModel"]

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from posttrain.models.common.hf_config import require, rope_from_hf_config
-from posttrain.models.gpt_oss.args import GptOssArgs, alternating_layer_types
+from .args import GptOssArgs, alternating_layer_types
 
 HF_MODEL_TYPE = "gpt_oss"
 HF_ARCHITECTURE = "GptOssForCausalLM"

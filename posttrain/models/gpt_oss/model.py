@@ -22,7 +22,7 @@ from posttrain.models.common.attention import (
 from posttrain.models.common.moe import ExpertGroups, MoEModelHooks, load_balancing_loss, sort_by_expert
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.transformer import Transformer, TransformerBlock
-from posttrain.models.gpt_oss.args import SLIDING, GptOssArgs
+from .args import SLIDING, GptOssArgs
 
 
 class GptOssRMSNorm(RMSNorm):

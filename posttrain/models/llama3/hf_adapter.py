@@ -6,7 +6,7 @@ from typing import Any
 
 from posttrain.models.common.hf_config import dense_args_from_hf_config, dense_hf_config_from_args
 from posttrain.models.common.hf_names import DENSE_DECODER_MODULES, StateDictNameMap
-from posttrain.models.llama3.args import Llama3Args
+from .args import Llama3Args
 
 HF_MODEL_TYPE = "llama"
 HF_ARCHITECTURE = "LlamaForCausalLM"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from posttrain.models.common.transformer import Transformer
-from posttrain.models.llama3.args import Llama3Args
+from .args import Llama3Args
 
 
 class Llama3Model(Transformer):

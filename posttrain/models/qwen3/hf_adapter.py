@@ -6,7 +6,7 @@ from typing import Any
 
 from posttrain.models.common.hf_config import dense_args_from_hf_config, dense_hf_config_from_args
 from posttrain.models.common.hf_names import DENSE_DECODER_MODULES, StateDictNameMap
-from posttrain.models.qwen3.args import Qwen3Args
+from .args import Qwen3Args
 
 HF_MODEL_TYPE = "qwen3"
 HF_ARCHITECTURE = "Qwen3ForCausalLM"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from posttrain.models.common.transformer import Transformer
-from posttrain.models.qwen3.args import Qwen3Args
+from .args import Qwen3Args
 
 
 class Qwen3Model(Transformer):

@@ -1,9 +1,10 @@
 """Qwen3-MoE models (HF model_type "qwen3_moe")."""
 
-from posttrain.models.qwen3_moe import hf_adapter
-from posttrain.models.qwen3_moe.args import QWEN3_MOE_FLAVORS, Qwen3MoeArgs
-from posttrain.models.qwen3_moe.model import Qwen3MoeModel
 from posttrain.models.registry import ModelSpec
+
+from . import hf_adapter
+from .args import QWEN3_MOE_FLAVORS, Qwen3MoeArgs
+from .model import Qwen3MoeModel
 
 MODEL_SPEC = ModelSpec(
     name="qwen3_moe",
@@ -15,6 +16,7 @@ MODEL_SPEC = ModelSpec(
     hf_config_from_args=hf_adapter.hf_config_from_args,
     to_hf_name=hf_adapter.to_hf_name,
     from_hf_name=hf_adapter.from_hf_name,
+    tp_plan=None,  # experts are sharded by FSDP only: no tensor or expert parallelism yet
 )
 
 __all__ = ["MODEL_SPEC", "QWEN3_MOE_FLAVORS", "Qwen3MoeArgs", "Qwen3MoeModel"]

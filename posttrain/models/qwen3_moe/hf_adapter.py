@@ -13,7 +13,7 @@ from typing import Any
 
 from posttrain.models.common.hf_config import dense_args_from_hf_config, dense_hf_config_from_args
 from posttrain.models.common.hf_names import DENSE_DECODER_MODULES, StateDictNameMap
-from posttrain.models.qwen3_moe.args import Qwen3MoeArgs
+from .args import Qwen3MoeArgs
 
 HF_MODEL_TYPE = "qwen3_moe"
 HF_ARCHITECTURE = "Qwen3MoeForCausalLM"

@@ -8,7 +8,7 @@ import torch
 
 from posttrain.models.common.moe import MoE, MoEModelHooks
 from posttrain.models.common.transformer import Transformer
-from posttrain.models.qwen3_moe.args import Qwen3MoeArgs
+from .args import Qwen3MoeArgs
 
 
 class Qwen3MoeModel(MoEModelHooks, Transformer):
