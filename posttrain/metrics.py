@@ -239,6 +239,12 @@ class _MetricsSettings(Protocol):
 
 # Keys every metrics.jsonl line carries (null when the caller did not provide them).
 REQUIRED_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib")
+# What the recipes measure, shown on the console next to the loss whenever a logged line has it: the pair metrics
+# of DPO and the reward model, distillation's KL, GRPO's reward and accuracy, and every evaluation result.
+CONSOLE_RESULT_KEYS = (
+    "reward_accuracy", "reward_margin", "kl", "reward_mean", "accuracy",
+    "eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_accuracy", "eval_reward_mean",
+)
 
 
 def _to_json_number(value: Any) -> float | int | None:
@@ -266,8 +272,8 @@ class MetricsLogger:
     """Writes logged steps to the console, TensorBoard (`<output_dir>/tb/`) and `<output_dir>/metrics.jsonl`.
 
     Only rank 0 writes; on other ranks every method is a no-op. `metrics` keys the console knows:
-    loss, lr, grad_norm, tokens_per_s, mfu (percent), mem_gib, data_wait_ms; any other numeric key goes to
-    TensorBoard and the jsonl file only. `cfg` is any object with `log_freq`, `tensorboard`, `peak_tflops`.
+    loss, CONSOLE_RESULT_KEYS, lr, grad_norm, tokens_per_s, mfu (percent), mem_gib, data_wait_ms; any other numeric
+    key goes to TensorBoard and the jsonl file only. `cfg` is any object with `log_freq`, `tensorboard`, `peak_tflops`.
     """
 
     def __init__(self, cfg: _MetricsSettings, output_dir: str | os.PathLike, *, rank: int, total_steps: int):
@@ -355,7 +361,11 @@ class MetricsLogger:
             if value is not None:
                 parts.append(fmt.format(value))
 
+        if values.get("loss") is None and any(key.startswith("eval_") for key in values):
+            parts[0] += " eval"  # a line of evaluation results only
         add("loss", "loss {:.4f}")
+        for key in CONSOLE_RESULT_KEYS:
+            add(key, key + " {:.4f}")
         add("lr", "lr {:.2e}")
         add("grad_norm", "gnorm {:.3f}")
         add("tokens_per_s", "tok/s {:,.0f}")

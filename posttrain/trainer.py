@@ -42,6 +42,7 @@ from posttrain.metrics import (
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
 from posttrain.models import protocol as model_hooks
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
+from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
 from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
@@ -157,6 +158,7 @@ def build_training_model(
     model.to_empty(device=device)
     if folder is not None:
         load_hf_weights_sharded(model, folder, spec, checkpoint_vocab_size=old_vocab if grown else None)
+        model.hf_generation_config = read_generation_config(folder)  # carried into the HF export
     else:
         init_weights_sharded(model, seed=cfg.job.seed, buffer_device=device)
     init_config_modules(model, cfg, hf_folder=folder, spec=spec, grown_from_vocab=old_vocab if grown else None)
@@ -193,8 +195,6 @@ class Trainer:
         # One run per output folder; an earlier run's checkpoints are never silently pruned (checkpoint.resume)
         self.run_lock = claim_output_dir(self.output_dir, cfg.checkpoint, is_main=self.dist.is_main)
         self.checkpoint = CheckpointManager(cfg.checkpoint, self.output_dir)
-        if not (cfg.checkpoint.resume and self.checkpoint.step_folders()):
-            self._write_run_config()  # else once the resume is accepted (load_checkpoint)
 
         p = cfg.parallelism
         self.parallel_dims = ParallelDims.from_config(p, self.dist.world_size)
@@ -226,6 +226,9 @@ class Trainer:
             added_tokens=self._config_added_tokens,
         )
         self.model_args = self.model.args
+        # only once the tokenizer and model are built: a run refused before writes no config.json
+        if not (cfg.checkpoint.resume and self.checkpoint.step_folders()):
+            self._write_run_config()  # else once the resume is accepted (load_checkpoint)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.metrics = MetricsLogger(cfg.metrics, self.output_dir, rank=self.dist.rank if write_metrics else -1,
@@ -606,8 +609,11 @@ class Trainer:
         if self.cfg.lora.rank > 0:
             from posttrain.models.peft_adapter import save_peft_adapter
 
-            adapter = save_peft_adapter(self.model, self.output_dir / "adapter",
-                                        base_model_name_or_path=self.cfg.model.hf_path)
+            adapter = save_peft_adapter(
+                self.model, self.output_dir / "adapter", base_model_name_or_path=self.cfg.model.hf_path,
+                tokenizer=self.tokenizer if self.dist.is_main else None,
+                generation_config=getattr(self.model, "hf_generation_config", None),
+            )
             if self.dist.is_main:
                 logger.info("exported the LoRA adapter (PEFT format) to %s", adapter)
 

@@ -23,7 +23,8 @@ class JobSection:
     output_dir: str = opt("outputs/debug", "folder for checkpoints, metrics.jsonl, tb/ and hf/")
     seed: int = opt(0, "seed for model init, data order and dropout")
     recipe: str = opt(
-        "sft", "which recipe train.py runs: sft, dpo, reward_model, distill, or your own run(cfg) as 'module:attr'"
+        "sft",
+        "which recipe train.py runs: sft, dpo, reward_model, distill, grpo, or your own run(cfg) as 'module:attr'",
     )
     description: str = opt("", "free text, written to the run's config.json")
     collective_timeout_s: float = opt(1800.0, "seconds a collective may wait before the process group reports a hung rank")
@@ -58,6 +59,13 @@ class TokenizerSection:
     add_tokens_file: str = opt("", "a file of tokens to add (one per line, e.g. semantic IDs); grows the model's vocabulary")
 
 
+# The row fields `[data.columns]` may map a dataset's own column names to (see posttrain/datasets/columns.py)
+DATA_COLUMN_FIELDS = (
+    "messages", "conversations", "prompt", "completion", "text", "system", "instruction", "input", "output",
+    "chosen", "rejected",
+)
+
+
 @dataclass
 class DataSection:
     path: str = opt("", "one dataset: a file, a glob, a URL (s3://, gs://, https://) or a save_to_disk folder")
@@ -65,8 +73,9 @@ class DataSection:
     weights: list[float] = opt([], "mixing weights for paths (default: equal)")
     format: str = opt(
         "auto",
-        "row format: auto (detects messages / conversations / prompt+completion / text / input_ids), chat, "
-        "sharegpt, prompt_completion, text, tokens (pre-tokenized ids, no tokenizer), or 'module:attr' of your own",
+        "row format: auto (detects messages / conversations / prompt+completion / instruction+output / text / "
+        "input_ids), chat, sharegpt, prompt_completion, alpaca, text, tokens (pre-tokenized ids, no tokenizer), or "
+        "'module:attr' of your own",
     )
     packing: str = opt("best_fit", "how samples fill seq_len rows", choices=("best_fit", "padding"))
     pack_buffer: int = opt(64, "samples held by the best-fit packer to choose from")
@@ -79,6 +88,11 @@ class DataSection:
         8 << 20, "a JSON line longer than this many bytes is a bad row, rejected before it is parsed (0 = no limit)"
     )
     eval_path: str = opt("", "held-out data for validation loss (optional)")
+    columns: dict = opt(
+        {},
+        "your dataset's column names for the fields the formats read, e.g. {prompt = \"question\", completion = "
+        "\"answer\"}; fields: " + ", ".join(DATA_COLUMN_FIELDS),
+    )
 
 
 @dataclass

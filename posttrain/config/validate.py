@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from posttrain.config.errors import ConfigError
+from posttrain.config.sections import DATA_COLUMN_FIELDS
 
 if TYPE_CHECKING:
     from posttrain.config.loader import JobConfig
@@ -68,7 +69,7 @@ def _validate_job(cfg: "JobConfig") -> None:
 
 
 RECIPES = ("sft", "dpo", "reward_model", "distill", "grpo")
-DATA_FORMATS = ("auto", "chat", "sharegpt", "prompt_completion", "text", "tokens")
+DATA_FORMATS = ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text", "tokens")
 LOSSES = ("cross_entropy",)
 
 
@@ -98,6 +99,13 @@ def _validate_extensible(cfg: "JobConfig") -> None:
 
 def _validate_data(cfg: "JobConfig") -> None:
     data = cfg.data
+    for field, column in data.columns.items():  # key "data.columns": the error names the file that set it
+        if field not in DATA_COLUMN_FIELDS:
+            raise ConfigError(f"data.columns.{field} is not a field the formats read; map one of "
+                              f"{', '.join(DATA_COLUMN_FIELDS)}", key="data.columns")
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"data.columns.{field} must be the name of a column of your rows, got {column!r}",
+                              key="data.columns")
     _require(
         not (data.path and data.paths),
         "data.paths",

@@ -241,6 +241,7 @@ def _pipeline_config(
         pad_id=int(pad_id),
         num_epochs=num_epochs,
         vocab_size=vocab_size,
+        columns=tuple(data.columns.items()),
         max_row_bytes=data.max_row_bytes,
     )
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from posttrain.datasets.columns import rename_columns
 from posttrain.datasets.errors import BadRowError, DataError
 from posttrain.datasets.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, document_labels
 from posttrain.datasets.sources import bad_row_error, iter_file_rows, resolve_data_files
@@ -115,10 +116,11 @@ def _fit(pair: PreferencePair, seq_len: int, overlong: str) -> PreferencePair | 
 
 def load_preference_pairs(
     path: str, tokenizer: Any, *, seq_len: int, overlong: str = "truncate", skip_bad_rows: bool = False,
-    field: str = "data.path", max_row_bytes: int = 0,
+    field: str = "data.path", max_row_bytes: int = 0, columns: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferencePair], dict[str, int]]:
     """Read and tokenize every row of `path` (file / glob / folder; `field` is the config key that named it);
-    return the usable pairs and counts. The first dropped pair is logged with its file:line."""
+    return the usable pairs and counts. The first dropped pair is logged with its file:line. `columns`
+    (`[data.columns]`) renames the rows' own columns to prompt / chosen / rejected first."""
     pairs: list[PreferencePair] = []
     stats = {"rows": 0, "dropped": 0, "bad_rows": 0}
     for data_file in resolve_data_files(path, field=field):
@@ -128,6 +130,7 @@ def load_preference_pairs(
                 row = src.value
                 if row is None:
                     raise bad_row_error(src)
+                row = rename_columns(row, columns or {}, src.where)
                 pair = tokenize_preference_row(row, tokenizer, index=len(pairs), where=src.where)
             except BadRowError:
                 if not skip_bad_rows:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from posttrain.datasets.columns import rename_columns
 from posttrain.datasets.counter_rng import CounterRNG
 from posttrain.datasets.errors import BadRowError, DataError
 from posttrain.datasets.mixer import WeightedMixer
@@ -53,6 +54,7 @@ class PipelineConfig:
     pad_id: int
     num_epochs: int | None = None  # None: repeat forever
     vocab_size: int | None = None  # token rows: ids must be below it (None: unchecked)
+    columns: tuple[tuple[str, str], ...] = ()  # [data.columns]: (field, the rows' column) renamed before tokenizing
     max_row_bytes: int = 0  # a JSON line longer than this is a bad row, never parsed (0: no limit)
 
 
@@ -122,7 +124,8 @@ class ShardPipeline:
             try:
                 if row.error is not None:
                     raise bad_row_error(row)
-                sample = tokenize_row(row.value or {}, cfg.fmt, row.where, self.tokenizer, vocab_size=cfg.vocab_size)
+                fields = rename_columns(row.value or {}, cfg.columns, row.where)
+                sample = tokenize_row(fields, cfg.fmt, row.where, self.tokenizer, vocab_size=cfg.vocab_size)
             except BadRowError as e:
                 if not cfg.skip_bad_rows:
                     raise

@@ -9,7 +9,12 @@ Formats (`data.format`; `auto` decides per row by the fields present, in this or
   function_call -> assistant. A row-level `system` string becomes the first message.
 - prompt_completion: `prompt` + `completion` strings (loss on the completion); lists of messages in both
   (TRL's conversational form) are rendered as one chat, trained on the completion's assistant turns.
+- alpaca: `instruction` (+ optional `input`) + `output`, rendered with the chat template as one user turn
+  (the instruction, then a blank line and the input when there is one) and the assistant's answer.
 - text: `text` (continued pre-training; every token is trained: `tokenize_text` may return ids alone).
+A row-level `system` string becomes the first message of a chat, ShareGPT, prompt/completion or Alpaca row
+(a prompt/completion row of plain strings is then rendered with the chat template); `[data.columns]` maps a
+dataset's own column names to these fields (columns.py).
 - tokens: `input_ids` (+ optional `loss_mask` or `labels`, `document_ids`): already token ids, no tokenizer
   (see token_format.py).
 - `module:attr`: the user's `fn(row, where, tokenizer) -> (input_ids, loss_mask)` or a `TokenizedSample`
@@ -30,7 +35,7 @@ import numpy as np
 from posttrain.datasets.errors import BadRowError, DataError
 from posttrain.datasets.token_format import token_row_arrays
 
-FORMATS = ("chat", "sharegpt", "prompt_completion", "text", "tokens")
+FORMATS = ("chat", "sharegpt", "prompt_completion", "alpaca", "text", "tokens")
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -84,6 +89,8 @@ def detect_format(row: dict[str, Any], where: str) -> str:
         return "sharegpt"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
     if "text" in row:
         return "text"
     if "input_ids" in row:
@@ -93,9 +100,12 @@ def detect_format(row: dict[str, Any], where: str) -> str:
         hint = " (chosen/rejected is a preference row, for the dpo recipe)"
     elif "prompt" in row:
         hint = " (a prompt needs a completion field next to it)"
+    elif "instruction" in row:
+        hint = " (an instruction needs an output field next to it)"
     raise BadRowError(
-        f"{where}: the row has none of the fields messages, conversations, prompt+completion or text (nor input_ids) "
-        f"(it has {sorted(row)}){hint}; {_FIX}, or set data.format"
+        f"{where}: the row has none of the fields messages, conversations, prompt+completion, instruction+output or "
+        f"text (nor input_ids) (it has {sorted(row)}){hint}; {_FIX}, map your columns with [data.columns], or set "
+        "data.format"
     )
 
 
@@ -179,6 +189,34 @@ def sharegpt_messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return chat_messages({"messages": messages}, where)
 
 
+def _system_message(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The row's `system` string as a leading message ([] when the row has none)."""
+    system = row.get("system")
+    if system is None or system == "":
+        return []
+    if not isinstance(system, str):
+        raise BadRowError(f"{where}: system must be a string, got {type(system).__name__}; {_FIX}")
+    return [{"role": "system", "content": system}]
+
+
+def _with_system(messages: list[dict[str, Any]], row: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    if messages and messages[0].get("role") == "system":
+        return messages
+    return _system_message(row, where) + messages
+
+
+def alpaca_messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """An Alpaca row (instruction, optional input, output) as user / assistant messages."""
+    instruction = _require(row, "instruction", "alpaca", where)
+    output = _require(row, "output", "alpaca", where)
+    extra = row.get("input") or ""
+    for field, value in (("instruction", instruction), ("input", extra), ("output", output)):
+        if not isinstance(value, str):
+            raise BadRowError(f"{where}: {field} must be a string, got {type(value).__name__}; {_FIX}")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return _system_message(row, where) + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
 def _takes_tools(tokenizer: SFTTokenizer) -> bool:
     try:
         return "tools" in inspect.signature(tokenizer.tokenize_messages).parameters
@@ -207,6 +245,7 @@ def _report_template_drop(messages: list[dict[str, Any]], ids: list[int], tokeni
 def _tokenize(row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer) -> tuple[list[int], list[bool]]:
     if fmt == "chat" or fmt == "sharegpt":
         messages = chat_messages(row, where) if fmt == "chat" else sharegpt_messages(row, where)
+        messages = _with_system(messages, row, where)
         tools = row.get("tools")
         if tools and _takes_tools(tokenizer):
             ids, mask = tokenizer.tokenize_messages(messages, tools=tools)  # type: ignore[call-arg]
@@ -215,9 +254,21 @@ def _tokenize(row: dict[str, Any], fmt: str, where: str, tokenizer: SFTTokenizer
         if not _reported_template_drop:
             _report_template_drop(messages, ids, tokenizer, where)
         return ids, mask
+    if fmt == "alpaca":
+        messages = chat_messages({"messages": alpaca_messages(row, where)}, where)
+        ids, mask = tokenizer.tokenize_messages(messages)
+        if not _reported_template_drop:
+            _report_template_drop(messages, ids, tokenizer, where)
+        return ids, mask
     if fmt == "prompt_completion":
         prompt = _require(row, "prompt", fmt, where)
         completion = _require(row, "completion", fmt, where)
+        system = _system_message(row, where)
+        if system and isinstance(prompt, str) and isinstance(completion, str):  # a system turn needs the chat form
+            prompt = [{"role": "user", "content": prompt}]
+            completion = [{"role": "assistant", "content": completion}]
+        if isinstance(prompt, list):
+            prompt = _with_system(prompt, row, where)
         if isinstance(prompt, list) and isinstance(completion, list):
             chat_messages({"messages": prompt + completion}, where)  # validate roles and contents
             return tokenizer.tokenize_prompt_completion(prompt, completion)  # type: ignore[arg-type]

@@ -1,5 +1,9 @@
 """Where rows come from: local files, globs, fsspec URLs and `save_to_disk` folders, read as streams.
 
+A folder (local or a URL such as `hf://datasets/<org>/<name>`, which fsspec reads through huggingface_hub) is
+read like a Hugging Face dataset repo: every data file below it (hidden files aside), the train split only when
+file names say which split they hold (`data/train-00000-of-00002.parquet`, `train.jsonl`, `test/...`).
+
 `resolve_data_files(spec)` turns one `data.path` into an ordered list of `DataFile`s (and fails early, with
 one sentence, on a missing file, an empty glob or an unreadable URL). `ShardedRowStream` reads one epoch of
 those files for one data shard (a DP rank x dataloader worker), row by row, never loading a remote file whole:
@@ -26,7 +30,9 @@ epoch belongs to exactly one shard. Rows are reported with where they came from:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +51,10 @@ _KINDS = {
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _REMOTE_STREAMING = ("http", "https")
+# split names in the file paths of a Hugging Face dataset repo (as the Hub's data-files resolution reads them)
+_TRAIN_WORDS = {"train", "training"}
+_OTHER_SPLIT_WORDS = {"test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,14 +172,50 @@ def _folder_files(fs, folder: str, remote: bool, spec: str, field: str) -> list[
         if not names:
             raise DataError(f"{field} = {spec!r}: state.json lists no _data_files; re-save the dataset")
         return [DataFile(_join_url(fs, f"{folder}/{n}", remote), "arrow") for n in names]
-    entries = sorted(p for p in fs.ls(folder, detail=False) if fs.isfile(p))
+    entries = sorted(p for p in fs.find(folder) if not _hidden(p[len(folder):]))
     files = [DataFile(_join_url(fs, p, remote), kind) for p in entries if (kind := file_kind(p)) is not None]
     if not files:
         raise DataError(
             f"{field} = {spec!r} is a folder with no .jsonl, .json, .parquet or .arrow files "
             f"(and no state.json from save_to_disk); point {field} at the data files"
         )
-    return files
+    return _train_split(files, [p[len(folder):] for p in entries if file_kind(p) is not None], spec, field)
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/") if part)
+
+
+def _split_name(relative: str) -> str | None:
+    """The split a file of a dataset repo belongs to by the Hub's naming conventions (`data/train-00000-of-00002
+    .parquet`, `train.jsonl`, `test/part-0.parquet`), or None when its path names none."""
+    words = set(re.split(r"[-._ /0-9]+", relative.lower()))
+    if words & _TRAIN_WORDS:
+        return "train"
+    other = sorted(words & _OTHER_SPLIT_WORDS)
+    return other[0] if other else None
+
+
+def _train_split(files: list[DataFile], relative: list[str], spec: str, field: str) -> list[DataFile]:
+    """A folder laid out like a Hugging Face dataset repo: its train split (the files whose path says train), else
+    the files whose path names no split; the others (test, validation, ...) are left out and logged."""
+    splits = [_split_name(r) for r in relative]
+    if "train" in splits:
+        chosen = [f for f, split in zip(files, splits) if split == "train"]
+    else:
+        chosen = [f for f, split in zip(files, splits) if split is None]
+    if not chosen:
+        found = sorted({split for split in splits if split})
+        raise DataError(
+            f"{field} = {spec!r} holds only the split(s) {found}, no train split; point {field} at the files of "
+            f"the split to read (e.g. {spec.rstrip('/')}/{relative[0].lstrip('/')})"
+        )
+    left_out = len(files) - len(chosen)
+    if left_out:
+        others = sorted({split for split in splits if split and split != "train"})
+        logger.info("%s = %s: reading the train split (%d file(s)); %d file(s) of the split(s) %s left out",
+                    field, spec, len(chosen), left_out, others)
+    return chosen
 
 
 def resolve_data_files(spec: str, *, field: str = "data.path") -> list[DataFile]:

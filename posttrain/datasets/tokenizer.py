@@ -98,18 +98,27 @@ class HFTokenizer:
         return self.hf.get_vocab().get(token)
 
     def stop_ids(self, generation_config_dir: str | Path | None = None) -> tuple[int, ...]:
-        """Where generation stops: the eos token, whichever common end-of-turn tokens the vocabulary has, and
-        the eos ids of ``generation_config_dir/generation_config.json`` when there is one."""
-        ids = {self.eos_id} if self.eos_id is not None else set()
-        for token in END_OF_TURN_TOKENS:
-            token_id = self.token_id(token)
-            if token_id is not None:
-                ids.add(token_id)
+        """Where generation stops, most specific first: the chat template's end-of-turn token(s), the eos token,
+        whichever other common end-of-turn tokens the vocabulary has, and the eos ids of
+        ``generation_config_dir/generation_config.json`` when there is one."""
+        ids = [self.token_id(token) for token in self.end_of_turn_tokens()]
+        ids.append(self.eos_id)
+        ids += [self.token_id(token) for token in END_OF_TURN_TOKENS]
         config = Path(generation_config_dir) / "generation_config.json" if generation_config_dir else None
         if config is not None and config.is_file():
             eos = json.loads(config.read_text()).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-        return tuple(sorted(ids))
+            ids += [eos] if isinstance(eos, int) else (eos or [])
+        return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    def end_of_turn_tokens(self) -> list[str]:
+        """The token(s) the chat template writes after an assistant message (``<|im_end|>``, ``<|eot_id|>``, ...);
+        empty without a chat template."""
+        if not getattr(self.hf, "chat_template", None):
+            return []
+        try:
+            return list(self._probe({}, None).end_of_turn)
+        except ValueError:  # a template the probe cannot read: the fixed list in stop_ids still applies
+            return []
 
     def add_special_tokens(self, tokens: Iterable[str]) -> int:
         """Add tokens that must never be split (special tokens, semantic-ID tokens); returns how many were new.

@@ -9,7 +9,6 @@ line up); `evaluation.max_batches` caps the batches per rank.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -18,9 +17,6 @@ import torch
 from torch import nn
 
 from posttrain.losses import cross_entropy_for
-
-logger = logging.getLogger("posttrain")
-
 
 def evaluation_due(step: int, total: int, freq: int) -> bool:
     """Every `freq` steps (0: never periodically) and at the last step."""
@@ -86,7 +82,4 @@ class ValidationLoss:
         t = self.trainer
         if not evaluation_due(t.step, t.cfg.training.steps, self.freq):
             return
-        metrics = self.evaluate()
-        t.metrics.log(t.step, metrics)
-        if t.dist.is_main:
-            logger.info("step %d: eval_loss %.4f over %d held-out tokens", t.step, metrics["eval_loss"], metrics["eval_tokens"])
+        t.metrics.log(t.step, self.evaluate())  # the console line shows eval_loss

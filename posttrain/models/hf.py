@@ -20,13 +20,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from posttrain.config.input_paths import could_be_hub_id
 from posttrain.models.common.heads import get_head, is_head_param
 from posttrain.models.common.lora import base_param_name, expert_lora_update, is_adapter_param, lora_modules
 from posttrain.models.common.stacked_names import expand_stacked, is_stacked, split_row_index
 from posttrain.models.registry import ModelSpec, get_model_spec, get_model_spec_for, resolve_args
+from posttrain.models.serving_files import (
+    make_readable,
+    read_generation_config,
+    save_tokenizer,
+    write_json,
+    write_serving_config,
+)
 
 CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # checkpoint keys that are derived buffers, not weights
@@ -46,6 +53,8 @@ def resolve_hf_folder(path: str | os.PathLike[str]) -> Path:
         return local
     if local.exists():
         raise NotADirectoryError(f"{local} is a file; load_hf wants the checkpoint folder holding config.json")
+    if not could_be_hub_id(str(path)):  # no Hub round trip (and its retries) for a mistyped local path
+        raise FileNotFoundError(f"{path!r} is not a local folder and cannot be a Hugging Face Hub id")
     try:
         from huggingface_hub import snapshot_download
 
@@ -170,10 +179,7 @@ def load_hf(
     model.to_empty(device=device)
     model.init_buffers()
     load_hf_weights(model, folder, spec)
-    generation_config = folder / GENERATION_CONFIG_NAME
-    if generation_config.is_file():
-        with open(generation_config) as f:
-            model.hf_generation_config = json.load(f)
+    model.hf_generation_config = read_generation_config(folder)
     return model
 
 
@@ -330,7 +336,7 @@ def save_hf(
     if writer:
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-            _write_json(out / SAFE_WEIGHTS_INDEX_NAME, index)
+            write_json(out / SAFE_WEIGHTS_INDEX_NAME, index)
         config = spec.hf_config_from_args(model.args)
         config["torch_dtype"] = str(saved_dtype or torch.float32).removeprefix("torch.")
         head = get_head(model)
@@ -338,31 +344,12 @@ def save_hf(
             config["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification")
                                        for a in config.get("architectures", [])]
             config["num_labels"] = head.out_features
-        _write_json(out / CONFIG_NAME, config)
-        generation_config = getattr(model, "hf_generation_config", None) or {
-            key: getattr(model.args, key)
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if getattr(model.args, key, None) is not None
-        }
-        if generation_config:
-            _write_json(out / GENERATION_CONFIG_NAME, generation_config)
+        write_json(out / CONFIG_NAME, config)
         if tokenizer is not None:
-            _save_tokenizer(tokenizer, out)
+            save_tokenizer(tokenizer, out)
+        # eos / end-of-turn ids in config.json and generation_config.json (the source model's, when loaded from one)
+        write_serving_config(out, tokenizer, getattr(model, "hf_generation_config", None))
+        make_readable(out)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out
-
-
-def _save_tokenizer(tokenizer: Any, out: Path) -> None:
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(out))
-    elif hasattr(tokenizer, "save"):
-        tokenizer.save(str(out))
-    else:
-        raise TypeError(f"cannot save tokenizer {type(tokenizer).__name__}: it has neither save_pretrained nor save")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")

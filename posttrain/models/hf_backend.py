@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from posttrain.models.serving_files import make_readable, read_generation_config, save_tokenizer, write_serving_config
+
 logger = logging.getLogger("posttrain")
 
 # HF model types whose training FLOPs are the dense-decoder formula (6 N per token + causal attention)
@@ -243,10 +245,10 @@ class HFCausalLM(nn.Module):
             (out / "model.safetensors.index.json").unlink(missing_ok=True)
             self.hf_model.save_pretrained(str(out), state_dict=state)
             if tokenizer is not None:
-                if hasattr(tokenizer, "save_pretrained"):
-                    tokenizer.save_pretrained(str(out))
-                else:
-                    tokenizer.save(str(out))
+                save_tokenizer(tokenizer, out)
+            # save_pretrained wrote the source model's generation config: add the tokenizer's stop ids to it
+            write_serving_config(out, tokenizer, read_generation_config(out))
+            make_readable(out)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +32,7 @@ from torch import nn
 
 from posttrain.models.common.lora import ExpertLoRA, expert_lora_modules, lora_modules
 from posttrain.models.registry import get_model_spec_for
+from posttrain.models.serving_files import make_readable, save_tokenizer, write_serving_config
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,9 +110,16 @@ def peft_adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def save_peft_adapter(
-    model: nn.Module, out_dir: str | os.PathLike[str], *, base_model_name_or_path: str = ""
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str = "",
+    tokenizer: Any = None,
+    generation_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32) into ``out_dir``."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (fp32) into ``out_dir``; with `tokenizer`, also
+    its files and a ``generation_config.json`` carrying its stop ids over `generation_config` (the base model's),
+    so ``GenerationConfig.from_pretrained(out_dir)`` and servers that read the adapter folder stop the turn."""
     tensors, settings = peft_adapter_state(model)
     out = Path(out_dir)
     if _is_writer():
@@ -132,6 +141,10 @@ def save_peft_adapter(
         with open(out / ADAPTER_CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, out)
+            write_serving_config(out, tokenizer, generation_config)
+        make_readable(out)
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -25,6 +25,7 @@ def build_preference_loader(
     pairs, stats = load_preference_pairs(
         path, trainer.tokenizer, seq_len=cfg.training.seq_len, overlong=cfg.data.overlong,
         skip_bad_rows=cfg.data.skip_bad_rows, field=field, max_row_bytes=cfg.data.max_row_bytes,
+        columns=cfg.data.columns,
     )
     return PreferenceDataLoader(
         pairs, seq_len=cfg.training.seq_len, micro_batch_size=trainer.micro_batch_size, pad_id=trainer.tokenizer.pad_id,

@@ -103,9 +103,21 @@ def resolved_config(cfg: JobConfig) -> JobConfig:
     )
 
 
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_ray_token_auth_notice() -> None:
+    """Ray >= 2.60 turns token authentication on for a new local cluster and says so on the console at every
+    start; it stays on, the notice stays off the user's console. (Setting RAY_AUTH_MODE instead, after `import
+    ray`, desyncs Ray's cached config from its subprocesses: the cluster then refuses its own driver.)"""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_auth_notice)
+
+
 def start_ray(g: GRPOSection, *, bundles: int) -> None:
     import ray
 
+    quiet_ray_token_auth_notice()
     if g.ray_address:
         ray.init(address=g.ray_address, log_to_driver=True)
         return

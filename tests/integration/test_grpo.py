@@ -101,6 +101,7 @@ def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_
 
     proc = _run(cmd)
     assert "resumed GRPO from step" in proc.stderr + proc.stdout
+    assert "Token authentication" not in proc.stderr + proc.stdout  # Ray's warning stays off the console
     m = _metrics(out)
     assert sorted(m) == list(range(0, 21))  # step 0: the eval before training
     # step 5 was re-run from the step-4 checkpoint

@@ -55,7 +55,8 @@ def test_skip_bad_rows_skips_counts_and_logs(tmp_path, caplog):
     ("row", "fmt", "expected"),
     [
         ({"msgs": []}, "chat", "has no 'messages' field, which data.format = chat needs"),
-        ({"foo": 1}, "auto", r"has none of the fields messages, conversations, prompt\+completion or text"),
+        ({"foo": 1}, "auto",
+         r"has none of the fields messages, conversations, prompt\+completion, instruction\+output or text"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "auto", r"messages\[0\].role is 'bot', expected one of"),
         ({"messages": [{"role": "user"}]}, "auto", r"messages\[0\] \(user\) has no 'content' field"),
         ({"conversations": [{"from": "alien", "value": "x"}]}, "auto", r"conversations\[0\].from is 'alien'"),

@@ -155,3 +155,20 @@ def test_logger_peak_flops_uses_config_tflops():
     logger = MetricsLogger(_cfg(peak_tflops=100.0), "/nonexistent", rank=1, total_steps=1)
     assert math.isclose(logger.peak_flops("cpu"), 100e12)
     assert MetricsLogger(_cfg(), "/nonexistent", rank=1, total_steps=1).peak_flops("cpu") is None
+
+
+def test_console_shows_pair_metrics_and_evaluation_results(tmp_path, capsys):
+    """A DPO step line carries its reward accuracy and margin; evaluation results (DPO's pair metrics, eval_loss,
+    GRPO's eval_accuracy) reach the console when computed, not only metrics.jsonl."""
+    logger = MetricsLogger(_cfg(tensorboard=False), tmp_path, rank=0, total_steps=40)
+    logger.log(5, {"loss": 0.6, "lr": 1e-3, "reward_accuracy": 0.75, "reward_margin": 0.125, "chosen_logp": -9.0})
+    logger.log(40, {"eval_loss": 0.7, "eval_reward_accuracy": 0.625, "eval_reward_margin": 0.05, "eval_pairs": 64})
+    logger.log(40, {"eval_loss": 1.2345, "eval_tokens": 900})
+    logger.log(20, {"loss": 0.1, "reward_mean": 0.66, "accuracy": 0.66, "eval_accuracy": 0.9})
+    logger.close()
+    step, dpo_eval, sft_eval, grpo = capsys.readouterr().out.splitlines()
+    assert "reward_accuracy 0.7500" in step and "reward_margin 0.1250" in step and "chosen_logp" not in step
+    assert "eval" in dpo_eval.split("|")[0] and "eval_reward_accuracy 0.6250" in dpo_eval
+    assert "eval_reward_margin 0.0500" in dpo_eval
+    assert "eval_loss 1.2345" in sft_eval
+    assert "accuracy 0.6600" in grpo and "eval_accuracy 0.9000" in grpo

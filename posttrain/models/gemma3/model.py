@@ -38,7 +38,9 @@ class ScaledEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = super().forward(input_ids)
-        return out * torch.tensor(self.scale, dtype=out.dtype, device=out.device)
+        # the rounded scale as a Python number: a device tensor made here would be a host-to-device copy, which a
+        # CUDA graph capture (the rollout engine's decode step) refuses
+        return out * torch.tensor(self.scale, dtype=out.dtype).item()
 
 
 class GeluFeedForward(nn.Module):
