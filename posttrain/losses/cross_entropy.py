@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.losses.fused_head import accumulate_grad_weight
+
 __all__ = ["DEFAULT_CHUNK_SIZE", "chunked_cross_entropy", "token_log_probs"]
 
 DEFAULT_CHUNK_SIZE = 4096  # what chunk_size=0 means here
@@ -28,24 +30,6 @@ DEFAULT_CHUNK_SIZE = 4096  # what chunk_size=0 means here
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax math runs in at least fp32 (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-_addmm_out_dtype_works = True  # torch.addmm(..., out_dtype=) exists for CUDA bf16/fp16 in recent torch
-
-
-def _accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
-    """acc += grad_logits.T @ h, accumulating in acc's dtype without a [vocab, D] temporary where possible."""
-    global _addmm_out_dtype_works
-    if acc.dtype == grad_logits.dtype:
-        acc.addmm_(grad_logits.T, h)
-        return
-    if _addmm_out_dtype_works and acc.is_cuda:
-        try:
-            torch.addmm(acc, grad_logits.T, h, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            _addmm_out_dtype_works = False
-    acc.add_(grad_logits.T @ h)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -107,7 +91,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if need_grad_hidden:
                 grad_hidden.index_copy_(0, pos, (grad_logits @ w).to(grad_hidden.dtype))
             if need_grad_weight:
-                _accumulate_grad_weight(grad_weight[:vocab_size], grad_logits, h)
+                accumulate_grad_weight(grad_weight[:vocab_size], grad_logits, h)
 
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
