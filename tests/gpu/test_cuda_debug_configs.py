@@ -103,11 +103,12 @@ def test_debug_grpo(tmp_path: Path, device: torch.device, record_property) -> No
     m = _train("debug_grpo", tmp_path / "grpo", device, "--model.hf_path", str(warm / "sft" / "hf"),
                "--grpo.prompts", str(warm / "data" / "train.jsonl"),
                "--grpo.eval_prompts", str(warm / "data" / "train.jsonl"))
-    reward = [m[s]["reward_mean"] for s in range(1, 21)]
+    last = max(m)  # the config's training.steps (its eval_freq divides it)
+    reward = [m[s]["reward_mean"] for s in range(1, last + 1)]
     record_property("trend", f"reward {_mean(reward[:5]):.3f} -> {_mean(reward[-5:]):.3f}; eval accuracy "
-                             f"{m[0]['eval_accuracy']:.2f} -> {m[20]['eval_accuracy']:.2f}")
+                             f"{m[0]['eval_accuracy']:.2f} -> {m[last]['eval_accuracy']:.2f}")
     assert _mean(reward[-5:]) > _mean(reward[:5]), reward
-    assert m[20]["eval_accuracy"] >= m[0]["eval_accuracy"], (m[0]["eval_accuracy"], m[20]["eval_accuracy"])
+    assert m[last]["eval_accuracy"] >= m[0]["eval_accuracy"], (m[0]["eval_accuracy"], m[last]["eval_accuracy"])
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

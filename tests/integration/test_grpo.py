@@ -74,11 +74,11 @@ def _metrics(out: Path) -> dict[int, dict]:
 
 def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_start: Path) -> None:
     """One run of the debug config, SIGKILLed after its step-4 checkpoint, then restarted: it resumes, re-runs
-    step 5 exactly (same prompts, seeds and weights: same rollouts), and over the 20 steps the accuracy rises,
-    sampled (reward_mean of the math_answer reward) and greedy (eval_accuracy at steps 0 and 20)."""
+    step 5 exactly (same prompts, seeds and weights: same rollouts), and over the 30 steps the accuracy rises,
+    sampled (reward_mean of the math_answer reward) and greedy (eval_accuracy at steps 0 and 30)."""
     out = tmp_path / "run"
-    cmd = _cmd(warm_start, out, "--training.steps", "20", "--checkpoint.interval", "4", "--checkpoint.keep_last", "0",
-               "--grpo.eval_freq", "20")
+    cmd = _cmd(warm_start, out, "--training.steps", "30", "--checkpoint.interval", "4", "--checkpoint.keep_last", "0",
+               "--grpo.eval_freq", "30")
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, TAG_VAR: tag})
@@ -97,25 +97,25 @@ def test_debug_grpo_reward_rises_and_resumes_after_sigkill(tmp_path: Path, warm_
             proc.wait()
     assert not tagged_pids(tag), "Ray processes of the killed run survived"
     before = _metrics(out)
-    assert max(before) < 20, "the run finished before it was killed; the test proves nothing"
+    assert max(before) < 30, "the run finished before it was killed; the test proves nothing"
 
     proc = _run(cmd)
     assert "resumed GRPO from step" in proc.stderr + proc.stdout
     assert "Token authentication" not in proc.stderr + proc.stdout  # Ray's warning stays off the console
     m = _metrics(out)
-    assert sorted(m) == list(range(0, 21))  # step 0: the eval before training
+    assert sorted(m) == list(range(0, 31))  # step 0: the eval before training
     # step 5 was re-run from the step-4 checkpoint
     assert m[5]["reward_mean"] == pytest.approx(before[5]["reward_mean"])
     assert m[5]["response_len_mean"] == pytest.approx(before[5]["response_len_mean"])
-    accuracy = [m[s]["accuracy"] for s in range(1, 21)]
+    accuracy = [m[s]["accuracy"] for s in range(1, 31)]
     print("sampled accuracy per step:", [round(a, 3) for a in accuracy])
-    assert [m[s]["reward_mean"] for s in range(1, 21)] == accuracy  # math_answer scores 0 or 1
+    assert [m[s]["reward_mean"] for s in range(1, 31)] == accuracy  # math_answer scores 0 or 1
     first, last = sum(accuracy[:3]) / 3, sum(accuracy[-5:]) / 5
     assert last > first + 0.1, f"the sampled accuracy did not rise clearly: {accuracy}"
-    assert m[20]["eval_accuracy"] >= m[0]["eval_accuracy"] + 0.1, (m[0]["eval_accuracy"], m[20]["eval_accuracy"])
+    assert m[30]["eval_accuracy"] >= m[0]["eval_accuracy"] + 0.1, (m[0]["eval_accuracy"], m[30]["eval_accuracy"])
     for key in ("loss", "accuracy", "response_len_mean", "rollout_tokens_per_s", "time/sync", "entropy", "clip_frac"):
-        assert m[20].get(key) is not None, key
-    assert (out / "samples.jsonl").is_file() and (out / "checkpoints" / "step-20").is_dir()
+        assert m[30].get(key) is not None, key
+    assert (out / "samples.jsonl").is_file() and (out / "checkpoints" / "step-30").is_dir()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")
