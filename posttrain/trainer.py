@@ -524,10 +524,11 @@ class Trainer:
                 window, window_t0 = {}, time.perf_counter()
             # The guard's counts must be current before a save (the save waits anyway); otherwise it reads the
             # previous step's norm, which the device has finished while this step's work is still queued.
-            self.read_grad_norms(None if self.checkpoint.should_save(self.step, total) else self.step - 1)
-            if self.checkpoint.should_save(self.step, total) and self.divergence.in_bad_streak:
+            save_now = self.checkpoint.should_save(self.step, total)
+            self.read_grad_norms(None if save_now else self.step - 1)
+            if save_now and self.divergence.in_bad_streak:
                 logger.warning("step %d: no checkpoint during non-finite steps (keeps the good ones)", self.step)
-            elif self.checkpoint.should_save(self.step, total):
+            elif save_now:
                 self.save_checkpoint()
                 window_t0 = time.perf_counter()  # keep checkpoint time out of throughput
             self.divergence.check_limit(self.step, self._last_checkpoint_name)

@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posttrain.losses.fused_head import accumulate_grad_weight, chunk_rows, gathered, matmul_dtype, no_autocast
+from posttrain.losses.fused_head import (
+    accumulate_grad_weight,
+    chunk_rows,
+    gathered,
+    hand_over_grads,
+    matmul_dtype,
+    no_autocast,
+)
 from posttrain.losses.logit_math import ce_grad_, ce_rows, chunk_math
 
 __all__ = ["fused_linear_cross_entropy"]
@@ -65,16 +72,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_cross_entropy supports one backward per forward (its gradients are made in forward "
-                "and scaled in place); run the forward again instead of retain_graph=True"
-            )
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None  # hand the buffers to autograd, no copies
-        for g in (grad_hidden, grad_weight):
-            if g is not None:
-                g.mul_(grad_output.to(g.dtype))
+        grad_hidden, grad_weight = hand_over_grads(ctx, grad_output, "fused_linear_cross_entropy")
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

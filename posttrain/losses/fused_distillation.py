@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from posttrain.losses.distillation import DIVERGENCES
-from posttrain.losses.fused_head import accumulate_grad_weight, chunk_rows, gathered, matmul_dtype, no_autocast
+from posttrain.losses.fused_head import (
+    accumulate_grad_weight,
+    chunk_rows,
+    gathered,
+    hand_over_grads,
+    matmul_dtype,
+    no_autocast,
+)
 from posttrain.losses.logit_math import chunk_math, distill_grad_, distill_rows
 
 __all__ = ["fused_distillation_loss"]
@@ -70,16 +77,7 @@ class _FusedDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor | None, *_):  # type: ignore[override]
-        if ctx.grads is None:
-            raise RuntimeError("fused_distillation_loss supports one backward per forward; run the forward again")
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        for g in (grad_hidden, grad_weight):
-            if g is not None:
-                if grad_loss is None:
-                    g.zero_()
-                else:
-                    g.mul_(grad_loss.to(g.dtype))
+        grad_hidden, grad_weight = hand_over_grads(ctx, grad_loss, "fused_distillation_loss")
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

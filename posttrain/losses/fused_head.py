@@ -63,6 +63,25 @@ def accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
     acc.add_(grad_logits.T @ h)
 
 
+def hand_over_grads(ctx, grad_output: Tensor | None, loss_name: str) -> tuple[Tensor | None, ...]:
+    """The gradients a fused loss made in its forward (`ctx.grads`), scaled in place by the upstream gradient
+    (zeroed when autograd passes none) and handed to autograd without copies. They are gone afterwards, so a
+    second backward through the same graph (retain_graph) is refused."""
+    if ctx.grads is None:
+        raise RuntimeError(
+            f"{loss_name} supports one backward per forward (its gradients are made in forward and scaled in "
+            "place); run the forward again instead of retain_graph=True"
+        )
+    grads, ctx.grads = ctx.grads, None
+    for g in grads:
+        if g is not None:
+            if grad_output is None:
+                g.zero_()
+            else:
+                g.mul_(grad_output.to(g.dtype))
+    return grads
+
+
 def gathered(x: Tensor) -> Tensor:
     """A DTensor (e.g. a sharded head reached outside its module's forward) as its full tensor, differentiably;
     anything else unchanged. Inside the forward FSDP2 already hands the head over unsharded."""
