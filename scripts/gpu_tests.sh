@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The GPU tier (tests/gpu/, marker `gpu`) in one go on a CUDA machine: installs what the machine lacks from
 # carried wheels, runs the tier (in parallel workers when pytest-xdist is there), and writes under OUT_DIR
-#   junit.xml    every test with its outcome, time and recorded numbers (rel_err, trend)
-#   pytest.log   pytest's output
-#   summary.txt  date, commit, GPU, torch, passed / failed / skipped, each failure and skip, the recorded numbers
+#   junit.xml         every test with its outcome, time and recorded numbers (rel_err, trend)
+#   junit_serial.xml  the serial re-run of tests whose xdist worker crashed (only when there were some)
+#   pytest.log        pytest's output (both passes)
+#   summary.txt       date, commit, GPU, torch, passed / failed / skipped (each test's final outcome: a test
+#                     re-run serially counts once, with the re-run's outcome, and is marked so), each failure
+#                     and skip, the recorded numbers
 #
 #   bash scripts/gpu_tests.sh OUT_DIR [extra pytest args, e.g. -k parity]
 #
+# Two passes inside GPU_TESTS_DEADLINE: the tier in parallel xdist workers (until the deadline less
+# GPU_TESTS_SERIAL_RESERVE), then the tests whose worker crashed ("worker 'gwN' crashed while running ...")
+# again in one serial pytest run, in whatever time is left (skipped, and said so, when under 30 s are left).
 # Wheels: every .whl in $GPU_TESTS_WHEELS (default .whl/, filled by ../shared/tools/device_wheels.sh) is
 # installed into a temporary folder put on PYTHONPATH (the GPU image lacks torchdata, and Ray for GRPO).
-# Knobs: PYTHON, GPU_TESTS_WORKERS (default 8; 0 = no xdist), GPU_TESTS_TIMEOUT (per test, default 420 s),
-# GPU_TESTS_DEADLINE (the whole pytest run, default 500 s: the tier fits one 10-minute device call),
+# Knobs: PYTHON, GPU_TESTS_WORKERS (default 6; 0 = no xdist), GPU_TESTS_TIMEOUT (per test, default 420 s),
+# GPU_TESTS_DEADLINE (both passes, default 500 s: the tier fits one 10-minute device call),
+# GPU_TESTS_SERIAL_RESERVE (seconds kept from the parallel pass for the serial re-run, default 90),
 # POSTTRAIN_COMMIT (recorded when there is no .git), POSTTRAIN_GPU_TESTS_DEVICE=cpu (a dry run on the CPU).
+# Each xdist worker compiles into its own inductor / Triton cache (tests/gpu/conftest.py).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/gpu_tests.sh OUT_DIR [pytest args...]}
 shift
@@ -36,44 +44,38 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-args=(tests/gpu -m gpu -p no:cacheprovider -q -rfEsx --junitxml "$OUT/junit.xml" -o junit_family=xunit1
-      --durations=15)
-workers=${GPU_TESTS_WORKERS:-8}
-if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$workers" --dist load); fi
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout "${GPU_TESTS_TIMEOUT:-420}"); fi
+common=(-m gpu -p no:cacheprovider -q -rfEsx -o junit_family=xunit1 --durations=15)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then common+=(--timeout "${GPU_TESTS_TIMEOUT:-420}"); fi
+deadline=${GPU_TESTS_DEADLINE:-500}
+parallel=()
+workers=${GPU_TESTS_WORKERS:-6}
+if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "$workers" --dist load); fi
+reserve=0
+if [ ${#parallel[@]} -gt 0 ]; then reserve=${GPU_TESTS_SERIAL_RESERVE:-90}; fi
 # SIGINT at the deadline: pytest stops, still writing the junit XML of what ran
-timeout -s INT -k 30 "${GPU_TESTS_DEADLINE:-500}" "$PY" -m pytest "${args[@]}" "$@" 2>&1 | tee "$OUT/pytest.log"
+timeout -s INT -k 30 "$(( deadline - reserve ))" "$PY" -m pytest tests/gpu "${common[@]}" "${parallel[@]}" \
+  --junitxml "$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 
+rm -f "$OUT/junit_serial.xml" "$OUT/serial_tests.txt"
+serial_status=none
+if [ ${#parallel[@]} -gt 0 ]; then
+  "$PY" scripts/gpu_tests_summary.py crashed "$OUT/junit.xml" > "$OUT/serial_tests.txt"
+  left=$(( deadline - ($(date +%s) - start) ))
+  if [ -s "$OUT/serial_tests.txt" ] && [ "$left" -ge 30 ]; then
+    echo "== re-running $(wc -l < "$OUT/serial_tests.txt") tests whose worker crashed, serially, within ${left} s" \
+      | tee -a "$OUT/pytest.log"
+    mapfile -t crashed < "$OUT/serial_tests.txt"
+    timeout -s INT -k 30 "$left" "$PY" -m pytest "${crashed[@]}" "${common[@]}" --junitxml "$OUT/junit_serial.xml" \
+      2>&1 | tee -a "$OUT/pytest.log"
+    serial_status=${PIPESTATUS[0]}
+  elif [ -s "$OUT/serial_tests.txt" ]; then
+    echo "== not re-running the tests whose worker crashed: ${left} s left before the deadline" | tee -a "$OUT/pytest.log"
+  fi
+fi
+
 commit=${POSTTRAIN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-"$PY" - "$OUT" "$commit" "$(( $(date +%s) - start ))" "$status" <<'PY' | tee "$OUT/summary.txt"
-import sys, time, xml.etree.ElementTree as ET
-out, commit, seconds, status = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-import torch
-gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-counts, lines, numbers = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}, [], []
-try:
-    cases = ET.parse(f"{out}/junit.xml").getroot().iter("testcase")
-except (OSError, ET.ParseError) as err:
-    cases = []
-    lines.append(f"no junit XML: {err}")
-for case in cases:
-    name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
-    kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-    message = next((c.get("message", "") for c in case if c.tag in ("failure", "error", "skipped")), "")
-    if kind == "skipped" and "xfail" in (next((c.get("type", "") for c in case if c.tag == "skipped"), "")):
-        kind = "xfailed"
-    kind = {"failure": "failed", "error": "failed"}.get(kind, kind)
-    counts[kind] += 1
-    if kind != "passed":
-        lines.append(f"{kind.upper():8} {name} ({float(case.get('time', 0)):.0f} s): {message.splitlines()[0][:240] if message else ''}")
-    for prop in case.iter("property"):
-        numbers.append(f"  {name}: {prop.get('name')} {prop.get('value')}")
-print(f"GPU tier {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {gpu}, torch {torch.__version__}")
-print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed "
-      f"in {seconds} s (pytest exit {status})")
-print("\n".join(lines))
-print("recorded numbers:")
-print("\n".join(numbers))
-PY
-exit "$status"
+# exit status: 0 when every test's final outcome is a pass, skip or xfail and neither pass was cut short
+"$PY" scripts/gpu_tests_summary.py summary "$OUT" "$commit" "$(( $(date +%s) - start ))" "$status" "$serial_status" \
+  | tee "$OUT/summary.txt"
+exit "${PIPESTATUS[0]}"

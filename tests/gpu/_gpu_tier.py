@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,23 @@ def tier_device() -> tuple[str | None, str]:
     if not torch.cuda.is_available():
         return None, f"GPU tier: no CUDA device visible (set {DEVICE_VAR}=cpu to dry-run it on the CPU)"
     return "cuda", ""
+
+
+def isolate_compile_caches() -> dict[str, str]:
+    """Give this pytest-xdist worker its own inductor and Triton caches (a no-op outside xdist).
+
+    Workers that compile at the same time write one shared cache otherwise; concurrent writes there are a known
+    source of crashes (the H200 tier lost 14 tests to "worker crashed" with a shared cache). Called when the
+    tier's conftest is imported, before anything compiles; subprocesses the worker starts inherit the folders.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return {}
+    chosen = {}
+    for var, default in (("TORCHINDUCTOR_CACHE_DIR", "torchinductor"), ("TRITON_CACHE_DIR", "triton")):
+        base = os.environ.get(var) or os.path.join(tempfile.gettempdir(), f"posttrain_gpu_tier_{default}")
+        chosen[var] = os.environ[var] = os.path.join(base, worker)
+    return chosen
 
 
 def load_verifier():

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gpu_tier import HERE, load_verifier, tier_device
+from _gpu_tier import HERE, isolate_compile_caches, load_verifier, tier_device
+
+isolate_compile_caches()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

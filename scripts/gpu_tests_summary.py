@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""The GPU tier's bookkeeping for scripts/gpu_tests.sh, from pytest's junit XML files.
+
+    python scripts/gpu_tests_summary.py crashed JUNIT_XML
+        the node ids of tests whose xdist worker crashed, one a line (the serial re-run's arguments)
+    python scripts/gpu_tests_summary.py summary OUT_DIR COMMIT SECONDS PARALLEL_STATUS SERIAL_STATUS
+        summary.txt's text from OUT_DIR/junit.xml and, when there, OUT_DIR/junit_serial.xml: each test counted
+        once with its final outcome (a serially re-run test's outcome replaces its crash, and is marked so);
+        exits 0 when no final outcome is a failure and neither pytest run was cut short, else 1 (or the
+        status of the run that ended abnormally, e.g. 2 when the deadline interrupted it)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CRASH_MARK = "crashed while running"
+
+
+@dataclass
+class Outcome:
+    kind: str  # passed, failed, skipped, xfailed
+    seconds: float
+    message: str
+    numbers: list[str] = field(default_factory=list)
+
+
+def node_id(classname: str, name: str) -> str:
+    """pytest's node id from a junit testcase: the longest dotted prefix of classname that is a .py file."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        if (REPO / Path(*parts[:cut])).with_suffix(".py").is_file():
+            return "::".join(["/".join(parts[:cut]) + ".py", *parts[cut:], name])
+    return f"{classname.replace('.', '/')}.py::{name}"
+
+
+def read_outcomes(path: Path) -> tuple[dict[str, Outcome], str | None]:
+    """Outcomes by node id, in file order, and an error text when the file is missing or broken."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as err:
+        return {}, f"no junit XML at {path}: {err}"
+    outcomes = {}
+    for case in root.iter("testcase"):
+        marks = [c for c in case if c.tag in ("failure", "error", "skipped")]
+        kind = {"failure": "failed", "error": "failed"}.get(marks[0].tag, marks[0].tag) if marks else "passed"
+        if kind == "skipped" and "xfail" in marks[0].get("type", ""):
+            kind = "xfailed"
+        outcome = Outcome(kind, float(case.get("time", 0) or 0), marks[0].get("message", "") if marks else "")
+        outcome.numbers = [f"{p.get('name')} {p.get('value')}" for p in case.iter("property")]
+        outcomes[node_id(case.get("classname", ""), case.get("name", ""))] = outcome
+    return outcomes, None
+
+
+def crashed(outcomes: dict[str, Outcome]) -> list[str]:
+    return [n for n, o in outcomes.items() if o.kind == "failed" and CRASH_MARK in o.message]
+
+
+def final_status(outcomes: dict[str, Outcome], parallel: str, serial: str) -> int:
+    for status in (parallel, serial):
+        if status not in ("0", "1", "5", "none"):  # 5: nothing collected (a -k that matches no test)
+            return int(status)
+    return 1 if any(o.kind == "failed" for o in outcomes.values()) else 0
+
+
+def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) -> int:
+    import torch
+
+    outcomes, error = read_outcomes(out / "junit.xml")
+    rerun = {}
+    if (out / "junit_serial.xml").is_file():
+        rerun, serial_error = read_outcomes(out / "junit_serial.xml")
+        error = error or serial_error
+    outcomes.update(rerun)
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "xfailed")}
+    lines = [error] if error else []
+    for name, o in outcomes.items():
+        counts[o.kind] += 1
+        short = name.split("/")[-1].replace(".py::", "::")
+        tag = " [re-run serially]" if name in rerun else ""
+        if o.kind != "passed":
+            first = o.message.splitlines()[0][:240] if o.message else ""
+            lines.append(f"{o.kind.upper():8} {short}{tag} ({o.seconds:.0f} s): {first}")
+    still_crashed = crashed(outcomes)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    print(f"GPU tier {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {gpu}, torch {torch.__version__}")
+    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed "
+          f"in {seconds} s (pytest exit: parallel {parallel}, serial re-run {serial})")
+    if rerun:
+        passed = sum(o.kind == "passed" for o in rerun.values())
+        print(f"re-run serially after their xdist worker crashed: {len(rerun)} ({passed} passed)")
+    if still_crashed:
+        print(f"worker crashed and not re-run: {len(still_crashed)}")
+    print("\n".join(lines))
+    print("recorded numbers:")
+    for name, o in outcomes.items():
+        short = name.split("/")[-1].replace(".py::", "::")
+        for number in o.numbers:
+            print(f"  {short}: {number}")
+    return final_status(outcomes, parallel, serial)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["crashed"] and len(argv) == 2:
+        outcomes, _ = read_outcomes(Path(argv[1]))
+        for name in crashed(outcomes):
+            print(name)
+        return 0
+    if argv[:1] == ["summary"] and len(argv) == 6:
+        return summary(Path(argv[1]), *argv[2:])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
