@@ -14,6 +14,11 @@ Modes (``ActivationCheckpointSection.mode``):
 
 Blocks are replaced in ``model.layers`` by a ``CheckpointWrapper``; parameter names gain a
 ``_checkpoint_wrapped_module.`` segment, while ``state_dict()`` keys stay unchanged (the wrapper strips it).
+
+With compile, ``full`` / ``selective`` blocks compile the wrapped block and keep the (eager, non-reentrant)
+checkpoint outside the compiled code; ``op`` blocks compile the wrapper, since its save policy acts on the ops
+dynamo traces (``block_to_compile``). Dynamo tracing the checkpoint around FlexAttention gave wrong losses and
+gradients on CUDA (torch 2.11; an H200 run, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -69,8 +74,19 @@ def op_selective_context_fn() -> Callable:
 def wrap_block(block: nn.Module, mode: str) -> nn.Module:
     """Wrap one transformer block for ``full`` (whole-block) or ``op`` (op-level selective) checkpointing."""
     if mode == "op":
-        return checkpoint_wrapper(block, context_fn=op_selective_context_fn, preserve_rng_state=False)
+        wrapped = checkpoint_wrapper(block, context_fn=op_selective_context_fn, preserve_rng_state=False)
+        wrapped.checkpoint_policy_is_traced = True
+        return wrapped
     return checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def block_to_compile(block: nn.Module) -> nn.Module:
+    """The module torch.compile should own for one entry of ``model.layers``: the block itself, or, for a
+    whole-block checkpoint, the block inside the wrapper (the checkpoint then runs eagerly around compiled code)."""
+    inner = getattr(block, "_checkpoint_wrapped_module", None)
+    if inner is None or getattr(block, "checkpoint_policy_is_traced", False):
+        return block
+    return inner
 
 
 def set_activation_memory_budget(budget: float) -> None:
@@ -101,5 +117,5 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2
 
 
 __all__ = [
-    "AC_MODES", "apply_activation_checkpointing", "op_selective_context_fn", "set_activation_memory_budget", "wrap_block",
+    "AC_MODES", "apply_activation_checkpointing", "block_to_compile", "op_selective_context_fn", "set_activation_memory_budget", "wrap_block",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from posttrain.parallelisms.activation_checkpoint import block_to_compile
+
 
 def prime_lazy_attention_kernels(device_type: str) -> None:
     """Create the attention backend's lazily compiled FlexAttention kernel now.
@@ -26,12 +28,13 @@ def prime_lazy_attention_kernels(device_type: str) -> None:
 
 
 def apply_compile(model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda") -> None:
-    """Compile every block of ``model.layers`` in place (after TP and activation checkpointing)."""
+    """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
+    checkpoint stays outside the compiled code, see ``block_to_compile``)."""
     prime_lazy_attention_kernels(device_type)
     if hasattr(model, "moe_layers") and model.moe_layers():
         # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed
         # block dynamo refuses that side effect ("HOP: Unsafe side effect") unless it need not replay it in the
-        # backward's recomputation, which would only write the same values again.
+        # backward's recomputation, which would only write the same values again ("op" mode traces the checkpoint).
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in model.layers.children():
-        block.compile(fullgraph=fullgraph)
+        block_to_compile(block).compile(fullgraph=fullgraph)

@@ -24,6 +24,7 @@ VARIANTS = {  # name: (attention backend, activation checkpointing, compile)
     "ac_op": ("sdpa", "op", False),
     "flex": ("flex", "none", False),
     "compile_sdpa": ("sdpa", "none", True),
+    "compile_sdpa_ac_full": ("sdpa", "full", True),
     "compile_flex_ac_full": ("flex", "full", True),
 }
 

@@ -33,11 +33,19 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def loss_and_backward_matmuls(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def loss_and_backward_matmuls(
+    model: torch.nn.Module, count: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Loss, gradients and the matmuls backward ran (counting needs a dispatch mode, under which compiled
+    code runs eagerly: compiled models pass ``count=False``)."""
     ids = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(1))
     logits = model(ids)
     loss = F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten())
-    with CountMatmuls() as counter:
+    counter = CountMatmuls()
+    if count:
+        with counter:
+            loss.backward()
+    else:
         loss.backward()
     grads = {canonical_name(n): p.grad for n, p in model.named_parameters()}
     return loss.detach(), grads, counter.count
@@ -90,13 +98,36 @@ def test_unknown_mode_and_bad_every_n_are_refused():
         apply_activation_checkpointing(debug_model(), "selective", every_n=0)
 
 
-def test_compile_is_applied_in_place_per_block():
+def test_compile_is_applied_in_place_per_block_with_a_whole_block_checkpoint_outside():
     model = debug_model(n_layers=2)
     apply_activation_checkpointing(model, "full")
-    keys = list(model.state_dict())
+    keys, names = list(model.state_dict()), [n for n, _ in model.named_parameters()]
     apply_compile(model)
-    assert all(b._compiled_call_impl is not None for b in model.layers.children())
+    for block in model.layers.children():
+        assert block._compiled_call_impl is None  # the checkpoint runs eagerly...
+        assert block._checkpoint_wrapped_module._compiled_call_impl is not None  # ...around the compiled block
     assert list(model.state_dict()) == keys
+    assert [n for n, _ in model.named_parameters()] == names
+
+
+def test_op_mode_compiles_the_wrapper_so_its_save_policy_is_traced():
+    model = debug_model(n_layers=2)
+    apply_activation_checkpointing(model, "op")
+    apply_compile(model)
+    for block in model.layers.children():
+        assert block._compiled_call_impl is not None
+        assert block._checkpoint_wrapped_module._compiled_call_impl is None
+
+
+def test_compiled_blocks_under_full_checkpointing_equal_eager():
+    ref_loss, ref_grads, _ = loss_and_backward_matmuls(debug_model(n_layers=2))
+    model = debug_model(n_layers=2)
+    apply_activation_checkpointing(model, "full")
+    apply_compile(model, device_type="cpu")
+    loss, grads, _ = loss_and_backward_matmuls(model, count=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def _pointwise_heavy_block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
