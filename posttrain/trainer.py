@@ -29,6 +29,7 @@ from posttrain.checkpoint.resume_check import ResumeFingerprintCheck
 from posttrain.checkpoint.run_lock import claim_output_dir
 from posttrain.config import JobConfig, config_to_dict, validate_world_size
 from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.deterministic import use_deterministic_mode
 from posttrain.divergence import DivergenceGuard
 from posttrain.metrics import (
     MetricsLogger,
@@ -188,6 +189,8 @@ class Trainer:
     def __init__(self, cfg: JobConfig, *, tokenizer: HFTokenizer | None = None, write_metrics: bool = True):
         self.cfg = cfg
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        if cfg.training.deterministic:  # before any CUDA work (cuBLAS reads its workspace setting once)
+            use_deterministic_mode()
         self.dist = init_distributed(cfg.training.device, timeout_s=cfg.job.collective_timeout_s)
         self.device = self.dist.device
         validate_world_size(cfg, self.dist.world_size)

@@ -113,7 +113,9 @@ class TrainingSection:
         "fused", "head losses: gradients made chunk by chunk in forward (fused) or the older chunked path",
         choices=("fused", "chunked"),
     )
-    deterministic: bool = opt(False, "use deterministic algorithms (slower)")
+    deterministic: bool = opt(
+        False, "bit-identical steps for the same config, data and checkpoint (deterministic kernels; slower)"
+    )
     max_consecutive_bad_steps: int = opt(
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
     )
