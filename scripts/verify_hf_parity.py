@@ -164,6 +164,25 @@ def random_gpt_oss_config() -> Any:
     )
 
 
+def honour_gpt_oss_swiglu_config(model: torch.nn.Module) -> list[str]:
+    """Make a transformers GPT-OSS use its config's ``swiglu_alpha`` / ``swiglu_limit``; returns what it changed.
+
+    transformers 5.17 (the GPU image's) hard-codes ``alpha = 1.702`` and ``limit = 7.0`` in ``GptOssExperts``
+    and ignores the config (5.19 reads it). OpenAI's checkpoints use exactly those values, so they are
+    unaffected, but a config with another limit (the random test config's 1.5, which makes the clamps matter)
+    runs other math there than the config says; posttrain follows the config.
+    """
+    config = getattr(model, "config", None)
+    changed = []
+    for name, module in model.named_modules():
+        for attr, key in (("alpha", "swiglu_alpha"), ("limit", "swiglu_limit")):
+            want = getattr(config, key, None)
+            if type(module).__name__ == "GptOssExperts" and want is not None and getattr(module, attr) != want:
+                changed.append(f"{name}.{attr} {getattr(module, attr)} -> {want}")
+                setattr(module, attr, want)
+    return changed
+
+
 RANDOM_CONFIG_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": random_llama_config,
     "qwen3": random_qwen3_config,
@@ -289,6 +308,7 @@ def compare_logits(
     from posttrain.models import load_hf
 
     ref = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **(reference_kwargs or {}))
+    honour_gpt_oss_swiglu_config(ref)
     ref = ref.to(device).eval()
     if ours is None:
         ours = load_hf(hf_dir, dtype=dtype, device=device, attn_backend=attn_backend)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _gpu_tier import load_verifier
 from _train_steps import packed_batch, train_steps
 
 from posttrain.models import load_hf, save_hf
@@ -73,6 +74,8 @@ def test_merged_export_equals_the_peft_adapter(
     merged = AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "merged"), dtype=torch.float32, **reference)
     adapter_dir = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **reference).to(device)
+    for reference_model in (merged, base):  # transformers 5.17 ignores GPT-OSS's swiglu_limit (see the helper)
+        load_verifier().honour_gpt_oss_swiglu_config(reference_model)
     with torch.no_grad():
         via_merged = merged.to(device).eval()(input_ids=ids, use_cache=False).logits.float()
         via_adapter = peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=ids, use_cache=False)
