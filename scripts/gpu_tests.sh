@@ -66,7 +66,8 @@ if [ ${#parallel[@]} -gt 0 ]; then
     echo "== re-running $(wc -l < "$OUT/serial_tests.txt") tests whose worker crashed, serially, within ${left} s" \
       | tee -a "$OUT/pytest.log"
     mapfile -t crashed < "$OUT/serial_tests.txt"
-    timeout -s INT -k 30 "$left" "$PY" -m pytest "${crashed[@]}" "${common[@]}" --junitxml "$OUT/junit_serial.xml" \
+    # -v: the log names each test before it runs, so a crash here still says which test it was
+    timeout -s INT -k 30 "$left" "$PY" -m pytest "${crashed[@]}" "${common[@]}" -v --junitxml "$OUT/junit_serial.xml" \
       2>&1 | tee -a "$OUT/pytest.log"
     serial_status=${PIPESTATUS[0]}
   elif [ -s "$OUT/serial_tests.txt" ]; then

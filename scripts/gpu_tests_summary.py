@@ -94,8 +94,11 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
     if rerun:
         passed = sum(o.kind == "passed" for o in rerun.values())
         print(f"re-run serially after their xdist worker crashed: {len(rerun)} ({passed} passed)")
+    if serial not in ("0", "1", "5", "none"):
+        print(f"the serial re-run ended abnormally (exit {serial}; 2 = the deadline); tests without its result keep "
+              "their crash outcome (pytest.log names the test it was running)")
     if still_crashed:
-        print(f"worker crashed and not re-run: {len(still_crashed)}")
+        print(f"worker crashed and no serial result: {len(still_crashed)}")
     print("\n".join(lines))
     print("recorded numbers:")
     for name, o in outcomes.items():
