@@ -60,6 +60,9 @@ def smollm2_dir() -> Path:
 # Every process a test starts inherits this variable, also those that start their own session (torchrun's
 # workers, Ray's raylet and workers). At the end of the session any that still run are reported and killed:
 # a leftover process holding the CI job's output open kept an earlier CI run from ever finishing.
+# Under pytest-xdist the workers inherit the controller's value too: a worker that finishes sweeps only its own
+# descendants, and the controller spares its direct children (the workers); sweeping by the variable from a
+# worker killed every other worker mid-test (the GPU tier's "worker crashed" waves, 2026-12-02).
 _SESSION_VAR = "POSTTRAIN_TEST_SESSION"
 
 
@@ -67,15 +70,23 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(_SESSION_VAR, f"{os.getpid()}-{os.urandom(6).hex()}")
 
 
-def _processes_of_this_session() -> list[tuple[int, str]]:
+def _processes_of_this_session(config: pytest.Config) -> list[tuple[int, str]]:
     from _process_tags import command_line, tagged_pids
 
-    pids = tagged_pids(os.environ.get(_SESSION_VAR, ""), var=_SESSION_VAR)
-    return [(pid, command_line(pid)) for pid in pids] + [p for p in _descendants(os.getpid()) if p[0] not in pids]
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # siblings carry the same variable: only this worker's own
+        return _descendants(os.getpid())
+    workers = set()
+    if config.pluginmanager.hasplugin("dsession"):  # the xdist controller: its children are the workers
+        workers = {pid for pid, _ in _descendants(os.getpid(), depth=1)}
+    pids = [pid for pid in tagged_pids(os.environ.get(_SESSION_VAR, ""), var=_SESSION_VAR) if pid not in workers]
+    return [(pid, command_line(pid)) for pid in pids] + [
+        p for p in _descendants(os.getpid()) if p[0] not in pids and p[0] not in workers
+    ]
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """Processes forked below `root` (a fork does not show a variable set after exec in /proc/PID/environ)."""
+def _descendants(root: int, depth: int | None = None) -> list[tuple[int, str]]:
+    """Processes forked below `root` (a fork does not show a variable set after exec in /proc/PID/environ), down
+    to `depth` generations (None: all)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -86,11 +97,12 @@ def _descendants(root: int) -> list[tuple[int, str]]:
             children.setdefault(ppid, []).append(int(entry.name))
     from _process_tags import command_line
 
-    out, todo = [], list(children.get(root, []))
+    out, todo = [], [(pid, 1) for pid in children.get(root, [])]
     while todo:
-        pid = todo.pop()
+        pid, generation = todo.pop()
         out.append((pid, command_line(pid)))
-        todo.extend(children.get(pid, []))
+        if depth is None or generation < depth:
+            todo.extend((child, generation + 1) for child in children.get(pid, []))
     return out
 
 
@@ -100,7 +112,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import signal
     import time
 
-    leftovers = _processes_of_this_session()
+    leftovers = _processes_of_this_session(session.config)
     if not leftovers:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
