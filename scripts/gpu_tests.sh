@@ -15,7 +15,7 @@
 # again in one serial pytest run, in whatever time is left (skipped, and said so, when under 30 s are left).
 # Wheels: every .whl in $GPU_TESTS_WHEELS (default .whl/, filled by ../shared/tools/device_wheels.sh) is
 # installed into a temporary folder put on PYTHONPATH (the GPU image lacks torchdata, and Ray for GRPO).
-# Knobs: PYTHON, GPU_TESTS_WORKERS (default 6; 0 = no xdist), GPU_TESTS_TIMEOUT (per test, default 420 s),
+# Knobs: PYTHON, GPU_TESTS_WORKERS (default 8; 0 = no xdist), GPU_TESTS_TIMEOUT (per test, default 420 s),
 # GPU_TESTS_DEADLINE (both passes, default 500 s: the tier fits one 10-minute device call),
 # GPU_TESTS_SERIAL_RESERVE (seconds kept from the parallel pass for the serial re-run, default 90),
 # POSTTRAIN_COMMIT (recorded when there is no .git), POSTTRAIN_GPU_TESTS_DEVICE=cpu (a dry run on the CPU).
@@ -48,7 +48,7 @@ common=(-m gpu -p no:cacheprovider -q -rfEsx -o junit_family=xunit1 --durations=
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then common+=(--timeout "${GPU_TESTS_TIMEOUT:-420}"); fi
 deadline=${GPU_TESTS_DEADLINE:-500}
 parallel=()
-workers=${GPU_TESTS_WORKERS:-6}
+workers=${GPU_TESTS_WORKERS:-8}
 if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "$workers" --dist load); fi
 reserve=0
 if [ ${#parallel[@]} -gt 0 ]; then reserve=${GPU_TESTS_SERIAL_RESERVE:-90}; fi

@@ -31,9 +31,10 @@ def tier_device() -> tuple[str | None, str]:
 def isolate_compile_caches() -> dict[str, str]:
     """Give this pytest-xdist worker its own inductor and Triton caches (a no-op outside xdist).
 
-    Workers that compile at the same time write one shared cache otherwise; concurrent writes there are a known
-    source of crashes (the H200 tier lost 14 tests to "worker crashed" with a shared cache). Called when the
-    tier's conftest is imported, before anything compiles; subprocesses the worker starts inherit the folders.
+    Workers that compile at the same time write one shared cache otherwise, and concurrent writes there are a
+    known source of crashes (a precaution: the "worker crashed" waves of the 2026-12-02 H200 runs came from the
+    end-of-session sweep in tests/conftest.py). Called when the tier's conftest is imported, before anything
+    compiles; subprocesses the worker starts inherit the folders.
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
