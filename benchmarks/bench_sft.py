@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import traceback
@@ -47,6 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from profile_summary import profile_steps, render_summary, summarize, write_profile
 from measure import (
     RESULTS_MARKER,
     Deadline,
@@ -233,6 +235,9 @@ class Settings:
     loss_chunk_size: int
     peer_ac: bool
     hf_attn: str
+    profile_dir: Path | None = None
+    profile_steps: int = 2
+    profile_peers: bool = False
 
 
 def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]:
@@ -283,6 +288,19 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     return result
 
 
+def profile_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any]:
+    """--profile: a few more steps under torch.profiler (after the timed ones, so neither timing nor peak memory
+    sees it); the text summary (and the chrome trace when small) go to the profile folder."""
+    prof, wall_s = profile_steps(step, s.profile_steps, s.device)
+    summary = summarize(prof, wall_s, s.profile_steps)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{s.shape.spec.name}_{s.shape.flavor}_{s.seq_len}x{s.batch}_{name}")
+    title = f"{name}, {s.shape.spec.name} {s.shape.flavor}, seq {s.seq_len} x batch {s.batch}"
+    files = write_profile(prof, summary, title, s.profile_dir, stem)
+    print(render_summary(title, {**summary, "top": summary["top"][:12]}), flush=True)
+    del prof
+    return {**{k: v for k, v in summary.items() if k != "top"}, "files": [str(f) for f in files]}
+
+
 def _as_float(x: Any) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
@@ -302,6 +320,7 @@ class PosttrainVariant:
     loss: str = "fused"
     float8: bool = False
     float8_small_gemms: bool = False
+    sdpa_kernel: str = "auto"
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -326,10 +345,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.loss = token[5:]
         elif token in ("float8", "float8=all"):
             v.float8, v.float8_small_gemms = True, token == "float8=all"
+        elif token.startswith("kernel=") and token[7:] in ("auto", "cudnn", "flash", "efficient", "math"):
+            v.sdpa_kernel = token[7:]
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, loss=fused|chunked, "
-                "float8, float8=all"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
+                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all"
             )
     return v
 
@@ -347,7 +368,8 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
     cuda = s.device.type == "cuda"
     return config_from_dict({
         "job": {"output_dir": output_dir, "seed": s.seed},
-        "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "dtype": s.dtype},
+        "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
+                  "dtype": s.dtype},
         "training": {
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
@@ -383,9 +405,11 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 return trainer.train_step(loss_fn, log=calls[0] in (1, s.warmup + s.steps))
 
             result = timed_run(step, s)
+            if s.profile_dir is not None:
+                result["profile"] = profile_run(step, s, v.name)
             result["build_s"] = round(build_s, 2)
             result["config"] = {
-                "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
+                "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
@@ -475,6 +499,8 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
 
     try:
         result = timed_run(step, s)
+        if s.profile_dir is not None and s.profile_peers:
+            result["profile"] = profile_run(step, s, peer)
     finally:
         del forward, optimizer, params, model
     result["build_s"] = round(build_s, 2)
@@ -609,6 +635,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip a compiled run when less than this is left (compilation cannot be cut short)")
     p.add_argument("--allow-cpu-compile", action="store_true", help="run compile variants/peers on the CPU too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after each posttrain run's timed steps, profile --profile-steps more steps: a text summary "
+                        "(top kernels, time per category, GPU idle) and, when small, the gzipped chrome trace in DIR")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-peers", action="store_true", help="--profile the HF peers too")
     p.add_argument("--out", default=None, help="JSON results file")
     return p.parse_args(argv)
 
@@ -666,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12 if device.type == "cuda" else None, shape=shape, batches=batches,
         deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
         loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
+        profile_dir=Path(args.profile) if args.profile else None, profile_steps=max(1, args.profile_steps),
+        profile_peers=args.profile_peers,
     )
     report: dict[str, Any] = {
         "benchmark": "bench_sft", "env": environment(device), "shape": shape.describe(),

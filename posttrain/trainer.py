@@ -124,6 +124,7 @@ def build_training_model(
     if backend == "flex" and device.type == "cpu":
         raise SystemExit("model.attn_backend = 'flex' has no backward on CPU; use 'sdpa' (or 'auto')")
     args.attn_backend = backend
+    args.sdpa_kernel = m.sdpa_kernel
     if added_tokens is None:
         added_tokens = count_config_tokens(cfg.tokenizer)
     try:
