@@ -105,3 +105,10 @@ def clip_grad_norm_(
     for (dev, _), grads in by_key.items():
         torch._foreach_mul_(grads, coef.to(dev))
     return total_norm
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``max(1, (norm + 1e-6) / max_norm)`` (0-d fp32): dividing the gradients by it clips them as
+    ``clip_grad_norm_`` does. A fused Adam / AdamW takes it as ``grad_scale`` and divides inside its own kernel,
+    which saves the separate read-modify-write of every gradient."""
+    return torch.clamp((total_norm.float() + 1e-6) / float(max_norm), min=1.0)
