@@ -80,7 +80,9 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 def summarize(prof: profile, wall_s: float, n_steps: int, *, top: int = 25) -> dict[str, Any]:
     """Per-step milliseconds: wall, busy (kernel union), idle, per category, top kernels by total time."""
     events = prof.events()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels; they are not kernels themselves
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and "#" not in e.name]
     per_step = 1e-3 / max(n_steps, 1)  # us -> ms, per step
     wall_ms = 1000.0 * wall_s / max(n_steps, 1)
     if not kernels:  # CPU-only: rank operators by self time
