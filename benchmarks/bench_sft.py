@@ -48,7 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from profile_summary import profile_steps, render_summary, summarize, write_profile
+from profile_summary import profile_steps, record_memory_step, render_summary, summarize, write_profile
 from measure import (
     RESULTS_MARKER,
     Deadline,
@@ -68,6 +68,7 @@ from measure import (
 import torch  # noqa: E402  (measure puts the repo root on sys.path first)
 
 from posttrain.config import config_from_dict  # noqa: E402
+from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
@@ -238,6 +239,7 @@ class Settings:
     profile_dir: Path | None = None
     profile_steps: int = 2
     profile_peers: bool = False
+    memory_snapshot_dir: Path | None = None
 
 
 def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]:
@@ -293,12 +295,29 @@ def profile_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> d
     sees it); the text summary (and the chrome trace when small) go to the profile folder."""
     prof, wall_s = profile_steps(step, s.profile_steps, s.device)
     summary = summarize(prof, wall_s, s.profile_steps)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{s.shape.spec.name}_{s.shape.flavor}_{s.seq_len}x{s.batch}_{name}")
+    stem = _stem(s, name)
     title = f"{name}, {s.shape.spec.name} {s.shape.flavor}, seq {s.seq_len} x batch {s.batch}"
     files = write_profile(prof, summary, title, s.profile_dir, stem)
     print(render_summary(title, {**summary, "top": summary["top"][:12]}), flush=True)
     del prof
     return {**{k: v for k, v in summary.items() if k != "top"}, "files": [str(f) for f in files]}
+
+
+def memory_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any] | None:
+    """--memory-snapshot: one more step under the allocator's recorder; the gzipped pickle goes to the folder,
+    the largest blocks live at the step's peak (by allocating line) into the JSON and the log."""
+    path = s.memory_snapshot_dir / (_stem(s, name) + ".memory.pickle.gz")
+    summary = record_memory_step(step, s.device, path)
+    if summary is not None:
+        print(f"[{name}] memory at the step's peak (+{summary['peak_above_start_gib']:.2f} GiB over the step's start):",
+              flush=True)
+        for row in summary["at_peak"]:
+            print(f"  {row['gib']:7.3f} GiB in {row['blocks']:4d} blocks  {row['where']}", flush=True)
+    return summary
+
+
+def _stem(s: Settings, name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{s.shape.spec.name}_{s.shape.flavor}_{s.seq_len}x{s.batch}_{name}")
 
 
 def _as_float(x: Any) -> float:
@@ -407,6 +426,8 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result = timed_run(step, s)
             if s.profile_dir is not None:
                 result["profile"] = profile_run(step, s, v.name)
+            if s.memory_snapshot_dir is not None:
+                result["memory_at_peak"] = memory_run(step, s, v.name)
             result["build_s"] = round(build_s, 2)
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
@@ -414,6 +435,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
+                "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
             }
             return result
         finally:
@@ -501,6 +523,8 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
         result = timed_run(step, s)
         if s.profile_dir is not None and s.profile_peers:
             result["profile"] = profile_run(step, s, peer)
+        if s.memory_snapshot_dir is not None and s.profile_peers:
+            result["memory_at_peak"] = memory_run(step, s, peer)
     finally:
         del forward, optimizer, params, model
     result["build_s"] = round(build_s, 2)
@@ -639,7 +663,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after each posttrain run's timed steps, profile --profile-steps more steps: a text summary "
                         "(top kernels, time per category, GPU idle) and, when small, the gzipped chrome trace in DIR")
     p.add_argument("--profile-steps", type=int, default=2)
-    p.add_argument("--profile-peers", action="store_true", help="--profile the HF peers too")
+    p.add_argument("--profile-peers", action="store_true", help="--profile (and --memory-snapshot) the HF peers too")
+    p.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                   help="CUDA: record the allocator over one more step of each posttrain run; gzipped snapshot in DIR, "
+                        "the largest blocks live at the step's peak in the JSON")
     p.add_argument("--out", default=None, help="JSON results file")
     return p.parse_args(argv)
 
@@ -698,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
         loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
         profile_dir=Path(args.profile) if args.profile else None, profile_steps=max(1, args.profile_steps),
-        profile_peers=args.profile_peers,
+        profile_peers=args.profile_peers, memory_snapshot_dir=Path(args.memory_snapshot) if args.memory_snapshot else None,
     )
     report: dict[str, Any] = {
         "benchmark": "bench_sft", "env": environment(device), "shape": shape.describe(),

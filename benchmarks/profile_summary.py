@@ -163,3 +163,60 @@ def write_profile(prof: profile, summary: dict[str, Any], title: str, out_dir: P
     finally:
         raw.unlink(missing_ok=True)
     return written
+
+
+def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: Path) -> dict[str, Any] | None:
+    """One step under the CUDA allocator's history recorder; `out_path` (.pickle.gz, for pytorch.org/memory_viz)
+    and a summary of what was live at the step's peak. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        step()
+        _sync(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    import pickle
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out_path, "wb", compresslevel=6) as f:
+        pickle.dump(snapshot, f)
+    return live_at_peak(snapshot)
+
+
+def live_at_peak(snapshot: dict[str, Any], top: int = 15) -> dict[str, Any]:
+    """Replay the recorded allocations (on top of the blocks live when recording began, which the snapshot's
+    segments no longer tell apart from later ones: they count as `before`) and list the largest blocks live at
+    the recorded peak, each with the innermost frame of the repo's code that allocated it."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for e in trace:
+            action, addr, size = e.get("action"), e.get("addr"), e.get("size", 0)
+            if action == "alloc":
+                live[addr] = (size, _where(e.get("frames", [])))
+                total += size
+                if total > peak:
+                    peak, at_peak = total, dict(live)
+            elif action == "free_completed" and addr in live:
+                total -= live.pop(addr)[0]
+    by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for size, where in at_peak.values():
+        by_site[where][0] += size
+        by_site[where][1] += 1
+    ranked = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "peak_above_start_gib": peak / 2**30,
+        "at_peak": [{"where": w, "gib": s / 2**30, "blocks": n} for w, (s, n) in ranked],
+    }
+
+
+def _where(frames: list[dict[str, Any]]) -> str:
+    for f in frames:
+        name = f.get("filename", "")
+        if "posttrain/" in name or "transformers/" in name or "liger_kernel/" in name:
+            return f"{name.split('site-packages/')[-1].split('wt15/')[-1]}:{f.get('line')} {f.get('name')}"
+    return frames[0].get("name", "?") if frames else "?"

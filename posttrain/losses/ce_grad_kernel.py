@@ -25,7 +25,7 @@ except ImportError:  # CPU-only installs: the compiled / eager math is used inst
 
 logger = logging.getLogger("posttrain")
 
-__all__ = ["ce_grad_fn", "ce_grad_rows_", "triton_ce_grad_available"]
+__all__ = ["ce_grad_fn", "ce_grad_rows_", "ce_grad_status", "triton_ce_grad_available"]
 
 _BLOCK = 4096
 
@@ -76,6 +76,13 @@ def ce_grad_rows_(logits: Tensor, targets: Tensor, softcap: float | None = None)
 
 
 _kernel_failed: str | None = None  # why the kernel could not be built here; the fallback is used from then on
+
+
+def ce_grad_status(device: torch.device) -> str:
+    """Which implementation the fused cross-entropy's chunk math runs on `device` (for benchmark records)."""
+    if not triton_ce_grad_available(device, None):
+        return "compiled/eager ce_grad_ (no CUDA or no Triton)"
+    return "triton" if _kernel_failed is None else f"compiled ce_grad_ (the kernel failed: {_kernel_failed})"
 
 
 def ce_grad_fn(device: torch.device, softcap: float | None, fallback: Callable[..., Tensor]) -> Callable[..., Tensor]:
