@@ -11,7 +11,7 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
+  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math` (`model.sdpa_kernel`), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also

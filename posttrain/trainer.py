@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from posttrain.checkpoint.fingerprint import run_fingerprint
@@ -432,9 +433,11 @@ class Trainer:
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = bool(self.optimizer.defaults.get("fused"))
-        if fused and max_norm > 0 and isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
+        if (fused and max_norm > 0 and isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and not any(isinstance(p, DTensor) for p in params)):
             # Clip inside fused AdamW's kernel (it divides the gradients by grad_scale, as under GradScaler)
-            # instead of a separate pass over every gradient.
+            # instead of a separate pass over every gradient. Sharded (DTensor) parameters keep clip_grad_norm_:
+            # a plain grad_scale beside DTensors has not been run on several GPUs here.
             grad_norm = get_total_grad_norm(params)
             self.optimizer.grad_scale = clip_divisor(grad_norm, max_norm)
         else:
