@@ -171,7 +171,8 @@ def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: 
     if device.type != "cuda":
         return None
     _sync(device)
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    # Python frames only: symbolising C++ stacks for every allocation can take minutes
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     try:
         step()
         _sync(device)
