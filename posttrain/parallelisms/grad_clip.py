@@ -102,8 +102,10 @@ def clip_grad_norm_(
     for p in params:
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         by_key.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, _), grads in by_key.items():
-        torch._foreach_mul_(grads, coef.to(dev))
+    for (dev, dtype), grads in by_key.items():
+        # the coefficient in the gradients' dtype: with an fp32 one on bf16 gradients _foreach_mul_ falls back to
+        # one non-vectorized kernel per tensor (8 ms of a Qwen3-1.7B step on an H200, against ~1 ms)
+        torch._foreach_mul_(grads, coef.to(device=dev, dtype=dtype))
     return total_norm
 
 
