@@ -11,7 +11,7 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
+  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math` (`model.sdpa_kernel`), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import traceback
@@ -47,6 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from profile_summary import profile_steps, record_memory_step, render_summary, summarize, write_profile
 from measure import (
     RESULTS_MARKER,
     Deadline,
@@ -66,6 +68,7 @@ from measure import (
 import torch  # noqa: E402  (measure puts the repo root on sys.path first)
 
 from posttrain.config import config_from_dict  # noqa: E402
+from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
@@ -233,6 +236,10 @@ class Settings:
     loss_chunk_size: int
     peer_ac: bool
     hf_attn: str
+    profile_dir: Path | None = None
+    profile_steps: int = 2
+    profile_peers: bool = False
+    memory_snapshot_dir: Path | None = None
 
 
 def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]:
@@ -283,6 +290,36 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     return result
 
 
+def profile_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any]:
+    """--profile: a few more steps under torch.profiler (after the timed ones, so neither timing nor peak memory
+    sees it); the text summary (and the chrome trace when small) go to the profile folder."""
+    prof, wall_s = profile_steps(step, s.profile_steps, s.device)
+    summary = summarize(prof, wall_s, s.profile_steps)
+    stem = _stem(s, name)
+    title = f"{name}, {s.shape.spec.name} {s.shape.flavor}, seq {s.seq_len} x batch {s.batch}"
+    files = write_profile(prof, summary, title, s.profile_dir, stem)
+    print(render_summary(title, {**summary, "top": summary["top"][:12]}), flush=True)
+    del prof
+    return {**{k: v for k, v in summary.items() if k != "top"}, "files": [str(f) for f in files]}
+
+
+def memory_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any] | None:
+    """--memory-snapshot: one more step under the allocator's recorder; the gzipped pickle goes to the folder,
+    the largest blocks live at the step's peak (by allocating line) into the JSON and the log."""
+    path = s.memory_snapshot_dir / (_stem(s, name) + ".memory.pickle.gz")
+    summary = record_memory_step(step, s.device, path)
+    if summary is not None:
+        print(f"[{name}] memory at the step's peak (+{summary['peak_above_start_gib']:.2f} GiB over the step's start):",
+              flush=True)
+        for row in summary["at_peak"]:
+            print(f"  {row['gib']:7.3f} GiB in {row['blocks']:4d} blocks  {row['where']}", flush=True)
+    return summary
+
+
+def _stem(s: Settings, name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{s.shape.spec.name}_{s.shape.flavor}_{s.seq_len}x{s.batch}_{name}")
+
+
 def _as_float(x: Any) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
@@ -302,6 +339,7 @@ class PosttrainVariant:
     loss: str = "fused"
     float8: bool = False
     float8_small_gemms: bool = False
+    sdpa_kernel: str = "auto"
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -326,10 +364,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.loss = token[5:]
         elif token in ("float8", "float8=all"):
             v.float8, v.float8_small_gemms = True, token == "float8=all"
+        elif token.startswith("kernel=") and token[7:] in ("auto", "cudnn", "flash", "efficient", "math"):
+            v.sdpa_kernel = token[7:]
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, loss=fused|chunked, "
-                "float8, float8=all"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
+                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all"
             )
     return v
 
@@ -347,7 +387,8 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
     cuda = s.device.type == "cuda"
     return config_from_dict({
         "job": {"output_dir": output_dir, "seed": s.seed},
-        "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "dtype": s.dtype},
+        "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
+                  "dtype": s.dtype},
         "training": {
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
@@ -383,13 +424,18 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 return trainer.train_step(loss_fn, log=calls[0] in (1, s.warmup + s.steps))
 
             result = timed_run(step, s)
+            if s.profile_dir is not None:
+                result["profile"] = profile_run(step, s, v.name)
+            if s.memory_snapshot_dir is not None:
+                result["memory_at_peak"] = memory_run(step, s, v.name)
             result["build_s"] = round(build_s, 2)
             result["config"] = {
-                "compile": v.compile, "attn_backend": v.backend, "ac": cfg.activation_checkpoint.mode,
+                "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
+                "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
             }
             return result
         finally:
@@ -475,6 +521,10 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
 
     try:
         result = timed_run(step, s)
+        if s.profile_dir is not None and s.profile_peers:
+            result["profile"] = profile_run(step, s, peer)
+        if s.memory_snapshot_dir is not None and s.profile_peers:
+            result["memory_at_peak"] = memory_run(step, s, peer)
     finally:
         del forward, optimizer, params, model
     result["build_s"] = round(build_s, 2)
@@ -609,6 +659,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip a compiled run when less than this is left (compilation cannot be cut short)")
     p.add_argument("--allow-cpu-compile", action="store_true", help="run compile variants/peers on the CPU too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after each posttrain run's timed steps, profile --profile-steps more steps: a text summary "
+                        "(top kernels, time per category, GPU idle) and, when small, the gzipped chrome trace in DIR")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--profile-peers", action="store_true", help="--profile (and --memory-snapshot) the HF peers too")
+    p.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                   help="CUDA: record the allocator over one more step of each posttrain run; gzipped snapshot in DIR, "
+                        "the largest blocks live at the step's peak in the JSON")
     p.add_argument("--out", default=None, help="JSON results file")
     return p.parse_args(argv)
 
@@ -666,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12 if device.type == "cuda" else None, shape=shape, batches=batches,
         deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
         loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
+        profile_dir=Path(args.profile) if args.profile else None, profile_steps=max(1, args.profile_steps),
+        profile_peers=args.profile_peers, memory_snapshot_dir=Path(args.memory_snapshot) if args.memory_snapshot else None,
     )
     report: dict[str, Any] = {
         "benchmark": "bench_sft", "env": environment(device), "shape": shape.describe(),

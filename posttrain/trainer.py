@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from posttrain.checkpoint.fingerprint import run_fingerprint
@@ -48,7 +49,13 @@ from posttrain.models.vocab_growth import grown_vocab_size
 from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
 from posttrain.optim import apply_optimizer_config, build_lr_scheduler, build_optimizer
-from posttrain.parallelisms import ParallelDims, clip_grad_norm_, get_parallelize_fn
+from posttrain.parallelisms import (
+    ParallelDims,
+    clip_divisor,
+    clip_grad_norm_,
+    get_parallelize_fn,
+    get_total_grad_norm,
+)
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
 from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
 from posttrain.preemption import PreemptionFlag
@@ -125,6 +132,7 @@ def build_training_model(
     if backend == "flex" and device.type == "cpu":
         raise SystemExit("model.attn_backend = 'flex' has no backward on CPU; use 'sdpa' (or 'auto')")
     args.attn_backend = backend
+    args.sdpa_kernel = m.sdpa_kernel
     if added_tokens is None:
         added_tokens = count_config_tokens(cfg.tokenizer)
     try:
@@ -426,24 +434,21 @@ class Trainer:
                 extra[k] = extra.get(k, 0) + v.detach().to(torch.float64)
 
         max_norm = self.cfg.training.max_grad_norm
-        grad_norm = clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], max_norm if max_norm > 0 else float("inf")
-        )
-        if not self.divergence.enabled:
-            self.optimizer.step()
-        elif self.optimizer.defaults.get("fused"):
-            # No host sync: fused AdamW skips a non-finite step on the device (found_inf, as under GradScaler);
-            # the guard reads the norm later (one step late, or at log / checkpoint time) and counts it.
-            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-            self.divergence.record(self.step + 1, grad_norm)
-        elif self.divergence.step_is_good(self.step + 1, float(grad_norm)):  # host read: one sync per step
-            self.optimizer.step()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = bool(self.optimizer.defaults.get("fused"))
+        if (fused and max_norm > 0 and isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and not any(isinstance(p, DTensor) for p in params)):
+            # Clip inside fused AdamW's kernel (it divides the gradients by grad_scale, as under GradScaler)
+            # instead of a separate pass over every gradient. Sharded (DTensor) parameters keep clip_grad_norm_:
+            # a plain grad_scale beside DTensors has not been run on several GPUs here.
+            grad_norm = get_total_grad_norm(params)
+            self.optimizer.grad_scale = clip_divisor(grad_norm, max_norm)
         else:
-            self._warn_skipped([(self.step + 1, float(grad_norm))])
+            grad_norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        try:
+            self._optimizer_step(grad_norm, fused)
+        finally:
+            self.optimizer.__dict__.pop("grad_scale", None)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
@@ -460,6 +465,23 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
             metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
         return metrics
+
+    def _optimizer_step(self, grad_norm: torch.Tensor, fused: bool) -> None:
+        if not self.divergence.enabled:
+            self.optimizer.step()
+        elif fused:
+            # No host sync: fused AdamW skips a non-finite step on the device (found_inf, as under GradScaler);
+            # the guard reads the norm later (one step late, or at log / checkpoint time) and counts it.
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.divergence.record(self.step + 1, grad_norm)
+        elif self.divergence.step_is_good(self.step + 1, float(grad_norm)):  # host read: one sync per step
+            self.optimizer.step()
+        else:
+            self._warn_skipped([(self.step + 1, float(grad_norm))])
 
     def read_grad_norms(self, up_to_step: int | None = None) -> None:
         """Let the divergence guard read the gradient norms it recorded without a sync (all, or those of steps

@@ -37,6 +37,11 @@ class ModelSection:
     flavor: str = opt("debug", "named size of the family (debug, 0.6B, 1.7B, 8B, ...)")
     hf_path: str = opt("", "HF checkpoint folder or hub id to initialize from (decides family and sizes)")
     attn_backend: str = opt("auto", "attention kernel: flex on GPU, sdpa on CPU", choices=("auto", "flex", "sdpa"))
+    sdpa_kernel: str = opt(
+        "auto",
+        "with attn_backend sdpa: which SDPA kernel runs (auto: torch's choice; cudnn, flash, efficient, math pin one)",
+        choices=("auto", "cudnn", "flash", "efficient", "math"),
+    )
     dtype: str = opt("auto", "parameter dtype: bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")
     overrides: dict = opt({}, "from scratch: architecture fields over the flavor, e.g. {dim = 256, n_layers = 4}")

@@ -176,7 +176,8 @@ def chunked_cross_entropy(
         grad_enabled and hidden.requires_grad,
         grad_enabled and weight.requires_grad,
     )
-    n_tokens = torch.tensor(positions.numel(), dtype=torch.int64, device=labels.device)
+    # a fill kernel, not torch.tensor(..., device=): that host-to-device copy waits for the whole loss (a sync)
+    n_tokens = torch.full((), positions.numel(), dtype=torch.int64, device=labels.device)
     return loss_sum, n_tokens
 
 

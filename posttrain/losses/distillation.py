@@ -129,5 +129,6 @@ def chunked_distillation_loss(
         else:
             div, ce, kl = _chunk_losses(*args)
         div_sum, ce_sum, kl_sum = div_sum + div, ce_sum + ce, kl_sum + kl.detach()
-    n_tokens = torch.tensor(positions.numel(), dtype=torch.int64, device=labels.device)
+    # a fill kernel, not torch.tensor(..., device=): that host-to-device copy waits for the whole loss (a sync)
+    n_tokens = torch.full((), positions.numel(), dtype=torch.int64, device=labels.device)
     return div_sum, ce_sum, kl_sum, n_tokens

@@ -1,7 +1,8 @@
 """Fused linear cross-entropy: the LM loss and both of its gradients, one chunk of tokens at a time, in forward.
 
 Per chunk of `c` trained positions: logits = h W^T (`[c, V]`, the matmul dtype), then one fused pass turns
-them into the rows' losses and overwrites them with d loss / d logits; then grad_h = g W and
+them into the rows' losses and overwrites them with d loss / d logits (a Triton kernel on CUDA,
+`ce_grad_kernel.py`; the compiled or eager `logit_math.ce_grad_` elsewhere and with soft-capping); then grad_h = g W and
 grad_W += g^T h. Backward only scales the two finished gradients by the incoming scalar. Nothing is
 recomputed, the `[tokens, vocab]` logits never exist, and the weight's gradient is one buffer in the weight's
 dtype. Positions whose label is `ignore_index` are dropped before the projection.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from posttrain.losses.ce_grad_kernel import ce_grad_fn
 from posttrain.losses.fused_head import (
     accumulate_grad_weight,
     chunk_rows,
@@ -52,6 +54,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         with_grads = need_grad_hidden or need_grad_weight
         math = chunk_math(ce_grad_ if with_grads else ce_rows, hidden.device)
+        if with_grads:
+            math = ce_grad_fn(hidden.device, softcap, math)
         with no_autocast(hidden.device):
             w = weight[:vocab_size].to(dtype)
             for start in range(0, positions.numel(), rows):
@@ -116,5 +120,6 @@ def fused_linear_cross_entropy(
         flat_hidden, weight, positions, targets, vocab_size, chunk_size, softcap,
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
     )
-    n_tokens = torch.tensor(positions.numel(), dtype=torch.int64, device=labels.device)
+    # a fill kernel, not torch.tensor(..., device=): that host-to-device copy waits for the whole loss (a sync)
+    n_tokens = torch.full((), positions.numel(), dtype=torch.int64, device=labels.device)
     return loss_sum, n_tokens

@@ -134,5 +134,6 @@ def fused_distillation_loss(
         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight, positions, targets, settings,
         grad_enabled and student_hidden.requires_grad, grad_enabled and student_weight.requires_grad,
     )
-    n_tokens = torch.tensor(positions.numel(), dtype=torch.int64, device=labels.device)
+    # a fill kernel, not torch.tensor(..., device=): that host-to-device copy waits for the whole loss (a sync)
+    n_tokens = torch.full((), positions.numel(), dtype=torch.int64, device=labels.device)
     return loss, div, ce, kl, n_tokens

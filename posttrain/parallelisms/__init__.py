@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 
 from posttrain.models.registry import get_model_spec
-from posttrain.parallelisms.grad_clip import clip_grad_norm_, get_total_grad_norm
+from posttrain.parallelisms.grad_clip import clip_divisor, clip_grad_norm_, get_total_grad_norm
 from posttrain.parallelisms.parallel_dims import ParallelDims
 from posttrain.parallelisms.parallelize import parallelize_decoder
 
@@ -34,4 +34,4 @@ def get_parallelize_fn(family: str) -> Callable:
     return partial(parallelize_decoder, tp_plan=spec.tp_plan)
 
 
-__all__ = ["ParallelDims", "clip_grad_norm_", "get_parallelize_fn", "get_total_grad_norm"]
+__all__ = ["ParallelDims", "clip_divisor", "clip_grad_norm_", "get_parallelize_fn", "get_total_grad_norm"]

@@ -102,6 +102,15 @@ def clip_grad_norm_(
     for p in params:
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         by_key.setdefault((g.device, g.dtype), []).append(g)
-    for (dev, _), grads in by_key.items():
-        torch._foreach_mul_(grads, coef.to(dev))
+    for (dev, dtype), grads in by_key.items():
+        # the coefficient in the gradients' dtype: with an fp32 one on bf16 gradients _foreach_mul_ falls back to
+        # one non-vectorized kernel per tensor (8 ms of a Qwen3-1.7B step on an H200, against ~1 ms)
+        torch._foreach_mul_(grads, coef.to(device=dev, dtype=dtype))
     return total_norm
+
+
+def clip_divisor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``max(1, (norm + 1e-6) / max_norm)`` (0-d fp32): dividing the gradients by it clips them as
+    ``clip_grad_norm_`` does. A fused Adam / AdamW takes it as ``grad_scale`` and divides inside its own kernel,
+    which saves the separate read-modify-write of every gradient."""
+    return torch.clamp((total_norm.float() + 1e-6) / float(max_norm), min=1.0)

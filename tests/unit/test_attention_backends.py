@@ -94,3 +94,17 @@ def test_output_fn_receives_hidden_states_and_padded_head() -> None:
     hidden, weight = model(ids, output_fn=lambda h, w: (h, w))
     assert hidden.shape == (2, 8, model.args.dim) and weight.shape == (1024, model.args.dim)
     torch.testing.assert_close((hidden @ weight.T)[..., :1000], model(ids))
+
+
+def test_pinned_sdpa_kernel_gives_the_same_attention_and_bad_names_are_refused() -> None:
+    """model.sdpa_kernel pins SDPA's kernel (on the CPU only 'math' differs from torch's own choice); the model
+    args carry it to every layer, and an unknown name is a one-line ValueError naming the choices."""
+    q, k, v = _qkv()
+    mask = SDPABackend().build_mask(None, batch=2, seq_len=24, device=torch.device("cpu"))
+    torch.testing.assert_close(SDPABackend("math")(q, k, v, mask), SDPABackend("auto")(q, k, v, mask))
+    model = build_model("llama3", "debug", device="cpu", attn_backend="sdpa", sdpa_kernel="math")
+    assert model.attn_backend.kernel is torch.nn.attention.SDPBackend.MATH
+    with pytest.raises(ValueError, match="unknown sdpa_kernel 'fa3'.*cudnn"):
+        SDPABackend("fa3")
+    with pytest.raises(ValueError, match="sdpa_kernel"):
+        build_model("llama3", "debug", device="cpu", attn_backend="sdpa", sdpa_kernel="fa3")

@@ -54,3 +54,15 @@ def test_non_finite_norm_raises_when_asked():
 
 def test_no_gradients_gives_zero():
     assert clip_grad_norm_([torch.nn.Parameter(torch.zeros(3))], 1.0).item() == 0.0
+
+
+def test_bf16_and_fp32_gradients_are_each_clipped_in_their_own_dtype():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(40, 30, dtype=dt)) for dt in (torch.bfloat16, torch.float32, torch.bfloat16)]
+    for p in params:
+        p.grad = (torch.randn(p.shape) * 5).to(p.dtype)
+    before = clip_grad_norm_(params, 1.0)
+    assert before.dtype == torch.float32 and before.item() > 100
+    after = math.sqrt(sum(p.grad.float().pow(2).sum().item() for p in params))
+    assert after == pytest.approx(1.0, rel=1e-2)  # bf16: the coefficient rounds to 8 bits
+    assert [p.grad.dtype for p in params] == [torch.bfloat16, torch.float32, torch.bfloat16]

@@ -41,11 +41,13 @@ def _poisoned_loss(bad_steps: set[int], trainer: Trainer):
     return loss_fn
 
 
-def _run(tmp_path: Path, fused: str, logs: list[bool]) -> tuple[DivergenceGuard, dict, list[dict]]:
+def _run(
+    tmp_path: Path, fused: str, logs: list[bool], bad_steps: frozenset[int] = frozenset({2, 3}), extra: tuple = ()
+) -> tuple[DivergenceGuard, dict, list[dict]]:
     """(the guard after the steps, the parameters, each step's metrics); the trainer is closed."""
     cfg = load_config(["--config", "train_configs/debug_sft.toml", "--job.output_dir", str(tmp_path),
                        "--metrics.tensorboard", "false", "--optimizer.fused", fused, "--training.batch_size", "2",
-                       "--training.seq_len", "16", "--training.max_consecutive_bad_steps", "3"])
+                       "--training.seq_len", "16", "--training.max_consecutive_bad_steps", "3", *extra])
     trainer = Trainer(cfg)
     try:
         g = torch.Generator().manual_seed(0)
@@ -54,7 +56,7 @@ def _run(tmp_path: Path, fused: str, logs: list[bool]) -> tuple[DivergenceGuard,
             {"input_ids": torch.randint(0, 100, (2, 16), generator=g), "labels": torch.randint(0, 100, (2, 16), generator=g),
              "position_ids": positions, "document_ids": torch.zeros(2, 16, dtype=torch.long)} for _ in logs
         ]
-        loss_fn = _poisoned_loss({2, 3}, trainer)
+        loss_fn = _poisoned_loss(set(bad_steps), trainer)
         metrics = []
         for log in logs:
             metrics.append(trainer.train_step(loss_fn, log=log))
@@ -78,3 +80,20 @@ def test_fused_optimizer_skips_on_device_and_matches_the_host_checked_guard(tmp_
         assert torch.isfinite(p).all(), name
         torch.testing.assert_close(p, host_params[name], rtol=1e-5, atol=1e-6, msg=name)
     assert metrics[-1]["loss"] == pytest.approx(host_metrics[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("guard_steps", ["3", "0"])
+def test_clipping_inside_fused_adamw_matches_clip_grad_norm(tmp_path: Path, guard_steps: str) -> None:
+    """Fused AdamW clips through its grad_scale (no separate pass over the gradients); the foreach AdamW after
+    clip_grad_norm_ must land on the same parameters, with clipping active on every step (norm > 10 x 0.01)."""
+    extra = ("--training.max_grad_norm", "0.01", "--training.max_consecutive_bad_steps", guard_steps)
+    logs = [False, True, False, True]
+    _, ref_params, ref_metrics = _run(tmp_path / "foreach", "false", logs, frozenset(), extra)
+    _, params, metrics = _run(tmp_path / "fused", "true", logs, frozenset(), extra)
+    assert all(m["grad_norm"] > 0.1 for m in (ref_metrics[1], ref_metrics[3]))  # 10x the limit: clipped
+    for step in (1, 3):
+        assert metrics[step]["grad_norm"] == pytest.approx(ref_metrics[step]["grad_norm"], rel=1e-4)
+    for name, p in params.items():
+        torch.testing.assert_close(p, ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+    _, unclipped, _ = _run(tmp_path / "unclipped", "true", logs, frozenset(), ("--training.max_grad_norm", "0"))
+    assert any(not torch.allclose(unclipped[n], params[n], rtol=1e-5, atol=1e-6) for n in params)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import (
     AuxRequest,
     BlockMask,
@@ -77,10 +78,32 @@ def _compose(document_ids: torch.Tensor | None, extra_mask_mod: MaskMod | None) 
 # ---------------------------------------------------------------------------------------------- backends
 
 
+# model.sdpa_kernel: which of SDPA's kernels to run; "auto" leaves the choice to torch (flash first on CUDA).
+SDPA_KERNELS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_kernel_for(name: str) -> SDPBackend | None:
+    if name not in SDPA_KERNELS:
+        raise ValueError(f"unknown sdpa_kernel {name!r}; choose one of {sorted(SDPA_KERNELS)}")
+    return SDPA_KERNELS[name]
+
+
 class SDPABackend:
-    """``F.scaled_dot_product_attention``: is_causal fast path, or a dense [B, 1, S, S] boolean mask."""
+    """``F.scaled_dot_product_attention``: is_causal fast path, or a dense [B, 1, S, S] boolean mask.
+
+    ``kernel`` (a key of ``SDPA_KERNELS``) pins SDPA to one kernel for the training forward and backward;
+    torch raises "No available kernel" when that kernel cannot take the inputs (dtype, head size, device)."""
 
     name = "sdpa"
+
+    def __init__(self, kernel: str = "auto") -> None:
+        self.kernel = sdpa_kernel_for(kernel)
 
     def build_mask(
         self,
@@ -104,7 +127,10 @@ class SDPABackend:
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
     ) -> torch.Tensor:
-        return sdpa_attention(q, k, v, mask, scale)
+        if self.kernel is None:
+            return sdpa_attention(q, k, v, mask, scale)
+        with sdpa_kernel([self.kernel]):
+            return sdpa_attention(q, k, v, mask, scale)
 
 
 def sdpa_attention(
@@ -228,10 +254,11 @@ AttentionBackend = SDPABackend | FlexBackend
 ATTENTION_BACKENDS: dict[str, type] = {"sdpa": SDPABackend, "flex": FlexBackend}
 
 
-def build_attention_backend(name: str) -> AttentionBackend:
+def build_attention_backend(name: str, sdpa_kernel: str = "auto") -> AttentionBackend:
+    """``sdpa_kernel`` applies to the sdpa backend (flex compiles its own kernel)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]()
+    return SDPABackend(sdpa_kernel) if name == "sdpa" else ATTENTION_BACKENDS[name]()
 
 
 # ---------------------------------------------------------------------------------------------- module

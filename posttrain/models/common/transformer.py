@@ -23,6 +23,7 @@ from posttrain.models.common.attention import (
     AttentionMask,
     MaskMod,
     build_attention_backend,
+    sdpa_kernel_for,
 )
 from posttrain.models.common.feed_forward import FeedForward
 from posttrain.models.common.kv_cache import KVCache
@@ -51,6 +52,7 @@ class TransformerArgs:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"  # "sdpa" | "flex"
+    sdpa_kernel: str = "auto"  # with attn_backend "sdpa": auto | cudnn | flash | efficient | math
     qk_norm: bool = False
     qkv_bias: bool = False
     attn_out_bias: bool = False
@@ -73,6 +75,7 @@ class TransformerArgs:
             raise ValueError(
                 f"attn_backend must be one of {sorted(ATTENTION_BACKENDS)}, got {self.attn_backend!r}"
             )
+        sdpa_kernel_for(self.sdpa_kernel)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -122,7 +125,7 @@ class Transformer(nn.Module):
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
         self.args = args
-        self.attn_backend = build_attention_backend(args.attn_backend)
+        self.attn_backend = build_attention_backend(args.attn_backend, args.sdpa_kernel)
         vocab = args.padded_vocab_size
         self.tok_embeddings = nn.Embedding(vocab, args.dim)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
