@@ -47,16 +47,19 @@ t_start=$(date +%s)
 
 main() {
 stamp() { echo "[grpo-demo +$(( $(date +%s) - t_start ))s] $*"; }
-stamp "python $("$PY" -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())')"
+stamp "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), python $("$PY" -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())')"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
 
 # -- 1. wheels whose distribution is not installed (name = the wheel file's name up to the first "-")
 site=/tmp/smollm2_grpo_site
 wheels=()
+seen=" "
 # shellcheck disable=SC2086
 for whl in $(ls $(for d in $WHEEL_DIRS; do echo "$d/*.whl"; done) 2>/dev/null || true); do
   dist=$(basename "$whl" | cut -d- -f1)
+  case "$seen" in *" $dist "*) continue ;; esac  # the same distribution carried twice: the first one found
+  seen="$seen$dist "
   if ! "$PY" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$dist" 2>/dev/null; then
     wheels+=("$whl")
   fi

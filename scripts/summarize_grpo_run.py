@@ -6,7 +6,8 @@ Reads OUT_DIR/train_metrics.jsonl (the controller's metrics.jsonl: step 0 holds 
 base model, the last step the eval after training) and, when present, OUT_DIR/{base,grpo}_eval.json
 (scripts/eval_math.py with HF generate on the base model and on the export). Writes OUT_DIR/summary.json and
 OUT_DIR/summary.txt and prints the table. Step times are averaged over the steps after the first (the first
-includes warm-up: CUDA-graph capture, compilation of the packed passes); the first is reported on its own.
+includes warm-up: CUDA-graph capture, compilation of the packed passes); the first is reported on its own. The
+sync time is averaged over the steps that updated the policy (a step without an update syncs nothing).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def summarize(out: Path, weight_sync: str, seconds: float | None) -> dict[str, A
         return {p: mean([r[f"time/{p}"] for r in rows if r.get(f"time/{p}") is not None]) for p in PHASES}
 
     split = phase_means(timed)
+    # a step whose groups all had one reward trains nothing and syncs nothing: not a sync time
+    split["sync"] = mean([r["time/sync"] for r in timed if "loss" in r]) if any("loss" in r for r in timed) else None
     summary: dict[str, Any] = {
         "engine_eval": {"before": eval_of(step0), "after": eval_of(after)},
         "steps": len(steps),
