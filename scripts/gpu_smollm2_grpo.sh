@@ -13,7 +13,8 @@
 # 5. GRPO (train_configs/smollm2_135m_grpo.toml, a fresh run dir) under a wall-clock budget: the whole script
 #    aims to end within $TOTAL_BUDGET_S of its start, $RESERVE_S of it kept for what follows the last step
 #    (final engine eval, export, Ray shutdown, step 6). On CUDA the weight sync is cuda_ipc; when that run fails
-#    before its first step, it is run again with the object store (the summary says which one ran);
+#    (or logs nothing in FIRST_LOG_S = 240 s: stopped), it is run again with the object store (the summary says
+#    which one ran; OUT_DIR/weight_sync_fallback.txt when the fallback ran);
 #    the engine's greedy eval of the 200 held-out prompts at step 0 and at the last step is the "before / after";
 # 6. held-out eval of the export with HF generate (an independent check of the engine's numbers);
 # 7. OUT_DIR/summary.json + summary.txt (the table, printed last), train_metrics.jsonl, samples.jsonl,
@@ -21,7 +22,7 @@
 # Knobs (environment): PYTHON, GGUF_A_DIR (/tmp/keep/gguf), GGUF_B_DIR (data/smollm2_gguf_b), WHEEL_DIRS
 # ("/tmp/keep/whl data/smollm2_gguf_b"), SMOLLM2_HF_DIR (outputs/smollm2-135m-instruct), RUN_DIR
 # (outputs/smollm2_135m_grpo_demo), PROMPTS_DIR (data/grpo_math), TOTAL_BUDGET_S (540), RESERVE_S (80),
-# WEIGHT_SYNC (auto: cuda_ipc on CUDA, else object_store), HF_EVAL (1), EVAL_LIMIT, EVAL_BATCH (200),
+# WEIGHT_SYNC (auto: cuda_ipc on CUDA, else object_store), FIRST_LOG_S (240), HF_EVAL (1), EVAL_LIMIT, EVAL_BATCH (200),
 # EVAL_MAX_NEW_TOKENS (192). A CPU dry run scales it down with overrides (README "RL: GRPO").
 set -euo pipefail
 OUT=${1:?usage: bash scripts/gpu_smollm2_grpo.sh OUT_DIR [train.py overrides...]}
@@ -124,7 +125,25 @@ run_grpo() {
   # a hang (rather than an error) must not eat the call: the budget plus the final eval / export / shutdown
   timeout -k 10 $(( budget + RESERVE_S / 2 )) "$PY" train.py --config "$CONFIG" --job.output_dir "$RUN_DIR" --model.hf_path "$HF_DIR" \
     --grpo.prompts "$PROMPTS_DIR/train.jsonl" --grpo.eval_prompts "$PROMPTS_DIR/eval.jsonl" \
-    --grpo.time_budget_s "$budget" --grpo.weight_sync "$1" "${@:2}"
+    --grpo.time_budget_s "$budget" --grpo.weight_sync "$1" "${@:2}" &
+  local pid=$! t0=$SECONDS rc=0
+  # cuda_ipc has never run on a GPU: when its run has logged nothing (the first sync comes before the step-0
+  # eval) after FIRST_LOG_S, it is stopped (SIGTERM: Ray is shut down) so that the fallback still has time
+  while [ "$1" = cuda_ipc ] && kill -0 "$pid" 2>/dev/null; do
+    if [ $(( SECONDS - t0 )) -gt "${FIRST_LOG_S:-240}" ] && [ ! -s "$RUN_DIR/metrics.jsonl" ]; then
+      stamp "nothing logged after ${FIRST_LOG_S:-240}s with cuda_ipc: stopping this run"
+      kill -TERM "$pid" 2>/dev/null || true  # timeout passes it on to train.py
+      for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null && sleep 1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        pkill -KILL -P "$pid" 2>/dev/null || true  # train.py, by its parent's pid
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+      break
+    fi
+    sleep 2
+  done
+  wait "$pid" || rc=$?
+  return "$rc"
 }
 steps_logged() { if [ -s "$RUN_DIR/metrics.jsonl" ]; then grep -c '"time/step"' "$RUN_DIR/metrics.jsonl" || true; else echo 0; fi; }
 if run_grpo "$sync" "$@"; then
