@@ -298,6 +298,9 @@ class GRPOSection:
                                            "policy's device memory; not yet run on a GPU)",
                            choices=("object_store", "cuda_ipc"))
     eval_freq: int = opt(0, "evaluate on eval_prompts every N steps, before training and at the end (0 = never)")
+    time_budget_s: float = opt(0.0, "wall-clock budget of the run from its start (0 = none): no step starts that "
+                                    "would end past it (judged by the slowest of the last steps); the last step "
+                                    "run then gets the final eval, checkpoint and export as training.steps would")
     log_samples: int = opt(2, "completions per step written to TensorBoard text and <output_dir>/samples.jsonl")
 
 

@@ -185,8 +185,10 @@ _score_task = None  # score_rewards as a Ray task, made once per process
 
 
 def score(reward_names: list[str], weights: list[float], texts: list[str], samples: list[dict], *,
-          tasks: int = 2) -> tuple[torch.Tensor, dict[str, float], float]:
-    """Weighted rewards [N] from Ray tasks over chunks of the completions, per-reward means, seconds."""
+          tasks: int = 2) -> tuple[torch.Tensor, dict[str, float], float, torch.Tensor | None]:
+    """Weighted rewards [N] from Ray tasks over chunks of the completions, per-reward means, seconds, and
+    which completions the first accuracy reward (math_answer / reasoning_gym) scores 1 ([N] bool; None
+    without such a reward)."""
     import ray
 
     global _score_task
@@ -206,11 +208,33 @@ def score(reward_names: list[str], weights: list[float], texts: list[str], sampl
     rewards = (torch.tensor(weights, dtype=torch.float32)[:, None] * table).sum(0)
     stats = {f"reward/{name}": float(table[k].mean()) for k, name in enumerate(reward_names)}
     stats["reward_errors"] = float(errors)
+    correct = None
     for k, name in enumerate(reward_names):
         if name in _ACCURACY_REWARDS:
-            stats["accuracy"] = float((table[k] >= 1.0 - 1e-6).float().mean())
+            correct = table[k] >= 1.0 - 1e-6
+            stats["accuracy"] = float(correct.float().mean())
             break
-    return rewards, stats, time.perf_counter() - t0
+    return rewards, stats, time.perf_counter() - t0, correct
+
+
+def accuracy_by_task(correct: torch.Tensor, samples: list[dict], prefix: str) -> dict[str, float]:
+    """`<prefix>/<task>`: the share of correct completions of each task named by the samples' "task" (none
+    when fewer than two tasks are named: the overall accuracy says it all)."""
+    by_task: dict[str, list[bool]] = {}
+    for ok, sample in zip(correct.tolist(), samples):
+        if sample.get("task"):
+            by_task.setdefault(str(sample["task"]), []).append(ok)
+    if len(by_task) < 2:
+        return {}
+    return {f"{prefix}/{task}": sum(oks) / len(oks) for task, oks in sorted(by_task.items())}
+
+
+def out_of_time(elapsed_s: float, step_seconds: list[float], budget_s: float) -> bool:
+    """True when another step would likely end past `budget_s` (0 = no budget): the estimate of a step is the
+    slowest of the last three (the first steps of a run are slower: warm-up, graph capture)."""
+    if budget_s <= 0 or not step_seconds:
+        return False
+    return elapsed_s + max(step_seconds[-3:]) > budget_s
 
 
 def policy_log_probs(policy: list, dp: tuple[list[int], int], rows: list[dict], *, old: bool, ref: bool,
@@ -269,13 +293,17 @@ def sync_weights(policy: list, rollouts: list, bucket_bytes: int, cuda_ipc: bool
 def evaluate(rollouts: list, tokenizer: HFTokenizer, eval_set: list[dict], prompt_ids: list[list[int]], g: GRPOSection,
              stops: tuple[int, ...]) -> dict[str, float]:
     """Greedy completions of the held-out prompts, scored by the rewards: eval_reward_mean, eval_accuracy."""
+    t0 = time.perf_counter()
     greedy = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=0.0, stop_token_ids=stops)
     completions, _ = generate(rollouts, prompt_ids, greedy)
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    rewards, stats, _ = score(g.rewards, g.reward_weights or [1.0] * len(g.rewards), texts, eval_set)
-    out = {"eval_reward_mean": float(rewards.mean())}
-    if "accuracy" in stats:
+    rewards, stats, _, correct = score(g.rewards, g.reward_weights or [1.0] * len(g.rewards), texts, eval_set)
+    out = {"eval_reward_mean": float(rewards.mean()),
+           "eval_response_len_mean": sum(len(c.token_ids) for c in completions) / max(len(completions), 1)}
+    if correct is not None:
         out["eval_accuracy"] = stats["accuracy"]
+        out.update(accuracy_by_task(correct, eval_set, "eval_accuracy"))
+    out["time/eval"] = time.perf_counter() - t0
     return out
 
 
@@ -366,7 +394,7 @@ def score_phase(step: StepRollouts, g: GRPOSection, weights: list[float]) -> Non
     dropped (or kept) by config; the kept completions become the rows the policy trains on."""
     from posttrain.rl.algorithms import overlong_penalty, zero_variance_groups
 
-    rewards, step.reward_stats, step.timings["reward"] = score(g.rewards, weights, step.texts, step.samples)
+    rewards, step.reward_stats, step.timings["reward"], _ = score(g.rewards, weights, step.texts, step.samples)
     step.task_rewards = rewards.clone()
     if g.overlong_buffer > 0:
         rewards = rewards + overlong_penalty(step.lengths, g.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
@@ -489,6 +517,7 @@ def run(cfg: JobConfig) -> None:
 
     from posttrain.rl.prompts import PromptSource
 
+    t_run = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_grpo_config(cfg)
     cfg = resolved_config(cfg)
@@ -545,11 +574,15 @@ def run(cfg: JobConfig) -> None:
         t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")
         logger.info("weight sync: %d tensors in %.2fs", n_tensors, t_sync)
         if g.eval_freq and eval_set and step == 0:
-            metrics.log(0, evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
+            m0 = evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops)
+            metrics.log(0, {**m0, "time/setup": time.perf_counter() - t_run, "time/sync_first": t_sync})
+            logger.info("step 0: eval_accuracy %s (%.1fs)", m0.get("eval_accuracy", "-"), m0["time/eval"])
 
         need_ref = g.kl_coef > 0
         recompute_old = g.old_logprobs == "recompute" and (g.epochs > 1 or g.minibatches > 1)
-        while step < total:
+        step_seconds: list[float] = []
+        last = step >= total
+        while not last:
             step += 1
             t_step = time.perf_counter()
             batch = prompts.next_batch(g.prompts_per_step)
@@ -567,9 +600,13 @@ def run(cfg: JobConfig) -> None:
             rollout.timings["sync"] = (
                 sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")[0] if rollout.rows else 0.0
             )
-            # 6. log (and evaluate every eval_freq steps)
+            # 6. log (and evaluate every eval_freq steps and at the last step: training.steps or the time budget)
             m = step_metrics(rollout, update_metrics, train_tokens, time.perf_counter() - t_step)
-            if g.eval_freq and eval_set and (step % g.eval_freq == 0 or step == total):
+            step_seconds.append(m["time/step"])
+            last = step >= total or out_of_time(time.perf_counter() - t_run, step_seconds, g.time_budget_s)
+            if last and step < total:
+                logger.info("grpo.time_budget_s (%.0fs) reached: step %d is the last of this run", g.time_budget_s, step)
+            if g.eval_freq and eval_set and (step % g.eval_freq == 0 or last):
                 m.update(evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops))
             metrics.log(step, m)
             log_step(step, m)
@@ -578,7 +615,7 @@ def run(cfg: JobConfig) -> None:
 
             # checkpoint (policy, optimizer, lr, RNG, prompt stream, step)
             if (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0) or (
-                cfg.checkpoint.save_final and step == total
+                cfg.checkpoint.save_final and last
             ):
                 state = {"step": step, "prompts": prompts.state_dict()}
                 ray.get([w.save.remote(step, state) for w in policy])
