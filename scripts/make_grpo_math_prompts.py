@@ -19,20 +19,15 @@ import sys
 from pathlib import Path
 
 from make_math_data import (
-    EVAL_SEED_BASE,
-    TASK_SEED_STRIDE,
     TASKS,
     TRAIN_SEED_BASE,
-    _json_safe,
+    held_out_items,
+    question_row,
     task_counts,
     task_dataset,
+    task_seed,
     write_jsonl,
 )
-
-
-def question_row(item: dict, task) -> dict:
-    return {"question": item["question"], "answer": item["answer"], "task": task.name, "scorer": task.scorer,
-            "entry": _json_safe(item)}
 
 
 def make_prompt_rows(train_size: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -41,13 +36,11 @@ def make_prompt_rows(train_size: int, eval_size: int, seed: int) -> tuple[list[d
     eval_rows: list[dict] = []
     counts: dict[str, dict[str, int]] = {}
     for k, (task, n_eval, n_train) in enumerate(zip(TASKS, task_counts(eval_size), task_counts(train_size))):
-        task_seed = seed * 7919 + k * TASK_SEED_STRIDE
-        eval_dataset = task_dataset(task, n_eval, EVAL_SEED_BASE + task_seed)
-        held_out = [eval_dataset[i] for i in range(n_eval)]
+        held_out = held_out_items(task, k, n_eval, seed)
         eval_rows += [question_row(item, task) for item in held_out]
         questions = {item["question"] for item in held_out}
         max_items = 4 * n_train + 1000
-        train_dataset = task_dataset(task, max_items, TRAIN_SEED_BASE + task_seed)
+        train_dataset = task_dataset(task, max_items, TRAIN_SEED_BASE + task_seed(seed, k))
         kept = dropped = 0
         for i in range(max_items):
             if kept == n_train:

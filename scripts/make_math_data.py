@@ -224,27 +224,35 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
 
 
+def task_seed(seed: int, k: int) -> int:
+    """The seed offset of the k-th task: the eval and train seed bases are added to it."""
+    return seed * 7919 + k * TASK_SEED_STRIDE
+
+
+def held_out_items(task: MathTask, k: int, n_eval: int, seed: int) -> list[dict]:
+    """The k-th task's held-out items (the eval seed range); the SFT demo and the GRPO run share them."""
+    dataset = task_dataset(task, n_eval, EVAL_SEED_BASE + task_seed(seed, k))
+    return [dataset[i] for i in range(n_eval)]
+
+
+def question_row(item: dict, task: MathTask) -> dict:
+    """An eval / prompt row: the question as the single user turn, its answer and how to score it."""
+    return {"question": item["question"], "answer": item["answer"], "task": task.name, "scorer": task.scorer,
+            "entry": _json_safe(item)}
+
+
 def make_rows(train_size: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Return (train rows, eval rows, a summary); train rows are shuffled with ``seed``."""
     eval_rows: list[dict] = []
     train_rows: list[dict] = []
     summary: dict[str, Any] = {"tasks": {}}
     for k, (task, n_eval, n_train) in enumerate(zip(TASKS, task_counts(eval_size), task_counts(train_size))):
-        task_seed = seed * 7919 + k * TASK_SEED_STRIDE
-        eval_dataset = task_dataset(task, n_eval, EVAL_SEED_BASE + task_seed)
-        eval_items = [eval_dataset[i] for i in range(n_eval)]
+        eval_items = held_out_items(task, k, n_eval, seed)
         eval_questions = {item["question"] for item in eval_items}
-        for item in eval_items:
-            eval_rows.append({
-                "question": item["question"],
-                "answer": item["answer"],
-                "task": task.name,
-                "scorer": task.scorer,
-                "entry": _json_safe(item),
-            })
+        eval_rows += [question_row(item, task) for item in eval_items]
         # Draw items until n_train survive (eval questions are dropped; small tasks repeat questions often).
         max_items = 4 * n_train + 1000
-        train_dataset = task_dataset(task, max_items, TRAIN_SEED_BASE + task_seed)
+        train_dataset = task_dataset(task, max_items, TRAIN_SEED_BASE + task_seed(seed, k))
         kept = mismatched = overlap = 0
         for i in range(max_items):
             if kept == n_train:
