@@ -129,6 +129,11 @@ def build_training_model(
     backend = m.attn_backend
     if backend == "auto":
         backend = "flex" if device.type == "cuda" else "sdpa"
+    if backend == "flex" and cfg.compile.enabled and cfg.activation_checkpoint.mode == "op":
+        # Dynamo-traced checkpointing around FlexAttention gave wrong gradients (or an inductor error) on an H200
+        # with torch 2.11 (benchmarks/results/2026-12-03_h200_diagnose_compile_flex_ac.txt); full/selective are exact.
+        raise SystemExit("activation_checkpoint.mode = 'op' with compile and FlexAttention gives wrong gradients "
+                         "(torch 2.11); use mode 'full' or 'selective', or model.attn_backend = 'sdpa'")
     if backend == "flex" and device.type == "cpu":
         raise SystemExit("model.attn_backend = 'flex' has no backward on CPU; use 'sdpa' (or 'auto')")
     args.attn_backend = backend

@@ -179,3 +179,22 @@ def test_budget_mode_needs_compile_and_a_share():
     assert cfg.activation_checkpoint.memory_budget == 0.3
     with pytest.raises(ValueError, match="memory_budget"):
         apply_activation_checkpointing(debug_model(n_layers=1), "budget", memory_budget=-0.1)
+
+
+def test_op_mode_with_compile_and_flex_is_refused_in_one_line():
+    """Measured wrong on an H200 (benchmarks/results/2026-12-03_h200_diagnose_compile_flex_ac.txt): refused, and
+    the same config with full checkpointing gets past this check (to the CPU's own flex refusal)."""
+    from posttrain.config import config_from_dict
+    from posttrain.parallelisms import ParallelDims
+    from posttrain.trainer import build_training_model
+
+    def build(mode: str) -> str:
+        cfg = config_from_dict({"model": {"name": "qwen3", "flavor": "debug", "attn_backend": "flex"},
+                                "compile": {"enabled": True}, "activation_checkpoint": {"mode": mode}})
+        with pytest.raises(SystemExit) as err:
+            build_training_model(cfg, parallel_dims=ParallelDims(1, 1, 1, world_size=1), device=torch.device("cpu"),
+                                 mixed_precision="no", tokenizer_vocab_size=512)
+        return str(err.value)
+
+    assert "activation_checkpoint.mode = 'op'" in build("op")
+    assert "no backward on CPU" in build("full")
