@@ -453,7 +453,10 @@ def _fused(optimizer: torch.optim.Optimizer) -> bool:
 def apply_liger(model_type: str) -> None:
     import liger_kernel.transformers as lt  # noqa: F401  (ImportError -> the peer is skipped)
 
-    fn = {"qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama"}.get(model_type)
+    fn = {
+        "qwen3": "apply_liger_kernel_to_qwen3", "llama": "apply_liger_kernel_to_llama",
+        "qwen3_moe": "apply_liger_kernel_to_qwen3_moe",
+    }.get(model_type)
     if fn is None or not hasattr(lt, fn):
         raise RuntimeError(f"liger_kernel has no patch for model_type {model_type!r}")
     getattr(lt, fn)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
