@@ -25,9 +25,11 @@ Times are wall clock around synchronised calls. The markdown table is printed la
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import random
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,12 +80,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(device: torch.device, fn) -> tuple[Any, float]:
+def timed(device: torch.device, fn, what: str = "") -> tuple[Any, float]:
     synchronize(device)
     t0 = time.perf_counter()
     out = fn()
     synchronize(device)
-    return out, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if what:
+        print(f"[{time.strftime('%H:%M:%S')}] {what}: {seconds:.3f} s", file=sys.stderr, flush=True)
+    return out, seconds
 
 
 def main() -> None:
@@ -97,9 +102,13 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--stack-every", type=float, default=0,
+                   help="print every thread's Python stack to stderr every this many seconds (0: never): where a stall is")
     p.add_argument("overrides", nargs="*", help="train.py overrides, e.g. --grpo.micro_batch_tokens 8192 (after --)")
     a = p.parse_args()
     device = resolve_device(a.device)
+    if a.stack_every > 0:
+        faulthandler.dump_traceback_later(a.stack_every, repeat=True, file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -111,14 +120,15 @@ def main() -> None:
                            "--training.device", device.type, *a.overrides])
         worker = PolicyWorker()
         _, setup_s = timed(device, lambda: worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1",
-                                                        master_port=free_port()))
+                                                        master_port=free_port()), "setup")
         rows = synthetic_rows(a.completions, tuple(a.prompt_len), tuple(a.response_len), vocab, a.seed)
         tokens = sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in rows)
         minibatches = cfg.grpo.minibatches
         results: list[dict[str, Any]] = []
         reset_peak(device)
         for call in range(a.calls):
-            scored, s = timed(device, lambda: worker.log_probs(rows, old=True, ref=False, entropy=False))
+            scored, s = timed(device, lambda: worker.log_probs(rows, old=True, ref=False, entropy=False),
+                               f"logprobs call {call + 1}")
             results.append({"pass": "logprobs", "call": call + 1, "s": s, "tokens": tokens})
             for row, old in zip(rows, scored["old_logp"]):
                 row["old_logp"] = old
@@ -126,7 +136,8 @@ def main() -> None:
             first_stats: dict[str, float] = {}
             t_update = 0.0
             for m in range(minibatches):
-                stats, s = timed(device, lambda: worker.train_minibatch(rows[m * size:(m + 1) * size]))
+                stats, s = timed(device, lambda: worker.train_minibatch(rows[m * size:(m + 1) * size]),
+                                 f"update call {call + 1} minibatch {m + 1}")
                 t_update += s
                 if m == 0:
                     first_stats = stats
@@ -143,7 +154,7 @@ def main() -> None:
                         share_bucket(bucket)
                     n += len(bucket)
                 return n
-            n, s = timed(device, gather)
+            n, s = timed(device, gather, f"weight sync call {call + 1}")
             results.append({"pass": "weight sync (gather" + (" + IPC handles)" if device.type == "cuda" else ")"),
                             "call": call + 1, "s": s, "tokens": n})
         peak = peak_gib(device)
