@@ -4,11 +4,19 @@ Each block is compiled in place (``nn.Module.compile``), so module structure, pa
 state-dict keys stay as they were; all blocks share one compiled graph because they have identical code
 and shapes. Compiling per block (not the whole model) keeps FSDP's per-block hooks outside the graphs
 and compile time independent of depth.
+
+What a compiled block saves for backward is the min-cut partitioner's choice. By default it will not recompute
+a pointwise result that backward has to materialize anyway, such as a norm's output (the input of the q/k/v
+matmuls, whose weight gradients need it) or the SwiGLU product (the input of w2), so it saves both the input
+of the norm and its output. With ``recompute_pointwise`` it saves the inputs only and rebuilds those results
+in backward (one fused elementwise pass each); no matmul is ever recomputed. On a Qwen3-1.7B block this cuts
+what is saved per token from 72 KB to 52 KB (Liger's kernels keep about 72 KB).
 """
 
 from __future__ import annotations
 
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 from posttrain.parallelisms.activation_checkpoint import block_to_compile
@@ -27,9 +35,20 @@ def prime_lazy_attention_kernels(device_type: str) -> None:
         make(torch.device(device_type))
 
 
-def apply_compile(model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda") -> None:
+def set_pointwise_recompute(enabled: bool) -> None:
+    """Let the partitioner recompute pointwise results that backward materializes (see the module docstring).
+
+    A process-wide setting of torch._functorch, read when a graph is compiled (at its first call), like
+    ``activation_checkpoint.memory_budget``; ``enabled=False`` restores torch's default."""
+    torch._functorch.config.ban_recompute_materialized_backward = not enabled
+
+
+def apply_compile(
+    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = True
+) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
     checkpoint stays outside the compiled code, see ``block_to_compile``)."""
+    set_pointwise_recompute(recompute_pointwise)
     prime_lazy_attention_kernels(device_type)
     if hasattr(model, "moe_layers") and model.moe_layers():
         # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed
