@@ -182,7 +182,8 @@ class CompileSection:
     recompute_pointwise: bool = opt(
         True,
         "compiled blocks recompute pointwise results that feed a matmul (norm outputs, the SwiGLU product) in "
-        "backward instead of saving them: about 30% less activation memory, no matmul recomputed",
+        "backward instead of saving them: about 30% less activation memory, no matmul recomputed (off by itself "
+        "when activation_checkpoint.mode = 'full', where it would only add work)",
     )
 
 

@@ -48,8 +48,13 @@ def apply_compile(
     model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = True
 ) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
-    checkpoint stays outside the compiled code, see ``block_to_compile``)."""
-    set_pointwise_recompute(recompute_pointwise)
+    checkpoint stays outside the compiled code, see ``block_to_compile``).
+
+    ``recompute_pointwise`` is dropped when every block is checkpointed whole: a block's saved activations then
+    live only while its own backward runs, so rebuilding pointwise results would add work and save nothing."""
+    blocks = list(model.layers.children())
+    all_checkpointed_whole = bool(blocks) and all(block_to_compile(b) is not b for b in blocks)
+    set_pointwise_recompute(recompute_pointwise and not all_checkpointed_whole)
     prime_lazy_attention_kernels(device_type)
     if hasattr(model, "moe_layers") and model.moe_layers():
         # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed

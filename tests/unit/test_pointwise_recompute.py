@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from posttrain.models.registry import build_model
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
 from posttrain.parallelisms.compile import apply_compile, set_pointwise_recompute
 
 SEQ = 48
@@ -80,3 +81,11 @@ def test_apply_compile_sets_the_partitioner_from_the_config(restore_partitioner)
     assert torch._functorch.config.ban_recompute_materialized_backward is True
     apply_compile(model, device_type="cpu")  # the default: compile.recompute_pointwise = true
     assert torch._functorch.config.ban_recompute_materialized_backward is False
+
+
+@pytest.mark.parametrize("mode, recompute", [("full", False), ("selective", True), ("op", True), ("none", True)])
+def test_recompute_is_dropped_only_when_every_block_is_checkpointed_whole(mode, recompute, restore_partitioner):
+    model = build_model("qwen3", "debug", device="cpu", n_layers=2, attn_backend="sdpa")
+    apply_activation_checkpointing(model, mode, every_n=2)
+    apply_compile(model, device_type="cpu")
+    assert torch._functorch.config.ban_recompute_materialized_backward is not recompute
