@@ -16,11 +16,16 @@ about 72 and 76 KB).
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch._functorch.config
 import torch.nn as nn
 
 from posttrain.parallelisms.activation_checkpoint import block_to_compile
+
+logger = logging.getLogger("posttrain")
 
 
 def prime_lazy_attention_kernels(device_type: str) -> None:
@@ -40,8 +45,19 @@ def set_pointwise_recompute(enabled: bool) -> None:
     """Let the partitioner recompute pointwise results that backward materializes (see the module docstring).
 
     A process-wide setting of torch._functorch, read when a graph is compiled (at its first call), like
-    ``activation_checkpoint.memory_budget``; ``enabled=False`` restores torch's default."""
-    torch._functorch.config.ban_recompute_materialized_backward = not enabled
+    ``activation_checkpoint.memory_budget``; ``enabled=False`` restores torch's default. A torch without the
+    setting keeps its own partitioning (logged once)."""
+    config = torch._functorch.config
+    if hasattr(config, "ban_recompute_materialized_backward"):
+        config.ban_recompute_materialized_backward = not enabled
+    elif enabled:
+        _warn_setting_missing()
+
+
+@functools.cache
+def _warn_setting_missing() -> None:
+    logger.warning("compile.recompute_pointwise: torch %s has no torch._functorch.config."
+                   "ban_recompute_materialized_backward; compiled blocks save what torch decides", torch.__version__)
 
 
 def apply_compile(
