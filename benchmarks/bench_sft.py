@@ -15,7 +15,9 @@ that under a tight budget the headline comparison is what gets done. Every run t
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
-  `training.float8_convert_small_gemms`). MFU stays relative to the bf16 peak.
+  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled
+  blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them). MFU stays relative to the
+  bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
   `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
@@ -72,6 +74,8 @@ from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
+from posttrain.parallelisms.activation_checkpoint import set_activation_memory_budget  # noqa: E402
+from posttrain.parallelisms.compile import set_pointwise_recompute  # noqa: E402
 from posttrain.parallelisms.float8 import float8_unavailable_reason  # noqa: E402
 from posttrain.trainer import Trainer  # noqa: E402
 
@@ -340,6 +344,7 @@ class PosttrainVariant:
     float8: bool = False
     float8_small_gemms: bool = False
     sdpa_kernel: str = "auto"
+    recompute_pointwise: bool = True
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -366,10 +371,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.float8, v.float8_small_gemms = True, token == "float8=all"
         elif token.startswith("kernel=") and token[7:] in ("auto", "cudnn", "flash", "efficient", "math"):
             v.sdpa_kernel = token[7:]
+        elif token in ("recompute=on", "recompute=off"):
+            v.recompute_pointwise = token == "recompute=on"
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
-                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all"
+                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off"
             )
     return v
 
@@ -401,7 +408,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n,
             "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
         },
-        "compile": {"enabled": v.compile},
+        "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise},
         "checkpoint": {"resume": False, "save_final": False, "interval": 0},
         "metrics": {"tensorboard": False, "log_freq": 1_000_000},
     }, source="bench_sft")
@@ -431,6 +438,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["build_s"] = round(build_s, 2)
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
+                "recompute_pointwise": v.recompute_pointwise,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
@@ -500,6 +508,9 @@ def hf_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
 
 
 def run_hf(peer: str, s: Settings) -> dict[str, Any]:
+    # posttrain's partitioner settings are process-wide: the compiled peers get torch's defaults
+    set_activation_memory_budget(1.0)
+    set_pointwise_recompute(False)
     liger = "liger" in peer
     compiled = peer.endswith("compile")
     t0 = time.perf_counter()

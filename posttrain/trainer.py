@@ -439,10 +439,14 @@ class Trainer:
             mb = self.to_device(cpu_mb)
             with autocast:
                 out = loss_fn(self.model, mb, n_global)
-            (out.loss_sum * scale).backward()
+            # The device batch is not needed past the forward (autograd keeps what it saved): freed here, it is not
+            # part of the step's memory peak (the end of backward, when every gradient exists, for large models).
+            del mb
             loss_sum += out.loss_sum.detach().to(torch.float64)
             for k, v in out.metrics.items():
                 extra[k] = extra.get(k, 0) + v.detach().to(torch.float64)
+            (out.loss_sum * scale).backward()
+            del out
 
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -73,12 +73,17 @@ def hand_over_grads(ctx, grad_output: Tensor | None, loss_name: str) -> tuple[Te
             "place); run the forward again instead of retain_graph=True"
         )
     grads, ctx.grads = ctx.grads, None
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         if g is not None:
-            if grad_output is None:
-                g.zero_()
-            else:
-                g.mul_(grad_output.to(g.dtype))
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, group in by_dtype.items():
+        if grad_output is None:
+            torch._foreach_zero_(group)
+        else:
+            # a multi-tensor kernel: `g.mul_(0-d device tensor)` takes the strided, non-vectorized elementwise
+            # kernel (the H200 profiles of Llama-3.2-1B / Qwen3-1.7B SFT: 0.84 / 0.96 ms per step in that kernel)
+            torch._foreach_mul_(group, grad_output.to(dtype))
     return grads
 
 

@@ -4,14 +4,28 @@ Each block is compiled in place (``nn.Module.compile``), so module structure, pa
 state-dict keys stay as they were; all blocks share one compiled graph because they have identical code
 and shapes. Compiling per block (not the whole model) keeps FSDP's per-block hooks outside the graphs
 and compile time independent of depth.
+
+What a compiled block saves for backward is the min-cut partitioner's choice. By default it will not recompute
+a pointwise result that backward has to materialize anyway, such as a norm's output (the input of the q/k/v
+matmuls, whose weight gradients need it) or the SwiGLU product (the input of w2), so it saves both the input
+of the norm and its output. With ``recompute_pointwise`` it saves the inputs only and rebuilds those results
+in backward (an elementwise pass each); no matmul is ever recomputed. Per token, a Qwen3-1.7B block then saves
+52 KB instead of 72 KB and a Llama-3.2-1B block 52 KB instead of 76 KB (inductor on a CPU; Liger's kernels keep
+about 72 and 76 KB).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+import torch._functorch.config
 import torch.nn as nn
 
 from posttrain.parallelisms.activation_checkpoint import block_to_compile
+
+logger = logging.getLogger("posttrain")
 
 
 def prime_lazy_attention_kernels(device_type: str) -> None:
@@ -27,9 +41,36 @@ def prime_lazy_attention_kernels(device_type: str) -> None:
         make(torch.device(device_type))
 
 
-def apply_compile(model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda") -> None:
+def set_pointwise_recompute(enabled: bool) -> None:
+    """Let the partitioner recompute pointwise results that backward materializes (see the module docstring).
+
+    A process-wide setting of torch._functorch, read when a graph is compiled (at its first call), like
+    ``activation_checkpoint.memory_budget``; ``enabled=False`` restores torch's default. A torch without the
+    setting keeps its own partitioning (logged once)."""
+    config = torch._functorch.config
+    if hasattr(config, "ban_recompute_materialized_backward"):
+        config.ban_recompute_materialized_backward = not enabled
+    elif enabled:
+        _warn_setting_missing()
+
+
+@functools.cache
+def _warn_setting_missing() -> None:
+    logger.warning("compile.recompute_pointwise: torch %s has no torch._functorch.config."
+                   "ban_recompute_materialized_backward; compiled blocks save what torch decides", torch.__version__)
+
+
+def apply_compile(
+    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = True
+) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
-    checkpoint stays outside the compiled code, see ``block_to_compile``)."""
+    checkpoint stays outside the compiled code, see ``block_to_compile``).
+
+    ``recompute_pointwise`` is dropped when every block is checkpointed whole: a block's saved activations then
+    live only while its own backward runs, so rebuilding pointwise results would add work and save nothing."""
+    blocks = list(model.layers.children())
+    all_checkpointed_whole = bool(blocks) and all(block_to_compile(b) is not b for b in blocks)
+    set_pointwise_recompute(recompute_pointwise and not all_checkpointed_whole)
     prime_lazy_attention_kernels(device_type)
     if hasattr(model, "moe_layers") and model.moe_layers():
         # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed

@@ -64,7 +64,7 @@ def parallelize_hf(
     apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
     if compile.enabled:
         # HF layers take keyword inputs and may branch on config values: allow graph breaks
-        apply_compile(model, fullgraph=False, device_type=device_type)
+        apply_compile(model, fullgraph=False, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)
     if parallel_dims.fsdp_enabled:
         apply_fsdp(
             model,

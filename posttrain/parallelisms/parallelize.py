@@ -75,7 +75,7 @@ def parallelize_decoder(
     apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
 
     if compile.enabled:
-        apply_compile(model, device_type=device_type)
+        apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)
 
     if parallel_dims.fsdp_enabled:
         apply_fsdp(

@@ -1,0 +1,91 @@
+"""compile.recompute_pointwise: a compiled block saves the inputs of its norms and of the SwiGLU product instead of
+their outputs (rebuilt in backward), with the same loss and gradients, and no matmul recomputed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.models.registry import build_model
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.compile import apply_compile, set_pointwise_recompute
+
+SEQ = 48
+
+
+@pytest.fixture
+def restore_partitioner():
+    yield
+    set_pointwise_recompute(False)  # torch's default, for the tests that run after this one
+    torch._dynamo.reset()
+
+
+def block_and_inputs():
+    torch.manual_seed(0)
+    model = build_model("qwen3", "debug", device="cpu", n_layers=1, attn_backend="sdpa")
+    x = torch.randn(1, SEQ, model.args.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    cos, sin, mask = model.attention_inputs(torch.arange(SEQ)[None], None, x.dtype)["global"]
+    return model, model.layers["0"], x, (cos, sin, mask)
+
+
+def run(block, x, inputs, params: set[int]):
+    """Output, the input and parameter gradients, and the shapes of the activations saved for backward."""
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, *inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, [x, *block.parameters()], grad_out)
+    return out.detach(), grads, saved
+
+
+def compiled_run(recompute: bool):
+    """The min-cut partitioner of inductor without its code generation (fast on a CPU)."""
+    torch._dynamo.reset()  # the setting is read when a graph is compiled
+    set_pointwise_recompute(recompute)
+    model, block, x, inputs = block_and_inputs()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    compiled = torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=True)
+    return run(compiled, x, inputs, params), model.args
+
+
+def test_compiled_block_saves_inputs_not_pointwise_outputs_with_equal_grads(restore_partitioner):
+    model, block, x, inputs = block_and_inputs()
+    ref_out, ref_grads, _ = run(block, x, inputs, set())
+    (out_keep, grads_keep, saved_keep), args = compiled_run(recompute=False)
+    (out, grads, saved), _ = compiled_run(recompute=True)
+
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+
+    def numel(shapes):
+        return sum(torch.Size(s).numel() for s in shapes)
+
+    def ffn_wide(shapes):  # [tokens, ffn_dim] activations: gate, up and (when saved) their SwiGLU product
+        return sum(1 for s in shapes if torch.Size(s).numel() == SEQ * args.ffn_dim)
+
+    assert ffn_wide(saved_keep) == 3 and ffn_wide(saved) == 2
+    # the two norms' outputs (input of q/k/v and of w1/w3) are rebuilt too: at least dim + ffn_dim + dim fewer
+    assert numel(saved_keep) - numel(saved) >= SEQ * (2 * args.dim + args.ffn_dim)
+
+
+def test_apply_compile_sets_the_partitioner_from_the_config(restore_partitioner):
+    model = build_model("qwen3", "debug", device="cpu", n_layers=1, attn_backend="sdpa")
+    apply_compile(model, device_type="cpu", recompute_pointwise=False)
+    assert torch._functorch.config.ban_recompute_materialized_backward is True
+    apply_compile(model, device_type="cpu")  # the default: compile.recompute_pointwise = true
+    assert torch._functorch.config.ban_recompute_materialized_backward is False
+
+
+@pytest.mark.parametrize("mode, recompute", [("full", False), ("selective", True), ("op", True), ("none", True)])
+def test_recompute_is_dropped_only_when_every_block_is_checkpointed_whole(mode, recompute, restore_partitioner):
+    model = build_model("qwen3", "debug", device="cpu", n_layers=2, attn_backend="sdpa")
+    apply_activation_checkpointing(model, mode, every_n=2)
+    apply_compile(model, device_type="cpu")
+    assert torch._functorch.config.ban_recompute_materialized_backward is not recompute
