@@ -26,22 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from measure import (
-    RESULTS_MARKER,
-    Deadline,
-    environment,
-    fmt,
-    free_memory,
-    markdown_table,
-    peak_gib,
-    reset_peak,
-    resolve_device,
-    short_error,
-    synchronize,
-    write_json,
-)
+import measure  # also puts the repository first on sys.path
 
-import torch  # noqa: E402  (measure puts the repo on sys.path first)
+import torch  # noqa: E402
 
 from posttrain.losses.fused_cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from posttrain.models import build_model, get_model_spec  # noqa: E402
@@ -99,7 +86,7 @@ def train_step(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
         p.grad = None
 
 
-def measure_run(model, path: str, s: argparse.Namespace, device: torch.device, deadline: Deadline,
+def measure_run(model, path: str, s: argparse.Namespace, device: torch.device, deadline: measure.Deadline,
                 per_run_s: float) -> dict[str, Any]:
     moe.EXPERTS_PATH = path
     gen = torch.Generator().manual_seed(0)
@@ -112,20 +99,20 @@ def measure_run(model, path: str, s: argparse.Namespace, device: torch.device, d
         warm += 1
         if time.perf_counter() > run_end:
             break
-    synchronize(device)
-    reset_peak(device)
+    measure.synchronize(device)
+    measure.reset_peak(device)
     steps, start = 0, time.perf_counter()
     while steps < s.steps and (steps == 0 or time.perf_counter() < run_end):
         train_step(model, ids, labels)
         steps += 1
-        synchronize(device)
+        measure.synchronize(device)
     seconds = time.perf_counter() - start
     return {"warmup_steps": warm, "timed_steps": steps, "step_s": seconds / steps,
-            "tokens_per_s": steps * s.batch * s.seq_len / seconds, "peak_gib": peak_gib(device)}
+            "tokens_per_s": steps * s.batch * s.seq_len / seconds, "peak_gib": measure.peak_gib(device)}
 
 
-def run_shape(shape: Shape, s: argparse.Namespace, device: torch.device, dtype: torch.dtype, deadline: Deadline,
-              results: list[dict[str, Any]], runs_left: int) -> None:
+def run_shape(shape: Shape, s: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+              deadline: measure.Deadline, results: list[dict[str, Any]], runs_left: int) -> None:
     attn = s.attn_backend
     base = {"shape": shape.name, "seq_len": s.seq_len, "batch": s.batch, "attn_backend": attn}
     try:
@@ -133,7 +120,8 @@ def run_shape(shape: Shape, s: argparse.Namespace, device: torch.device, dtype: 
     except Exception as err:  # noqa: BLE001 - one failed shape must not stop the others
         for lora in s.lora:
             for path in PATHS:
-                results.append({**base, "lora": lora, "path": path, "status": f"failed: {short_error(err)}"})
+                status = f"failed: {measure.short_error(err)}"
+                results.append({**base, "lora": lora, "path": path, "status": status})
         return
     base["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     for lora in s.lora:
@@ -148,14 +136,14 @@ def run_shape(shape: Shape, s: argparse.Namespace, device: torch.device, dtype: 
                     row.update(measure_run(model, path, s, device, deadline, deadline.remaining() / runs_left),
                                status="ok")
                 except Exception as err:  # noqa: BLE001
-                    row["status"] = f"failed: {short_error(err)}"
-                    free_memory(device)
+                    row["status"] = f"failed: {measure.short_error(err)}"
+                    measure.free_memory(device)
                 results.append(row)
             runs_left -= 1
-            write_json(s.out, {"environment": environment(device), "results": results})
+            measure.write_json(s.out, {"environment": measure.environment(device), "results": results})
     moe.EXPERTS_PATH = "auto"
     del model
-    free_memory(device)
+    measure.free_memory(device)
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -165,13 +153,14 @@ def render(results: list[dict[str, Any]]) -> str:
         loop = by_key.get((r["shape"], r["lora"], "loop"), {})
         speedup = (r["tokens_per_s"] / loop["tokens_per_s"]
                    if r["path"] == "grouped" and r.get("tokens_per_s") and loop.get("tokens_per_s") else None)
+        fmt = measure.fmt
         rows.append([r["shape"], fmt(r.get("params_b"), ".2f"), f"{r['batch']}x{r['seq_len']}", r["lora"],
                      r["path"], fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("step_s"), ".3f"),
                      fmt(r.get("peak_gib"), ".1f"), fmt(speedup, ".2f"),
                      r["status"] if r["status"] != "ok" else f"ok ({r['timed_steps']} steps)"])
     headers = ["shape", "params (B)", "B x S", "lora", "experts path", "tokens/s", "step s", "peak GiB",
                "grouped / loop", "status"]
-    return markdown_table(headers, rows)
+    return measure.markdown_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,17 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     if s.steps < 1 or s.seq_len < 2 or s.batch < 1:
         parser.error("--steps, --batch must be >= 1 and --seq-len >= 2")
     shapes = parse_shapes(s.shapes)
-    device = resolve_device(s.device)
-    deadline = Deadline(s.time_budget_s)
+    device = measure.resolve_device(s.device)
+    deadline = measure.Deadline(s.time_budget_s)
     results: list[dict[str, Any]] = []
     runs_per_shape = len(s.lora) * len(PATHS)
     for i, shape in enumerate(shapes):
         run_shape(shape, s, device, getattr(torch, s.dtype), deadline, results,
                   runs_left=runs_per_shape * (len(shapes) - i))
-    write_json(s.out, {"environment": environment(device), "results": results})
-    print(RESULTS_MARKER)
+    measure.write_json(s.out, {"environment": measure.environment(device), "results": results})
+    print(measure.RESULTS_MARKER)
     print(f"### MoE training step (forward + backward of the whole model, eager, {s.dtype}), "
-          f"{environment(device).get('gpu') or 'cpu'}, torch {torch.__version__}")
+          f"{measure.environment(device).get('gpu') or 'cpu'}, torch {torch.__version__}")
     print(render(results))
     return 0
 
