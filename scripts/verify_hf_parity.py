@@ -300,6 +300,7 @@ class ReferenceRouting:
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.flips = 0
         self.decisions = 0
+        self.layer_flips: dict[int, int] = {}
         self.margins: list[float] = []
         self._hooks = []
         for i, (r, o) in enumerate(zip(ref_routers, our_routers)):
@@ -334,6 +335,7 @@ class ReferenceRouting:
             own = torch.topk(logits, self.top_k, dim=-1).indices
             flipped = (own.sort(-1).values != chosen.sort(-1).values).any(-1)
             self.flips += int(flipped.sum())
+            self.layer_flips[layer] = self.layer_flips.get(layer, 0) + int(flipped.sum())
             self.decisions += n
             self.margins += margin[flipped].tolist()
             return torch.full_like(logits, float("-inf")).scatter(-1, chosen, logits.gather(-1, chosen))
@@ -361,6 +363,7 @@ class ParityReport:
     routing_decisions: int = 0
     routing_flips: int = 0
     flip_margins: list[float] = field(default_factory=list)
+    flips_per_layer: dict[int, int] = field(default_factory=dict)  # by layer index (MoE layers only)
 
     def first_divergence(self, tol: float, rtol: float) -> LayerDiff | None:
         """The first hidden state whose max abs diff exceeds ``tol + rtol * max|reference|``."""
@@ -415,7 +418,7 @@ def compare_logits(
             routing.remove()
     if routing is not None:
         report.routing_decisions, report.routing_flips = routing.decisions, routing.flips
-        report.flip_margins = routing.margins
+        report.flip_margins, report.flips_per_layer = routing.margins, dict(routing.layer_flips)
     return report
 
 
@@ -497,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"allowed max abs diff {allowed:.3e} (tol {tol:.1e} + rtol {rtol:.1e} * max |logit|)")
     if report.routing_decisions:
         margins = f"; largest reference margin {max(report.flip_margins):.1e}" if report.flip_margins else ""
-        print(f"routing     {report.routing_flips} of {report.routing_decisions} decisions differ{margins}")
+        per_layer = ", ".join(f"layer {i}: {n}" for i, n in sorted(report.flips_per_layer.items()))
+        print(f"routing     {report.routing_flips} of {report.routing_decisions} decisions differ "
+              f"({per_layer}){margins}")
     print("hidden states (same tolerance, relative to each entry's max |reference|):")
     for d in report.layers:
         print(f"  {d.name:<12} max abs diff {d.max_abs:.3e}  mean abs diff {d.mean_abs:.3e}  "

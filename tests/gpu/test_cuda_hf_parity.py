@@ -51,7 +51,8 @@ def describe(report) -> str:
     routing = ""
     if report.routing_decisions:
         margin = f", largest margin {max(report.flip_margins):.1e}" if report.flip_margins else ""
-        routing = f"; routing flips {report.routing_flips}/{report.routing_decisions}{margin}"
+        layers = " ".join(str(n) for _, n in sorted(report.flips_per_layer.items()))
+        routing = f"; routing flips {report.routing_flips}/{report.routing_decisions} (per MoE layer {layers}){margin}"
     return (f"max rel {report.rel:.2e}, mean abs {report.mean_abs:.2e} (packed {report.packed_mean_abs:.2e}), "
             f"max |logit| {report.ref_max_abs:.2f}; per layer (max rel): {layers}{routing}")
 
