@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -391,6 +391,12 @@ class Trainer:
             return values
         return self._all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
+    def forward_precision(self) -> AbstractContextManager[Any]:
+        """The context every forward of the trained model runs in: bf16 autocast over fp32 master weights on
+        CUDA, else nothing. Scoring passes outside `train_step_on` (GRPO's old / reference log-probs, DPO's
+        reference table, evaluation) use it too, so their numbers are the training forward's numbers."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
+
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A CPU micro-batch on the training device, as the step sees it (single-document rows drop their
         document ids)."""
@@ -425,7 +431,7 @@ class Trainer:
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self._use_autocast else nullcontext()
+        autocast = self.forward_precision()
         defer_sync = self.cfg.parallelism.defer_grad_sync and self.parallel_dims.fsdp_enabled and len(cpu_batches) > 1
         for i, cpu_mb in enumerate(cpu_batches):
             if defer_sync:  # FSDP keeps unsharded gradients until the last micro-batch, then reduces once

@@ -69,10 +69,11 @@ class ValidationLoss:
 
     def evaluate(self) -> dict[str, float]:
         t = self.trainer
-        loss_sum, n = local_validation_loss(
-            t.model, self.eval_loader, to_device=t.to_device, chunk_size=t.cfg.training.loss_chunk_size,
-            max_batches=self.max_batches, loss_impl=t.cfg.training.loss_impl,
-        )
+        with t.forward_precision():
+            loss_sum, n = local_validation_loss(
+                t.model, self.eval_loader, to_device=t.to_device, chunk_size=t.cfg.training.loss_chunk_size,
+                max_batches=self.max_batches, loss_impl=t.cfg.training.loss_impl,
+            )
         loss_sum, n = t.global_sum([loss_sum, float(n)])
         if n == 0:
             raise SystemExit("data.eval_path holds no target tokens (nothing to compute eval_loss on)")

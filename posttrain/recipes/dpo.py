@@ -164,15 +164,17 @@ def run(cfg: JobConfig) -> None:
     loss_fn = partial(dpo_loss, dpo=dpo, reference=reference, **heads)
     eval_reference = reference
     if needs_reference and dpo.precompute_reference:
-        if eval_loader is not None:  # the held-out pairs get their own table from the same model
-            eval_reference = ReferenceLogProbs(reference.model, adapters_off=reference.adapters_off, **heads)
-            eval_reference.precompute(
-                every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer.to_device
+        # under the training forward's precision: the table holds the numbers the policy's forward would get
+        with trainer.forward_precision():
+            if eval_loader is not None:  # the held-out pairs get their own table from the same model
+                eval_reference = ReferenceLogProbs(reference.model, adapters_off=reference.adapters_off, **heads)
+                eval_reference.precompute(
+                    every_pair_once(trainer, eval_loader), len(eval_loader.pairs), trainer.device, trainer.to_device
+                )
+            reference.precompute(
+                every_pair_once(trainer, trainer.data_loader), len(trainer.data_loader.pairs), trainer.device,
+                trainer.to_device,
             )
-        reference.precompute(
-            every_pair_once(trainer, trainer.data_loader), len(trainer.data_loader.pairs), trainer.device,
-            trainer.to_device,
-        )
         logger.info("reference log-probs precomputed for %d pairs; reference model freed", len(trainer.data_loader.pairs))
     eval_fn = partial(dpo_loss, dpo=dpo, reference=eval_reference, **heads)
 

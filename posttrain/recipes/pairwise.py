@@ -59,7 +59,8 @@ def evaluate_pairs(
     sums: dict[str, float] = {}
     pairs = 0
     for cpu_batch, counts in every_pair_once(trainer, loader):
-        out = loss_fn(model, trainer.to_device(cpu_batch), None)
+        with trainer.forward_precision():
+            out = loss_fn(model, trainer.to_device(cpu_batch), None)
         if not counts:
             continue
         pairs += int(cpu_batch["n_targets"])

@@ -204,28 +204,34 @@ class PolicyWorker:
         model = self.trainer.model
         model.eval()
         try:
-            for indices, cpu_batch, values_of in self._micro_batches(rows):
-                batch = self.trainer.to_device(cpu_batch)
-                found: dict[str, torch.Tensor] = {}
-                if old or entropy:
-                    logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
-                                                   entropy=entropy)
-                    if old:
-                        found["old_logp"] = logp.float()
-                    if entropy:
-                        found["entropy"] = ent
-                if ref:
-                    ref_model = model if self.reference_is_policy else self.reference
-                    with adapters_disabled(model) if self.reference_is_policy else nullcontext():
-                        ref_logp, _ = response_log_probs(ref_model, batch, temperature=temperature,
-                                                         chunk_size=self.chunk_size)
-                    found["ref_logp"] = ref_logp.float()
-                for key, values in found.items():
-                    for i, v in zip(indices, values_of(values.cpu())):
-                        out[key][i] = v
+            with self.trainer.forward_precision():
+                self._score_rows(rows, out, old=old, ref=ref, entropy=entropy, temperature=temperature)
         finally:
             model.train()
         return out
+
+    def _score_rows(self, rows: list[dict[str, Any]], out: dict[str, list], *, old: bool, ref: bool, entropy: bool,
+                    temperature: float) -> None:
+        model = self.trainer.model
+        for indices, cpu_batch, values_of in self._micro_batches(rows):
+            batch = self.trainer.to_device(cpu_batch)
+            found: dict[str, torch.Tensor] = {}
+            if old or entropy:
+                logp, ent = response_log_probs(model, batch, temperature=temperature, chunk_size=self.chunk_size,
+                                               entropy=entropy)
+                if old:
+                    found["old_logp"] = logp.float()
+                if entropy:
+                    found["entropy"] = ent
+            if ref:
+                ref_model = model if self.reference_is_policy else self.reference
+                with adapters_disabled(model) if self.reference_is_policy else nullcontext():
+                    ref_logp, _ = response_log_probs(ref_model, batch, temperature=temperature,
+                                                     chunk_size=self.chunk_size)
+                found["ref_logp"] = ref_logp.float()
+            for key, values in found.items():
+                for i, v in zip(indices, values_of(values.cpu())):
+                    out[key][i] = v
 
     # -- training --------------------------------------------------------------------------------------
 
