@@ -135,9 +135,19 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
 
 
 def generate_completions(model, tokenizer, questions: list[str], *, batch_size: int, max_new_tokens: int,
-                         device) -> list[str]:
-    """Greedy completions, batched with left padding (prompts sorted by length to waste little padding)."""
+                         device, temperature: float = 0.0, num_samples: int = 1) -> list[str]:
+    """Greedy completions, batched with left padding (prompts sorted by length to waste little padding).
+
+    ``temperature`` > 0 samples instead (plain softmax sampling: no top-p / top-k), ``num_samples`` completions
+    per question, returned question by question ([q0 s0, q0 s1, ..., q1 s0, ...]); ``batch_size`` counts
+    sequences, so a batch holds ``batch_size // num_samples`` questions."""
     import torch
+
+    if num_samples > 1 and temperature <= 0:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy decoding gives one answer)")
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    batch_size = max(1, batch_size // num_samples)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = {tokenizer.eos_token_id}
@@ -147,7 +157,7 @@ def generate_completions(model, tokenizer, questions: list[str], *, batch_size: 
     eos_ids.discard(None)
     encoded = [prompt_ids(tokenizer, q) for q in questions]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    completions: list[str] = [""] * len(encoded)
+    completions: list[str] = [""] * (len(encoded) * num_samples)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -162,17 +172,17 @@ def generate_completions(model, tokenizer, questions: list[str], *, batch_size: 
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                **sampling,
+                num_return_sequences=num_samples,
                 num_beams=1,
                 use_cache=True,
                 pad_token_id=pad_id,
                 eos_token_id=sorted(eos_ids),
             )
-        for row, i in enumerate(idx):
-            completions[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+        for row, i in enumerate(idx):  # generate repeats each prompt num_samples times, in place
+            for j in range(num_samples):
+                completions[i * num_samples + j] = tokenizer.decode(
+                    out[row * num_samples + j, width:], skip_special_tokens=True)
     return completions
 
 

@@ -264,6 +264,92 @@ def compare_hidden_states(ref: torch.nn.Module, ours: torch.nn.Module, ids: torc
     return diffs
 
 
+class ReferenceRouting:
+    """Makes posttrain's MoE layers route every token to the experts the transformers reference chose.
+
+    In bf16 a router logit that nearly ties with another can swap order after one rounding that differs (a
+    different attention kernel, a grouped matmul): the token then runs other experts, a large local difference
+    that says nothing about the port and grows through later layers. Following the reference's routing makes
+    the logits comparison measure the math alone; the decisions posttrain would have taken itself are counted
+    (``flips``) so that routing is still checked: a flip is a token whose own top-k set differs from the
+    reference's at one layer, given the same inputs so far. ``margins`` holds, per flip, the reference's gap
+    between its k-th and (k+1)-th router logit relative to its largest |router logit| (the scale of the rounding
+    there): a flip from rounding has one of a few bf16 steps (2^-8 each), a wrong router a large one.
+
+    Hooks: each reference router's input is recorded as it runs (its top-k recomputed from ``router_logits =
+    linear(x)``: the top-k of the logits, which is the top-k of their softmax too); each posttrain router's
+    logits outside the recorded set are replaced with -inf. Both routings depend only on the top-k logits
+    (GPT-OSS: softmax over the k; Qwen3-MoE with ``norm_topk_prob``: the renormalised top-k probabilities), so
+    the masked logits route exactly as the reference. The reference must run first on the same tokens in the
+    same order (rows are matched first in, first out).
+    """
+
+    def __init__(self, ref: torch.nn.Module, ours: torch.nn.Module) -> None:
+        if getattr(ours.args, "norm_topk_prob", True) is False:
+            raise ValueError("following the reference's routing needs norm_topk_prob (the top-k weights then "
+                             "depend on the top-k logits alone)")
+        decoder = ref.get_decoder() if hasattr(ref, "get_decoder") else ref.model
+        ref_routers = [getattr(layer.mlp, "router", None) or getattr(layer.mlp, "gate", None)
+                       for layer in decoder.layers]
+        ref_routers = [r if hasattr(r, "weight") and r.weight.dim() == 2 else None for r in ref_routers]
+        our_routers = [block.feed_forward.router if isinstance(block.feed_forward, ours.moe_layer_type) else None
+                       for block in ours.layers.values()]
+        if [r is None for r in ref_routers] != [r is None for r in our_routers]:
+            raise AssertionError("MoE layers differ between transformers and posttrain")
+        self.top_k = ours.args.n_experts_per_tok
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.flips = 0
+        self.decisions = 0
+        self.layer_flips: dict[int, int] = {}
+        self.margins: list[float] = []
+        self._hooks = []
+        for i, (r, o) in enumerate(zip(ref_routers, our_routers)):
+            if r is not None:
+                self.pending[i] = []
+                self._hooks.append(r.register_forward_pre_hook(self._recorder(i)))
+                self._hooks.append(o.register_forward_hook(self._follower(i)))
+
+    def _recorder(self, layer: int):
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, module.weight.shape[1])
+            logits = torch.nn.functional.linear(x, module.weight, getattr(module, "bias", None)).float()
+            top = torch.topk(logits, self.top_k + 1, dim=-1).values[:, -2:]  # the k-th and (k+1)-th
+            margin = (top[:, 0] - top[:, 1]) / logits.abs().amax(-1).clamp_min(1e-6)
+            self.pending[layer].append((torch.topk(logits, self.top_k, dim=-1).indices, margin))
+
+        return record
+
+    def _follower(self, layer: int):
+        def follow(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+            queue = self.pending[layer]
+            if not queue:
+                raise AssertionError(f"layer {layer}: posttrain routed tokens the reference has not run")
+            chosen = torch.cat([c for c, _ in queue])
+            margin = torch.cat([m for _, m in queue])
+            n = logits.shape[0]
+            if chosen.shape[0] < n:
+                raise AssertionError(f"layer {layer}: {n} tokens to route, the reference ran {chosen.shape[0]}")
+            rest = [(chosen[n:], margin[n:])] if chosen.shape[0] > n else []
+            self.pending[layer] = rest
+            chosen, margin = chosen[:n], margin[:n]
+            own = torch.topk(logits, self.top_k, dim=-1).indices
+            flipped = (own.sort(-1).values != chosen.sort(-1).values).any(-1)
+            self.flips += int(flipped.sum())
+            self.layer_flips[layer] = self.layer_flips.get(layer, 0) + int(flipped.sum())
+            self.decisions += n
+            self.margins += margin[flipped].tolist()
+            return torch.full_like(logits, float("-inf")).scatter(-1, chosen, logits.gather(-1, chosen))
+
+        return follow
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        left = {layer: sum(c.shape[0] for c, _ in q) for layer, q in self.pending.items() if q}
+        if left:
+            raise AssertionError(f"reference routing recorded but never followed: {left}")
+
+
 @dataclass
 class ParityReport:
     max_abs: float
@@ -272,6 +358,12 @@ class ParityReport:
     packed_mean_abs: float
     ref_max_abs: float  # largest |logit| of the reference, for a relative error
     layers: list[LayerDiff] = field(default_factory=list)  # per-layer hidden states, in forward order
+    # with follow_reference_routing: (token, MoE layer) routing decisions, those where posttrain's own top-k
+    # differed from the reference's, and the reference's relative top-k margin at each of those
+    routing_decisions: int = 0
+    routing_flips: int = 0
+    flip_margins: list[float] = field(default_factory=list)
+    flips_per_layer: dict[int, int] = field(default_factory=dict)  # by layer index (MoE layers only)
 
     def first_divergence(self, tol: float, rtol: float) -> LayerDiff | None:
         """The first hidden state whose max abs diff exceeds ``tol + rtol * max|reference|``."""
@@ -299,10 +391,12 @@ def compare_logits(
     attn_backend: str = "sdpa",
     ours: torch.nn.Module | None = None,
     reference_kwargs: dict[str, Any] | None = None,
+    follow_reference_routing: bool = False,
 ) -> ParityReport:
     """``ours``: an already loaded posttrain model to check (default: ``load_hf(hf_dir)``);
     ``reference_kwargs``: extra ``from_pretrained`` arguments of the transformers reference (e.g.
-    ``experts_implementation="eager"``)."""
+    ``experts_implementation="eager"``); ``follow_reference_routing``: MoE models route as the reference did
+    (``ReferenceRouting``), the report counts the decisions they would have taken otherwise."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import load_hf
@@ -316,6 +410,23 @@ def compare_logits(
     vocab = ref.config.vocab_size
     if ours.args.vocab_size != vocab:
         raise AssertionError(f"vocab size differs: transformers {vocab}, posttrain {ours.args.vocab_size}")
+    routing = ReferenceRouting(ref, ours) if follow_reference_routing else None
+    try:
+        report = _compare(ref, ours, vocab, seq_len=seq_len, batch=batch, seed=seed, device=device)
+    finally:
+        if routing is not None:
+            routing.remove()
+    if routing is not None:
+        report.routing_decisions, report.routing_flips = routing.decisions, routing.flips
+        report.flip_margins, report.flips_per_layer = routing.margins, dict(routing.layer_flips)
+    return report
+
+
+def _compare(
+    ref: torch.nn.Module, ours: torch.nn.Module, vocab: int, *, seq_len: int, batch: int, seed: int, device: str
+) -> ParityReport:
+    """The logits of a random batch and of a packed row (reference: each document alone), then the hidden
+    states; the reference always runs before posttrain on the same tokens (ReferenceRouting relies on it)."""
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
@@ -355,6 +466,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flex"])
     parser.add_argument("--tol", type=float, default=None, help="absolute part of the allowed max abs diff")
     parser.add_argument("--rtol", type=float, default=None, help="part of the allowed max abs diff per max |logit|")
+    parser.add_argument("--follow-reference-routing", action="store_true",
+                        help="MoE: route as transformers did and count the decisions posttrain takes otherwise")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -378,13 +491,18 @@ def main(argv: list[str] | None = None) -> int:
             hf_dir = make_random_hf_model(args.model_type, args.out_dir or tmp, seed=args.seed)
         report = compare_logits(
             hf_dir, dtype=dtype, device=args.device, seq_len=args.seq_len, batch=args.batch, seed=args.seed,
-            attn_backend=args.attn_backend,
+            attn_backend=args.attn_backend, follow_reference_routing=args.follow_reference_routing,
         )
     print(f"logits      max abs diff {report.max_abs:.3e}  mean abs diff {report.mean_abs:.3e}")
     print(f"packed row  max abs diff {report.packed_max_abs:.3e}  mean abs diff {report.packed_mean_abs:.3e}")
     allowed = tol + rtol * report.ref_max_abs
     print(f"max |logit| {report.ref_max_abs:.3e}; relative (max diff / max |logit|) {report.rel:.3e}")
     print(f"allowed max abs diff {allowed:.3e} (tol {tol:.1e} + rtol {rtol:.1e} * max |logit|)")
+    if report.routing_decisions:
+        margins = f"; largest reference margin {max(report.flip_margins):.1e}" if report.flip_margins else ""
+        per_layer = ", ".join(f"layer {i}: {n}" for i, n in sorted(report.flips_per_layer.items()))
+        print(f"routing     {report.routing_flips} of {report.routing_decisions} decisions differ "
+              f"({per_layer}){margins}")
     print("hidden states (same tolerance, relative to each entry's max |reference|):")
     for d in report.layers:
         print(f"  {d.name:<12} max abs diff {d.max_abs:.3e}  mean abs diff {d.mean_abs:.3e}  "

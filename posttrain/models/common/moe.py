@@ -23,6 +23,10 @@ from torch import nn
 GROUPED_MM_ALIGN = 8
 # Use torch._grouped_mm on the CPU too (where the installed torch has it); for tests of the grouped path.
 GROUPED_MM_ON_CPU = False
+# Which path the experts take: "auto" (torch._grouped_mm where grouped_mm_supported says so, else the loop),
+# "grouped" or "loop" (that one always, on any device: what benchmarks/bench_moe.py compares).
+EXPERTS_PATHS = ("auto", "grouped", "loop")
+EXPERTS_PATH = "auto"
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -36,6 +40,17 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether the experts run ``torch._grouped_mm`` on ``x``: EXPERTS_PATH, and for "auto" the hardware."""
+    if EXPERTS_PATH not in EXPERTS_PATHS:
+        raise ValueError(f"moe.EXPERTS_PATH is {EXPERTS_PATH!r}; choose one of {list(EXPERTS_PATHS)}")
+    if EXPERTS_PATH == "auto":
+        return grouped_mm_supported(x)
+    if EXPERTS_PATH == "grouped" and not hasattr(torch, "_grouped_mm"):
+        raise RuntimeError(f"moe.EXPERTS_PATH is 'grouped' but torch {torch.__version__} has no torch._grouped_mm")
+    return EXPERTS_PATH == "grouped"
+
+
 class ExpertGroups:
     """Rows sorted by expert (``counts[e]`` rows for expert e) and per-group matmuls over them.
 
@@ -47,7 +62,7 @@ class ExpertGroups:
 
     def __init__(self, x: torch.Tensor, counts: torch.Tensor) -> None:
         n, n_experts = x.shape[0], counts.shape[0]
-        self.grouped = grouped_mm_supported(x)
+        self.grouped = use_grouped_mm(x)
         row_expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts, output_size=n)
         if self.grouped:
             padded_counts = (counts + GROUPED_MM_ALIGN - 1) // GROUPED_MM_ALIGN * GROUPED_MM_ALIGN
@@ -210,8 +225,8 @@ def expert_load_imbalance(counts: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "GROUPED_MM_ALIGN", "ExpertGroups", "GroupedExperts", "MoE", "expert_load_imbalance", "grouped_mm_supported",
-    "load_balancing_loss", "sort_by_expert",
+    "EXPERTS_PATHS", "GROUPED_MM_ALIGN", "ExpertGroups", "GroupedExperts", "MoE", "expert_load_imbalance",
+    "grouped_mm_supported", "load_balancing_loss", "sort_by_expert", "use_grouped_mm",
 ]
 
 
