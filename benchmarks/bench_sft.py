@@ -15,7 +15,7 @@ that under a tight budget the headline comparison is what gets done. Every run t
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
-  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled
+  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default off: compiled
   blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
@@ -344,7 +344,7 @@ class PosttrainVariant:
     float8: bool = False
     float8_small_gemms: bool = False
     sdpa_kernel: str = "auto"
-    recompute_pointwise: bool = True
+    recompute_pointwise: bool = False
 
 
 def parse_variant(text: str) -> PosttrainVariant:

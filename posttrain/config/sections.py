@@ -180,10 +180,10 @@ class CompileSection:
     enabled: bool = opt(False, "torch.compile each transformer block")
     loss: bool = opt(False, "torch.compile the loss chunk as well")
     recompute_pointwise: bool = opt(
-        True,
+        False,
         "compiled blocks recompute pointwise results that feed a matmul (norm outputs, the SwiGLU product) in "
         "backward instead of saving them: about 30% less activation memory, no matmul recomputed (off by itself "
-        "when activation_checkpoint.mode = 'full', where it would only add work)",
+        "when activation_checkpoint.mode = 'full', where it would only add work); off by default until its step time and peak memory are measured on a GPU",
     )
 
 

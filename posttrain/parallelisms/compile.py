@@ -61,7 +61,7 @@ def _warn_setting_missing() -> None:
 
 
 def apply_compile(
-    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = True
+    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = False
 ) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
     checkpoint stays outside the compiled code, see ``block_to_compile``).

@@ -77,15 +77,15 @@ def test_compiled_block_saves_inputs_not_pointwise_outputs_with_equal_grads(rest
 
 def test_apply_compile_sets_the_partitioner_from_the_config(restore_partitioner):
     model = build_model("qwen3", "debug", device="cpu", n_layers=1, attn_backend="sdpa")
-    apply_compile(model, device_type="cpu", recompute_pointwise=False)
-    assert torch._functorch.config.ban_recompute_materialized_backward is True
-    apply_compile(model, device_type="cpu")  # the default: compile.recompute_pointwise = true
+    apply_compile(model, device_type="cpu", recompute_pointwise=True)
     assert torch._functorch.config.ban_recompute_materialized_backward is False
+    apply_compile(model, device_type="cpu")  # the default: compile.recompute_pointwise = false
+    assert torch._functorch.config.ban_recompute_materialized_backward is True
 
 
 @pytest.mark.parametrize("mode, recompute", [("full", False), ("selective", True), ("op", True), ("none", True)])
 def test_recompute_is_dropped_only_when_every_block_is_checkpointed_whole(mode, recompute, restore_partitioner):
     model = build_model("qwen3", "debug", device="cpu", n_layers=2, attn_backend="sdpa")
     apply_activation_checkpointing(model, mode, every_n=2)
-    apply_compile(model, device_type="cpu")
+    apply_compile(model, device_type="cpu", recompute_pointwise=True)
     assert torch._functorch.config.ban_recompute_materialized_backward is not recompute
