@@ -73,6 +73,7 @@ from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
+from posttrain.models.protocol import param_active_fraction  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
 from posttrain.parallelisms.activation_checkpoint import set_activation_memory_budget  # noqa: E402
 from posttrain.parallelisms.compile import set_pointwise_recompute  # noqa: E402
@@ -115,7 +116,7 @@ class Shape:
     args: Any  # the family's args dataclass
     flavor: str  # what posttrain's config names (a registered flavor)
     hf_config: dict[str, Any]
-    n_params: int  # all parameters incl. embeddings, real (unpadded) vocab, tied weights once
+    n_params: int  # parameters one token uses (a MoE's routed experts only), incl. embeddings, real vocab, tied once
     n_causal_matmul: int  # what posttrain's MFU counts: embeddings excluded unless tied to the head
 
     def describe(self) -> dict[str, Any]:
@@ -141,7 +142,9 @@ def resolve_shape(model: str, flavor: str, hf_config_path: str | None) -> Shape:
         args = resolve_args(spec, flavor)
     with torch.device("meta"):
         meta_model = spec.model_cls(resolve_args(spec, args))
-    total = sum(p.numel() for p in meta_model.parameters())  # parameters() yields a tied weight once
+    # parameters() yields a tied weight once; a mixture of experts counts the share of its experts one token uses
+    total = sum(p.numel() * param_active_fraction(meta_model, name) for name, p in meta_model.named_parameters())
+    total = int(total)
     vocab_pad_rows = args.padded_vocab_size - args.vocab_size
     n_params = total - vocab_pad_rows * args.dim * (1 if args.tie_embeddings else 2)
     embed = args.vocab_size * args.dim
@@ -581,7 +584,7 @@ def render(results: list[dict[str, Any]], shape: Shape, s: Settings) -> str:
     a = shape.args
     lines = [
         f"### SFT step: {shape.spec.name} {shape.flavor if shape.flavor != BENCH_FLAVOR else '(--hf-config)'} "
-        f"(N = {shape.n_params / 1e9:.3f} B params incl. embeddings, L={a.n_layers} H={a.n_heads} Dh={a.head_dim}), "
+        f"(N = {shape.n_params / 1e9:.3f} B params one token uses, incl. embeddings, L={a.n_layers} H={a.n_heads} Dh={a.head_dim}), "
         f"seq {s.seq_len} x batch {s.batch}, {s.dtype} params + AdamW states, device {s.device}",
         f"MFU = (6N + 6 L H Dh S) x tokens/s / {s.peak_flops / 1e12:.0f} TFLOP/s; causal MFU = posttrain's metric "
         "(counts computed FLOPs: causal attention, head once)" if s.peak_flops else "MFU: no peak FLOP/s on this device",
