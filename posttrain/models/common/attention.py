@@ -22,9 +22,10 @@ from torch.nn.attention.flex_attention import (
     AuxRequest,
     BlockMask,
     and_masks,
-    create_block_mask,
     flex_attention,
 )
+
+from posttrain.models.common.block_mask import block_mask_from_mask_mod
 
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import apply_rotary_emb
@@ -169,7 +170,6 @@ def _grouped_query_attention(
 # costs ~20 s per process there, more than a debug run spends attending. Set to True to compile on CPU too.
 COMPILE_FLEX_ON_CPU = False
 _compiled_flex_attention: Callable[..., torch.Tensor] | None = None
-_compiled_create_block_mask: Callable[..., BlockMask] | None = None
 
 
 def _use_compiled(device: torch.device) -> bool:
@@ -183,15 +183,6 @@ def _flex_attention_fn(device: torch.device) -> Callable[..., torch.Tensor]:
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
-
-
-def _create_block_mask_fn(device: torch.device) -> Callable[..., BlockMask]:
-    global _compiled_create_block_mask
-    if not _use_compiled(device):
-        return create_block_mask
-    if _compiled_create_block_mask is None:
-        _compiled_create_block_mask = torch.compile(create_block_mask)
-    return _compiled_create_block_mask
 
 
 class FlexBackend:
@@ -216,12 +207,10 @@ class FlexBackend:
             key = (seq_len, str(device), extra_mask_mod)
             if key not in self._shape_only_masks:
                 mask_mod = _compose(None, extra_mask_mod)
-                self._shape_only_masks[key] = _create_block_mask_fn(device)(
-                    mask_mod, None, None, seq_len, seq_len, device=device
-                )
+                self._shape_only_masks[key] = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, device)
             return self._shape_only_masks[key]
         mask_mod = _compose(document_ids, extra_mask_mod)
-        return _create_block_mask_fn(device)(mask_mod, batch, None, seq_len, seq_len, device=device)
+        return block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, device)
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float | None = None,
