@@ -1,0 +1,117 @@
+"""The weight-update group (grpo.weight_sync = "collective"), two real processes over gloo: a policy process
+broadcasts `hf_weight_buckets` of a tiny Qwen3 and an engine process receives them into a NativeEngine built
+from other weights. The engine ends with exactly the weights the object-store path gives it; a dead peer makes
+the sender fail after the group's timeout instead of hanging; a closed group frees its rendezvous port."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from posttrain.rl.weight_group import bucket_layout, host_store, join_weight_group, receive_bucket, send_bucket
+from posttrain.rl.weight_sync import hf_weight_buckets
+
+BUCKET_BYTES = 64 * 1024
+
+
+def _tiny_model(seed: int) -> torch.nn.Module:
+    from posttrain.models.registry import get_model_spec, resolve_scratch_args
+
+    spec = get_model_spec("qwen3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 64, "n_layers": 2, "ffn_dim": 128, "vocab_size": 250})
+    torch.manual_seed(seed)
+    model = spec.model_cls(args)
+    model.init_weights()
+    return model.eval()
+
+
+def _engine_process(port: int, queue, out_file: str) -> None:
+    """Rank 1: a native engine with seed-1 weights takes every bucket rank 0 broadcasts."""
+    from posttrain.inference.native import NativeEngine
+
+    torch.set_num_threads(1)
+    engine = NativeEngine(_tiny_model(1))
+    group = join_weight_group(1, 2, device="cpu", timeout_s=20, host="127.0.0.1", port=port)
+    received = 0
+    while (layout := queue.get()) is not None:
+        named = receive_bucket(group, layout)
+        engine.update_weights(named)
+        received += 1
+    group.close()
+    torch.save({"received": received, "weights": engine.model.state_dict()}, out_file)
+
+
+def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(tmp_path) -> None:
+    from posttrain.inference.native import NativeEngine
+
+    ctx = mp.get_context("spawn")
+    store, port = host_store(2, timeout_s=20)
+    queue, out_file = ctx.Queue(), tmp_path / "engine.pt"
+    engine_proc = ctx.Process(target=_engine_process, args=(port, queue, str(out_file)))
+    engine_proc.start()
+    try:
+        group = join_weight_group(0, 2, device="cpu", timeout_s=20, store=store)
+        policy = _tiny_model(0)
+        buckets = 0
+        for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):
+            layout = bucket_layout(bucket)
+            assert layout[1] <= BUCKET_BYTES or len(bucket) == 1  # split as configured (a big tensor alone)
+            queue.put(layout)
+            send_bucket(group, bucket, layout)
+            buckets += 1
+        queue.put(None)
+        group.close()
+    finally:
+        engine_proc.join(timeout=60)
+    assert engine_proc.exitcode == 0
+    result = torch.load(out_file)
+    received, synced = result["received"], result["weights"]
+    assert received == buckets > 2
+    # the object-store path: the same buckets handed to an engine directly
+    reference = NativeEngine(_tiny_model(1))
+    for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):
+        reference.update_weights(bucket)
+    expected = reference.model.state_dict()
+    assert synced.keys() == expected.keys()
+    assert all(torch.equal(synced[k], expected[k]) for k in expected)
+    assert not torch.equal(expected["tok_embeddings.weight"], _tiny_model(1).state_dict()["tok_embeddings.weight"])
+    # closed on both sides: nothing serves the rendezvous port any more
+    del store
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _join_and_stall(port: int) -> None:
+    group = join_weight_group(1, 2, device="cpu", timeout_s=20, host="127.0.0.1", port=port)
+    time.sleep(120)
+    group.close()  # alive, but never takes part in the next broadcast (a hung engine)
+
+
+def test_a_stalled_engine_fails_the_sender_after_the_group_timeout() -> None:
+    ctx = mp.get_context("spawn")
+    store, port = host_store(2, timeout_s=3)
+    proc = ctx.Process(target=_join_and_stall, args=(port,))
+    proc.start()
+    try:
+        group = join_weight_group(0, 2, device="cpu", timeout_s=3, store=store)
+        bucket = [("w", torch.ones(4, 4))]
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError):
+            send_bucket(group, bucket, bucket_layout(bucket))
+        assert 2.5 < time.perf_counter() - t0 < 30
+        group.close()
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def test_bucket_layout_views_keep_names_shapes_and_dtypes() -> None:
+    bucket = [("a", torch.arange(6, dtype=torch.bfloat16).view(2, 3)), ("b", torch.tensor(3.5)),
+              ("c", torch.arange(5, dtype=torch.int64)), ("d", torch.zeros(0, 4))]
+    entries, size = bucket_layout(bucket)
+    assert [e[0] for e in entries] == ["a", "b", "c", "d"] and all(e[3] % 16 == 0 for e in entries)
+    assert size == 16 + 16 + 48 + 0
