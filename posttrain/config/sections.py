@@ -299,10 +299,14 @@ class GRPOSection:
     ray_num_cpus: int = opt(0, "local cluster only: CPUs Ray may use (0 = all of this machine)")
     cpu_threads: int = opt(0, "torch threads per actor on CPU (0 = the machine's cores)")
     weight_sync_bucket_mb: int = opt(256, "weight sync: tensors sent per bucket (MB)")
-    weight_sync: str = opt("object_store", "weight sync transport: the Ray object store (through host memory), or "
+    weight_sync: str = opt("object_store", "weight sync transport: the Ray object store (through host memory); "
                                            "CUDA IPC handles (colocated on CUDA: the engine copies from the "
-                                           "policy's device memory; not yet run on a GPU)",
-                           choices=("object_store", "cuda_ipc"))
+                                           "policy's device memory); or collective: a weight-update group of "
+                                           "policy rank 0 and the engines (NCCL on CUDA, split placement; gloo "
+                                           "on CPU) broadcasting each bucket",
+                           choices=("object_store", "cuda_ipc", "collective"))
+    weight_sync_timeout_s: float = opt(600.0, "weight_sync = 'collective': seconds a rendezvous or a bucket's "
+                                              "broadcast may take before the group fails (a dead peer)")
     eval_freq: int = opt(0, "evaluate on eval_prompts every N steps, before training and at the end (0 = never)")
     time_budget_s: float = opt(0.0, "wall-clock budget of the run from its start (0 = none): no step starts that "
                                     "would end past it (judged by the slowest of the last steps); the last step "

@@ -78,8 +78,12 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
             "use 'recompute' for several updates per step")
     require(g.rollout_workers >= 1 and g.trainer_workers >= 1, "rollout_workers", "and grpo.trainer_workers must be >= 1")
     require(g.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
-    require(g.weight_sync == "object_store" or g.placement == "colocated", "weight_sync",
+    require(g.weight_sync != "cuda_ipc" or g.placement == "colocated", "weight_sync",
             "= 'cuda_ipc' needs grpo.placement = 'colocated' (engines on the policy's GPU)")
+    require(g.weight_sync_timeout_s > 0, "weight_sync_timeout_s", "must be > 0")
+    if cfg.model.backend == "hf":
+        raise SystemExit("GRPO weight sync needs model.backend = 'native' (the engines take HF-named tensors "
+                         "gathered from posttrain's own model); model.backend = 'hf' is not supported")
     if g.engine == "vllm" and cfg.lora.rank > 0:
         logger.info("LoRA with the vLLM engine: adapters are merged into the synced weights")
     return g
@@ -137,6 +141,9 @@ def place_actors(cfg: JobConfig, g: GRPOSection):
     colocated = g.placement == "colocated"
     if g.weight_sync == "cuda_ipc" and not gpu:
         raise SystemExit("grpo.weight_sync = 'cuda_ipc' needs GPUs (training.device = 'cuda'); use 'object_store'")
+    if g.weight_sync == "collective" and gpu and colocated:
+        raise SystemExit("grpo.weight_sync = 'collective' on GPUs needs grpo.placement = 'split' (NCCL refuses two "
+                         "ranks on one GPU); colocated engines take 'cuda_ipc'")
     n_bundles = max(g.trainer_workers, g.rollout_workers) if colocated else g.trainer_workers + g.rollout_workers
     bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
     pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy="PACK")
@@ -269,18 +276,34 @@ def train_minibatch(policy: list, dp: tuple[list[int], int], rows: list[dict]) -
     return ray.get([w.train_minibatch.remote(shares[r]) for w, r in zip(policy, dp_ranks)])[0]
 
 
-def sync_weights(policy: list, rollouts: list, bucket_bytes: int, cuda_ipc: bool = False) -> tuple[float, int]:
-    """Policy -> engines, bucket by bucket, through the Ray object store or (``cuda_ipc``) as CUDA IPC handles
-    of tensors left in the policy's device memory: (seconds, tensors sent)."""
+def open_weight_group(policy: list, rollouts: list, timeout_s: float) -> None:
+    """The weight-update group of grpo.weight_sync = "collective": policy rank 0 (rank 0, serving the
+    rendezvous) and every engine (ranks 1..n), joined all at once (each join waits for the others)."""
+    import ray
+
+    world_size = 1 + len(rollouts)
+    host, port = ray.get(policy[0].host_weight_group.remote(world_size, timeout_s))
+    ray.get([policy[0].join_weight_group.remote(world_size, timeout_s)] + [
+        r.join_weight_group.remote(host, port, 1 + j, world_size, timeout_s) for j, r in enumerate(rollouts)
+    ])
+
+
+def sync_weights(policy: list, rollouts: list, bucket_bytes: int, transport: str = "object_store") -> tuple[float, int]:
+    """Policy -> engines, bucket by bucket (grpo.weight_sync): through the Ray object store; as CUDA IPC handles
+    of tensors left in the policy's device memory ("cuda_ipc"); or broadcast over the weight-update group
+    ("collective": the bucket's layout travels through Ray, its bytes through the group). (seconds, tensors sent)."""
     import ray
 
     t0 = time.perf_counter()
-    produce = "shared_weight_buckets" if cuda_ipc else "weight_buckets"
+    produce = {"object_store": "weight_buckets", "cuda_ipc": "shared_weight_buckets",
+               "collective": "broadcast_weight_buckets"}[transport]
     streams = [getattr(w, produce).options(num_returns="streaming").remote(bucket_bytes) for w in policy]
     pending, copied = [], []
     for bucket in streams[0]:  # rank 0 yields; the other ranks take part in the gathers and yield nothing
-        if cuda_ipc:  # copied before the next bucket is opened: one bucket of extra device memory per engine
+        if transport == "cuda_ipc":  # copied before the next bucket is opened: one bucket of extra device memory per engine
             copied += ray.get([r.update_shared_weights.remote(bucket) for r in rollouts])
+        elif transport == "collective":  # rank 0 broadcasts the bucket once every engine has joined the receive
+            copied += ray.get([r.receive_weights.remote(bucket) for r in rollouts])
         else:
             pending += [r.update_weights.remote(bucket) for r in rollouts]
     for stream in streams[1:]:
@@ -571,7 +594,9 @@ def run(cfg: JobConfig) -> None:
         bucket_bytes = g.weight_sync_bucket_mb * 2**20
         # The engines start from model.hf_path; after a resume (or with vocabulary growth, LoRA, ...) the policy
         # differs: one sync brings them level.
-        t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")
+        if g.weight_sync == "collective":
+            open_weight_group(policy, rollouts, g.weight_sync_timeout_s)
+        t_sync, n_tensors = sync_weights(policy, rollouts, bucket_bytes, g.weight_sync)
         logger.info("weight sync: %d tensors in %.2fs", n_tensors, t_sync)
         if g.eval_freq and eval_set and step == 0:
             m0 = evaluate(rollouts, tokenizer, eval_set, eval_ids, g, stops)
@@ -598,7 +623,7 @@ def run(cfg: JobConfig) -> None:
                 logger.warning("step %d: every group had the same reward for all completions; no update", step)
             # 5. weight sync to the engines (timed)
             rollout.timings["sync"] = (
-                sync_weights(policy, rollouts, bucket_bytes, g.weight_sync == "cuda_ipc")[0] if rollout.rows else 0.0
+                sync_weights(policy, rollouts, bucket_bytes, g.weight_sync)[0] if rollout.rows else 0.0
             )
             # 6. log (and evaluate every eval_freq steps and at the last step: training.steps or the time budget)
             m = step_metrics(rollout, update_metrics, train_tokens, time.perf_counter() - t_step)

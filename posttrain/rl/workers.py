@@ -29,6 +29,9 @@ from posttrain.inference import build_engine
 from posttrain.losses import fused_token_log_probs
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.packed_batches import micro_batches
+from posttrain.rl.weight_group import (
+    BucketLayout, WeightGroup, bucket_layout, host_store, join_weight_group, receive_bucket, send_bucket,
+)
 from posttrain.rl.weight_sync import SharedBucket, hf_weight_buckets, open_bucket, share_bucket
 from posttrain.trainer import LossOutput, Trainer, build_training_model
 
@@ -256,10 +259,36 @@ class PolicyWorker:
         for bucket in hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device=self.trainer.device):
             yield share_bucket(bucket)
 
+    # the weight-update group (grpo.weight_sync = "collective"): this actor is its rank 0 when it is policy rank 0
+
+    def host_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Serve the group's rendezvous: (this node's address, port)."""
+        import ray
+
+        self._weight_store, port = host_store(world_size, timeout_s)
+        return ray.util.get_node_ip_address(), port
+
+    def join_weight_group(self, world_size: int, timeout_s: float) -> None:
+        store, self._weight_store = self._weight_store, None  # the group holds it from here on
+        self.weight_group = join_weight_group(0, world_size, device=self.trainer.device, timeout_s=timeout_s,
+                                              store=store)
+
+    def broadcast_weight_buckets(self, bucket_bytes: int) -> Iterator[BucketLayout]:
+        """`weight_buckets` over the weight-update group: rank 0 yields each bucket's layout (the engines then
+        join its broadcast) and broadcasts the bucket; the other ranks take part in the gathers."""
+        for bucket in hf_weight_buckets(self.trainer.model, bucket_bytes=bucket_bytes, device=self.trainer.device):
+            layout = bucket_layout(bucket)
+            yield layout
+            send_bucket(self.weight_group, bucket, layout)
+
     def export_hf(self) -> None:
         self.trainer.export_hf()
 
     def close(self) -> None:
+        group: WeightGroup | None = getattr(self, "weight_group", None)
+        if group is not None:
+            group.close()
+            self.weight_group = None
         self.trainer.close()
 
 
@@ -274,6 +303,8 @@ class RolloutWorker:
             set_cpu_threads(threads)
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         self.engine = build_engine(kind, hf_path, device=device, dtype=torch_dtype, **engine_kw)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+        self.weight_group: WeightGroup | None = None
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Any) -> list[Any]:
         return self.engine.generate(prompt_token_ids, sampling)
@@ -289,5 +320,20 @@ class RolloutWorker:
         torch.cuda.synchronize()  # the copies are done before the sender may reuse the memory
         return len(named)
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        self.weight_group = join_weight_group(rank, world_size, device=self.device, timeout_s=timeout_s,
+                                              host=host, port=port)
+
+    def receive_weights(self, layout: BucketLayout) -> int:
+        """`update_weights` from one bucket policy rank 0 broadcasts over the weight-update group."""
+        named = receive_bucket(self.weight_group, layout)
+        self.engine.update_weights(named)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(named)
+
     def close(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.close()
+            self.weight_group = None
         self.engine.close()
