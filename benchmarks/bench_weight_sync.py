@@ -30,12 +30,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from bench_rollout import SHAPES, build
-from measure import RESULTS_MARKER, environment, markdown_table, resolve_device, short_error, write_json
+from measure import RESULTS_MARKER, environment, fmt, markdown_table, resolve_device, short_error, write_json
 
 import torch  # noqa: E402  (measure puts the repo on sys.path first)
 
 from posttrain.inference.native import NativeEngine  # noqa: E402
-from posttrain.rl.controller import open_weight_group, sync_weights  # noqa: E402
+from posttrain.rl.controller import open_weight_group, quiet_ray_token_auth_notice, sync_weights  # noqa: E402
 from posttrain.rl.workers import PolicyWorker, RolloutWorker  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -88,10 +88,12 @@ def bench_transport(shape: str, transport: str, device: torch.device, a: argpars
     policy = ray.remote(BenchPolicy).options(**options).remote(shape, device.type, a.dtype)
     engine = ray.remote(BenchEngine).options(**options).remote(shape, device.type, a.dtype)
     try:
-        t0 = time.perf_counter()
+        want, got = ray.get([policy.sums.remote(), engine.sums.remote()])  # both built before any timing
+        row["differ_before"] = want != got
         if transport == "collective":
+            t0 = time.perf_counter()
             open_weight_group([policy], [engine], a.timeout_s)
-        row["setup_s"] = time.perf_counter() - t0
+            row["setup_s"] = time.perf_counter() - t0
         for _ in range(a.calls):
             seconds, tensors = sync_weights([policy], [engine], a.bucket_mb * 2**20, transport)
             row["calls"].append(seconds)
@@ -116,7 +118,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--calls", type=int, default=3)
-    p.add_argument("--timeout-s", type=float, default=60.0, help="the weight-update group's timeout")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="the weight-update group's timeout")
     p.add_argument("--out", default="")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -125,6 +127,7 @@ def main() -> None:
     import ray
 
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    quiet_ray_token_auth_notice()
     here = os.path.dirname(os.path.abspath(__file__))  # the actors import posttrain and this folder's modules
     paths = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
     ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False, log_to_driver=True,
@@ -141,12 +144,12 @@ def main() -> None:
 
     write_json(a.out, {"env": {**environment(device), "gpus": gpus}, "dtype": a.dtype, "bucket_mb": a.bucket_mb,
                        "rows": rows})
-    table = [[r["shape"], r["transport"], r.get("tensors", "-"),
+    table = [[r["shape"], r["transport"], r.get("tensors", "-"), fmt(r.get("setup_s"), ".3f"),
               " / ".join(f"{s:.3f}" for s in r["calls"]) or "-",
               f"{min(r['calls'][1:] or r['calls']):.3f}" if r["calls"] else "-",
-              r["equal"] if r["equal"] is not None else "-", r["error"] or ""] for r in rows]
+              "-" if r["equal"] is None else r["equal"] and r["differ_before"], r["error"] or ""] for r in rows]
     print(RESULTS_MARKER)
-    print(markdown_table(["shape", "transport", "tensors", "sync s (each call)", "best after first", "equal",
+    print(markdown_table(["shape", "transport", "tensors", "group setup s", "sync s (each call)", "best after first", "equal",
                           "error"], table))
     sys.stdout.flush()
 

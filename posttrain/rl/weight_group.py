@@ -67,6 +67,7 @@ def join_weight_group(rank: int, world_size: int, *, device: torch.device | str,
         backend = dist.ProcessGroupNCCL(store, rank, world_size, options)
     else:
         backend = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    backend._set_sequence_number_for_group()  # as init_process_group does: the ranks agree on the sequence
     group = WeightGroup(store, backend, rank, world_size, device)
     probe = torch.ones(1, device=device)  # connects every rank now (NCCL builds its communicator lazily)
     _broadcast(group, probe)
