@@ -9,7 +9,8 @@ one bucket of full tensors exists at once; every trainer rank must iterate (the 
 only rank 0 yields. The transport is the caller's business (the caller also measures the time): tensors on
 the CPU through the Ray object store, or, for an engine on the same GPU (colocated), CUDA IPC handles of
 tensors that stay in the policy's device memory (`share_bucket` / `open_bucket`: a few hundred bytes per tensor
-travel, the engine copies device to device). A NCCL group for split placement is not built yet.
+travel, the engine copies device to device), or broadcast over the weight-update group of policy rank 0 and
+the engines (`posttrain/rl/weight_group.py`; NCCL on CUDA for split placement, gloo on CPU).
 """
 
 from __future__ import annotations
