@@ -70,7 +70,8 @@ class BenchEngine(RolloutWorker):
         if device == "cpu":
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
         self.device = _device(device)
-        self.engine = NativeEngine(build(shape, self.device, DTYPES[dtype], seed=1), max_batch_size=1)
+        self.engine = NativeEngine(build(shape, self.device, DTYPES[dtype], seed=1), max_batch_size=1,
+                                   max_seq_len=256, cuda_graphs=False)  # weights only: no generation here
         self.weight_group = None
 
     def sums(self) -> dict[str, float]:
@@ -80,13 +81,24 @@ class BenchEngine(RolloutWorker):
 def bench_transport(shape: str, transport: str, device: torch.device, a: argparse.Namespace) -> dict[str, Any]:
     import ray
 
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    # cuda_ipc: one GPU shared; collective: a GPU each where there are two (else NCCL's refusal is the result)
-    share = 0.5 if gpus and (transport == "cuda_ipc" or gpus < 2) else (1 if gpus else 0)
-    options = {"num_cpus": 1, "num_gpus": share}
+    # cuda_ipc: both actors on one GPU (one bundle); otherwise a GPU each where there are two (with one GPU,
+    # NCCL's refusal of two ranks on it is the collective row's result), as grpo.placement = "split" does
+    shared = bool(gpus) and (transport == "cuda_ipc" or gpus < 2)
+    bundle = {"CPU": 2, "GPU": 1} if gpus else {"CPU": 2}
+    pg = placement_group([dict(bundle)] if shared else [dict(bundle), dict(bundle)], strategy="PACK")
+    ray.get(pg.ready())
+
+    def on(index: int) -> dict[str, Any]:
+        return {"num_cpus": 1, "num_gpus": (0.5 if shared else 1) if gpus else 0,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
     row: dict[str, Any] = {"shape": shape, "transport": transport, "calls": [], "equal": None, "error": None}
-    policy = ray.remote(BenchPolicy).options(**options).remote(shape, device.type, a.dtype)
-    engine = ray.remote(BenchEngine).options(**options).remote(shape, device.type, a.dtype)
+    policy = ray.remote(BenchPolicy).options(**on(0)).remote(shape, device.type, a.dtype)
+    engine = ray.remote(BenchEngine).options(**on(0 if shared else 1)).remote(shape, device.type, a.dtype)
     try:
         want, got = ray.get([policy.sums.remote(), engine.sums.remote()])  # both built before any timing
         row["differ_before"] = want != got
@@ -106,6 +118,7 @@ def bench_transport(shape: str, transport: str, device: torch.device, a: argpars
     finally:
         ray.kill(policy)
         ray.kill(engine)
+        remove_placement_group(pg)
     return row
 
 
@@ -119,8 +132,10 @@ def main() -> None:
     p.add_argument("--bucket-mb", type=int, default=256)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--timeout-s", type=float, default=30.0, help="the weight-update group's timeout")
+    p.add_argument("--budget-s", type=float, default=0.0, help="no transport starts after this many seconds (0: none)")
     p.add_argument("--out", default="")
     a = p.parse_args()
+    t_start = time.perf_counter()
     device = resolve_device(a.device)
     transports = [t for t in a.transports if t != "cuda_ipc" or device.type == "cuda"]
 
@@ -130,12 +145,16 @@ def main() -> None:
     quiet_ray_token_auth_notice()
     here = os.path.dirname(os.path.abspath(__file__))  # the actors import posttrain and this folder's modules
     paths = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
-    ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=8, num_gpus=gpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}})
     rows = []
     try:
         for shape in a.shapes:
             for transport in transports:
+                if a.budget_s and time.perf_counter() - t_start > a.budget_s:
+                    rows.append({"shape": shape, "transport": transport, "calls": [], "equal": None,
+                                 "error": f"skipped: --budget-s {a.budget_s:.0f} spent"})
+                    continue
                 row = bench_transport(shape, transport, device, a)
                 rows.append(row)
                 print(f"{shape} {transport}: {row['calls']} equal={row['equal']} error={row['error']}", flush=True)
