@@ -285,7 +285,7 @@ def open_weight_group(policy: list, rollouts: list, timeout_s: float) -> None:
     host, port = ray.get(policy[0].host_weight_group.remote(world_size, timeout_s))
     ray.get([policy[0].join_weight_group.remote(world_size, timeout_s)] + [
         r.join_weight_group.remote(host, port, 1 + j, world_size, timeout_s) for j, r in enumerate(rollouts)
-    ])
+    ], timeout=timeout_s)  # NCCL's communicator setup may block outside the group's timeout
 
 
 def sync_weights(policy: list, rollouts: list, bucket_bytes: int, transport: str = "object_store") -> tuple[float, int]:

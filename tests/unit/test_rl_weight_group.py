@@ -115,3 +115,18 @@ def test_bucket_layout_views_keep_names_shapes_and_dtypes() -> None:
     entries, size = bucket_layout(bucket)
     assert [e[0] for e in entries] == ["a", "b", "c", "d"] and all(e[3] % 16 == 0 for e in entries)
     assert size == 16 + 16 + 48 + 0
+
+
+def test_grpo_config_takes_collective_with_either_placement_and_refuses_what_cannot_work() -> None:
+    from posttrain.config.loader import parse_config
+    from posttrain.rl.controller import check_grpo_config
+
+    base = ["--config", "train_configs/debug_grpo.toml", "--grpo.weight_sync", "collective"]
+    for placement in ("split", "colocated"):  # NCCL's one-rank-per-GPU rule is checked where GPUs are known
+        check_grpo_config(parse_config([*base, "--grpo.placement", placement]))
+    with pytest.raises(SystemExit, match="grpo.weight_sync_timeout_s"):
+        check_grpo_config(parse_config([*base, "--grpo.weight_sync_timeout_s", "0"]))
+    with pytest.raises(SystemExit, match="model.backend = 'hf'"):
+        check_grpo_config(parse_config([*base, "--model.backend", "hf"]))
+    with pytest.raises(SystemExit, match="'cuda_ipc' needs grpo.placement = 'colocated'"):
+        check_grpo_config(parse_config([*base, "--grpo.weight_sync", "cuda_ipc", "--grpo.placement", "split"]))
