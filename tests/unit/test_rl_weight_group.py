@@ -29,13 +29,13 @@ def _tiny_model(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _engine_process(port: int, queue, out_file: str) -> None:
+def _engine_process(port: int, queue, out_file: str, device: str) -> None:
     """Rank 1: a native engine with seed-1 weights takes every bucket rank 0 broadcasts."""
     from posttrain.inference.native import NativeEngine
 
     torch.set_num_threads(1)
-    engine = NativeEngine(_tiny_model(1))
-    group = join_weight_group(1, 2, device="cpu", timeout_s=20, host="127.0.0.1", port=port)
+    engine = NativeEngine(_tiny_model(1).to(device))
+    group = join_weight_group(1, 2, device=device, timeout_s=20, host="127.0.0.1", port=port)
     received = 0
     while (layout := queue.get()) is not None:
         named = receive_bucket(group, layout)
@@ -45,19 +45,25 @@ def _engine_process(port: int, queue, out_file: str) -> None:
     torch.save({"received": received, "weights": engine.model.state_dict()}, out_file)
 
 
-def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(tmp_path) -> None:
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: two GPUs")
+
+
+@pytest.mark.parametrize("devices", [("cpu", "cpu"), pytest.param(("cuda:0", "cuda:1"), marks=TWO_GPUS)],
+                         ids=["gloo", "nccl"])
+def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(tmp_path, devices) -> None:
     from posttrain.inference.native import NativeEngine
 
+    policy_device, engine_device = devices
     ctx = mp.get_context("spawn")
     store, port = host_store(2, timeout_s=20)
     queue, out_file = ctx.Queue(), tmp_path / "engine.pt"
-    engine_proc = ctx.Process(target=_engine_process, args=(port, queue, str(out_file)))
+    engine_proc = ctx.Process(target=_engine_process, args=(port, queue, str(out_file), engine_device))
     engine_proc.start()
     try:
-        group = join_weight_group(0, 2, device="cpu", timeout_s=20, store=store)
-        policy = _tiny_model(0)
+        group = join_weight_group(0, 2, device=policy_device, timeout_s=20, store=store)
+        policy = _tiny_model(0).to(policy_device)
         buckets = 0
-        for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):
+        for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES, device=policy_device):
             layout = bucket_layout(bucket)
             assert layout[1] <= BUCKET_BYTES or len(bucket) == 1  # split as configured (a big tensor alone)
             queue.put(layout)
@@ -68,12 +74,12 @@ def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(t
     finally:
         engine_proc.join(timeout=60)
     assert engine_proc.exitcode == 0
-    result = torch.load(out_file)
+    result = torch.load(out_file, map_location="cpu")
     received, synced = result["received"], result["weights"]
     assert received == buckets > 2
     # the object-store path: the same buckets handed to an engine directly
     reference = NativeEngine(_tiny_model(1))
-    for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):
+    for bucket in hf_weight_buckets(policy, bucket_bytes=BUCKET_BYTES):  # host copies
         reference.update_weights(bucket)
     expected = reference.model.state_dict()
     assert synced.keys() == expected.keys()
