@@ -168,8 +168,8 @@ def main() -> None:
               f"{min(r['calls'][1:] or r['calls']):.3f}" if r["calls"] else "-",
               "-" if r["equal"] is None else r["equal"] and r["differ_before"], r["error"] or ""] for r in rows]
     print(RESULTS_MARKER)
-    print(markdown_table(["shape", "transport", "tensors", "group setup s", "sync s (each call)", "best after first", "equal",
-                          "error"], table))
+    print(markdown_table(["shape", "transport", "tensors", "group setup s", "sync s (each call)", "best after first",
+                          "equal", "error"], table))
     sys.stdout.flush()
 
 

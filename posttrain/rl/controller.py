@@ -300,7 +300,7 @@ def sync_weights(policy: list, rollouts: list, bucket_bytes: int, transport: str
     streams = [getattr(w, produce).options(num_returns="streaming").remote(bucket_bytes) for w in policy]
     pending, copied = [], []
     for bucket in streams[0]:  # rank 0 yields; the other ranks take part in the gathers and yield nothing
-        if transport == "cuda_ipc":  # copied before the next bucket is opened: one bucket of extra device memory per engine
+        if transport == "cuda_ipc":  # copied before the next bucket opens: one bucket of extra memory per engine
             copied += ray.get([r.update_shared_weights.remote(bucket) for r in rollouts])
         elif transport == "collective":  # rank 0 broadcasts the bucket once every engine has joined the receive
             copied += ray.get([r.receive_weights.remote(bucket) for r in rollouts])
