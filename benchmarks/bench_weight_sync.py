@@ -157,12 +157,12 @@ def main() -> None:
                     continue
                 row = bench_transport(shape, transport, device, a)
                 rows.append(row)
+                write_json(a.out, {"env": {**environment(device), "gpus": gpus}, "dtype": a.dtype,
+                                   "bucket_mb": a.bucket_mb, "rows": rows})  # a run cut short keeps its rows
                 print(f"{shape} {transport}: {row['calls']} equal={row['equal']} error={row['error']}", flush=True)
     finally:
         ray.shutdown()
 
-    write_json(a.out, {"env": {**environment(device), "gpus": gpus}, "dtype": a.dtype, "bucket_mb": a.bucket_mb,
-                       "rows": rows})
     table = [[r["shape"], r["transport"], r.get("tensors", "-"), fmt(r.get("setup_s"), ".3f"),
               " / ".join(f"{s:.3f}" for s in r["calls"]) or "-",
               f"{min(r['calls'][1:] or r['calls']):.3f}" if r["calls"] else "-",
