@@ -40,6 +40,7 @@ from posttrain.inference.decode_step import SlotState, decode_step
 from posttrain.inference.engine import Completion, SamplingParams
 from posttrain.inference.sampling import sample_next_tokens
 from posttrain.inference.slot_cache import SlotKVCache
+from posttrain.models.common.decode_attention import check_decode_attention_kind, use_decode_attention
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import base_param_name, is_adapter_param
 from posttrain.models.common.moe import MoEModelHooks
@@ -106,8 +107,10 @@ class NativeEngine:
     ``max_batch_size`` is the number of slots (sequences decoded together); ``max_seq_len`` caps prompt +
     completion (default: the model's ``args.max_seq_len``). ``cuda_graphs`` (default: on for CUDA, off for MoE
     families) captures the decode step; ``steps_per_check`` is how many steps run between two looks at which
-    sequences are done; ``max_prefill_tokens`` bounds one prefill forward (rows x longest prompt). The model is
-    used in place: ``update_weights`` writes into its parameters (captured graphs stay valid).
+    sequences are done; ``max_prefill_tokens`` bounds one prefill forward (rows x longest prompt);
+    ``decode_attention`` is the kernel of the decode steps' attention (``posttrain.models.common.decode_attention``:
+    "auto" = batched matmuls on CUDA, SDPA elsewhere; "matmul"; "sdpa"). The model is used in place:
+    ``update_weights`` writes into its parameters (captured graphs stay valid).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class NativeEngine:
         cuda_graphs: bool | None = None,
         steps_per_check: int = 8,
         max_prefill_tokens: int = 32768,
+        decode_attention: str = "auto",
     ) -> None:
         model = getattr(model, "_orig_mod", model)
         if not hasattr(model, "args") or not hasattr(model, "layers"):
@@ -140,6 +144,7 @@ class NativeEngine:
         self.cuda_graphs = on_cuda and not isinstance(model, MoEModelHooks) if cuda_graphs is None else cuda_graphs
         self.steps_per_check = steps_per_check
         self.max_prefill_tokens = max_prefill_tokens
+        self.decode_attention = check_decode_attention_kind(decode_attention)
         self._run_key: tuple | None = None
         self._run: _Run | None = None
 
@@ -155,6 +160,10 @@ class NativeEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        with use_decode_attention(self.decode_attention):
+            return self._generate(prompt_token_ids, sampling)
+
+    def _generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         for i, prompt in enumerate(prompts):
             if not prompt:
@@ -191,7 +200,8 @@ class NativeEngine:
     def prepare(self, n_sequences: int, max_len: int, sampling: SamplingParams) -> None:
         """Allocate the cache and capture the decode graphs that a call of ``n_sequences`` sequences of at most
         ``max_len`` tokens (prompt + completion) under ``sampling`` will use, ahead of that call."""
-        self._prepare(n_sequences, max_len, sampling)
+        with use_decode_attention(self.decode_attention):
+            self._prepare(n_sequences, max_len, sampling)
 
     def _prepare(self, n_requests: int, needed_len: int, sampling: SamplingParams) -> _Run:
         """The cache and slot state for this call (kept from the last call when the shape is the same), with
