@@ -28,13 +28,14 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.inference.decode_attention_choice import choose_decode_kernels
 from posttrain.inference.decode_graphs import DecodeGraphs
 from posttrain.inference.decode_step import SlotState, decode_step
 from posttrain.inference.engine import Completion, SamplingParams
@@ -66,13 +67,26 @@ def _last_position_logits(rows: torch.Tensor, cols: torch.Tensor, vocab_size: in
 
 
 def bucket_sizes(limit: int, smallest: int) -> list[int]:
-    """Sizes a decode step runs at (slots, or attended cache positions): ``smallest`` times powers of two
-    below ``limit``, and ``limit``."""
+    """Batch sizes a decode step runs at: ``smallest`` times powers of two below ``limit``, and ``limit``."""
     sizes = {limit}
     size = smallest
     while size < limit:
         sizes.add(size)
         size *= 2
+    return sorted(sizes)
+
+
+def length_buckets(limit: int, smallest: int) -> list[int]:
+    """Attended cache lengths a decode step runs at: ``smallest`` times 1, 2, 3, 4, 6, 8, 12, ... below
+    ``limit``, and ``limit`` (a step reads at most 1.5x the positions it needs; the decode attention's time
+    grows with the length)."""
+    sizes = {limit}
+    power = 1
+    while smallest * power < limit:
+        sizes.add(smallest * power)
+        if power >= 2 and smallest * power * 3 // 2 < limit:
+            sizes.add(smallest * power * 3 // 2)
+        power *= 2
     return sorted(sizes)
 
 
@@ -99,6 +113,9 @@ class _Run:
     cache: SlotKVCache
     state: SlotState
     graphs: dict[tuple, DecodeGraphs]
+    # per (slots, length) bucket, the decode attention its graphs use, and the seconds each kernel took
+    kernels: dict[tuple[int, int], str] = field(default_factory=dict)
+    kernel_seconds: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
 
 class NativeEngine:
@@ -226,11 +243,15 @@ class NativeEngine:
         graph_key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if self.cuda_graphs and graph_key not in run.graphs:
             shapes = [(n, length) for n in bucket_sizes(slots, MIN_SLOT_BUCKET)
-                      for length in bucket_sizes(cache_len, MIN_LENGTH_BUCKET)]
-            run.graphs[graph_key] = DecodeGraphs(
-                lambda shape: decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None),
-                shapes,
-            )
+                      for length in length_buckets(cache_len, MIN_LENGTH_BUCKET)]
+            choose_decode_kernels(run.kernels, run.kernel_seconds, run.cache, self.model.args.n_heads, shapes,
+                                  self.decode_attention)
+
+            def step(shape: tuple[int, int]) -> None:
+                with use_decode_attention(run.kernels[shape]):
+                    decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None)
+
+            run.graphs[graph_key] = DecodeGraphs(step, shapes)
             run.state.free(torch.arange(slots, device=self.device))
         return run
 
@@ -240,7 +261,7 @@ class NativeEngine:
         """The continuous-batching loop: refill free slots, decode a few steps, collect finished sequences."""
         slots = run.cache.batch
         sizes = bucket_sizes(slots, MIN_SLOT_BUCKET)
-        lengths = bucket_sizes(run.cache.max_len, MIN_LENGTH_BUCKET)
+        lengths = length_buckets(run.cache.max_len, MIN_LENGTH_BUCKET)
         slot_request = [-1] * slots  # the request each slot decodes, -1 when free
         # per slot, a bound on the position it feeds at the next step (known on the host without asking the
         # device: a slot starts at its prompt length and moves at most one position a step)
@@ -364,6 +385,15 @@ class NativeEngine:
             c.finish_reason = "stop" if c.token_ids[-1] in stop else "length"
             slot_request[slot] = -1
         state.free(rows)
+
+    @property
+    def decode_kernels(self) -> dict[tuple[int, int], tuple[str, dict[str, float]]]:
+        """Per captured (slots, length) bucket: its decode attention and, when chosen by timing ("auto" on
+        CUDA), the seconds per call of each kernel. Empty before graphs are captured."""
+        run = self._run
+        if run is None:
+            return {}
+        return {shape: (kind, run.kernel_seconds.get(shape, {})) for shape, kind in run.kernels.items()}
 
     # ------------------------------------------------------------------------------------------ weights
 

@@ -1,6 +1,7 @@
 """Decode attention against a KV cache (posttrain.models.common.decode_attention): the batched-matmul kernel and
 the folded-GQA SDPA kernel equal plain SDPA over repeated k/v, on cache views, with per-row positions and a
-sliding window; the native engine decodes with either and stays exact (greedy tokens, sampled log-probs)."""
+sliding window; the native engine decodes with either and stays exact (greedy tokens, sampled log-probs); the
+per-bucket choice by timing, and the attended-length buckets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.inference import SamplingParams
-from posttrain.inference.native import NativeEngine
+from posttrain.inference.decode_attention_choice import choose_decode_kernels
+from posttrain.inference.native import NativeEngine, bucket_sizes, length_buckets
+from posttrain.inference.slot_cache import SlotKVCache
 from posttrain.models import build_model
 from posttrain.models.common.attention import sliding_window_mask_mod
 from posttrain.models.common.decode_attention import (
@@ -105,3 +108,24 @@ def test_engine_with_matmul_decode_is_exact(family: str) -> None:
                                    recomputed_log_probs(model, prompt, completion.token_ids, 0.8),
                                    atol=1e-4, rtol=0)
     assert decode_attention_kind() == "auto"  # the engine's choice does not leak out of its calls
+
+
+def test_choose_decode_kernels_times_both_on_the_cache_or_keeps_a_forced_kind() -> None:
+    cache = SlotKVCache(2, batch=4, max_len=32, n_kv_heads=2, head_dim=16, device="cpu", dtype=torch.float32)
+    shapes = [(2, 16), (4, 32)]
+    kinds, seconds = {}, {}
+    choose_decode_kernels(kinds, seconds, cache, 4, shapes, "auto")
+    assert set(kinds) == set(shapes) and set(kinds.values()) <= {"matmul", "sdpa"}
+    for shape in shapes:
+        assert set(seconds[shape]) == {"matmul", "sdpa"} and min(seconds[shape].values()) > 0
+        assert kinds[shape] == min(seconds[shape], key=seconds[shape].get)
+    forced: dict = {(2, 16): "matmul"}
+    choose_decode_kernels(forced, {}, cache, 4, shapes, "sdpa")
+    assert forced == {(2, 16): "matmul", (4, 32): "sdpa"}  # a chosen shape keeps its kernel
+
+
+def test_length_buckets_grow_by_at_most_one_and_a_half_past_the_second() -> None:
+    assert length_buckets(640, 128) == [128, 256, 384, 512, 640]
+    assert length_buckets(4096, 128) == [128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert length_buckets(100, 128) == [100]
+    assert bucket_sizes(512, 4) == [4, 8, 16, 32, 64, 128, 256, 512]
