@@ -25,6 +25,7 @@ import torch.nn.functional as F
 DECODE_ATTENTION_KINDS = ("auto", "matmul", "sdpa")
 MATMUL_MAX_QUERIES = 4  # query positions per row up to which "auto" / "matmul" use the batched matmuls
 _kind = "auto"
+_HAS_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # torch.bmm(..., out_dtype=) on CUDA (torch >= 2.8)
 
 
 def check_decode_attention_kind(kind: str) -> str:
@@ -76,8 +77,11 @@ def matmul_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 def _scores_fp32(q_rows: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
     if q_rows.device.type == "cuda" and q_rows.dtype in (torch.float16, torch.bfloat16):
-        return torch.bmm(q_rows, keys_t, out_dtype=torch.float32)  # fp32 accumulate and output, no copies
+        if _HAS_BMM_OUT_DTYPE:
+            return torch.bmm(q_rows, keys_t, out_dtype=torch.float32)  # fp32 accumulate and output, no copies
+        return torch.bmm(q_rows, keys_t).float()  # scores rounded to 16 bits, as HF's eager attention
     return torch.bmm(q_rows.float(), keys_t.float())
+
 
 
 def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
