@@ -1,0 +1,75 @@
+"""GRPO's scoring pass on the device computes the numbers the update's forward computes: with fp32 master weights
+the update runs under bf16 autocast, so the old log-probs must too (they did not: fp32 old log-probs against bf16
+new ones made the first minibatch's ratio differ from 1 by the precision gap). Packed rows of 512 positions with
+FlexAttention where the device has its backward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import parse_config
+from posttrain.datasets.tokenizer import HFTokenizer
+from posttrain.models import save_hf
+from posttrain.models.registry import get_model_spec, resolve_scratch_args
+from posttrain.rl.workers import PolicyWorker, response_log_probs
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _rows(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt_ids": torch.randint(10, 1000, (12 + i % 5,), generator=g).tolist(),
+             "token_ids": torch.randint(10, 1000, (6 + i % 7,), generator=g).tolist(),
+             "advantage": 1.0 if i % 2 else -1.0} for i in range(n)]
+
+
+def test_old_log_probs_match_the_update_forward(device: torch.device, tmp_path: Path, record_property) -> None:
+    if device.type != "cuda":
+        pytest.skip("bf16 autocast over fp32 master weights is the CUDA path (the CPU trains in fp32)")
+    spec = get_model_spec("qwen3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 128, "n_layers": 2, "ffn_dim": 256})
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights()
+    save_hf(model, tmp_path / "hf", tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    cfg = parse_config([
+        "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / "run"), "--model.hf_path", str(tmp_path / "hf"),
+        "--model.dtype", "float32", "--model.attn_backend", "flex", "--grpo.prompts", "unused.jsonl",
+        "--grpo.micro_batch_tokens", "512", "--grpo.minibatches", "1", "--training.steps", "2",
+        "--metrics.tensorboard", "false",
+    ])
+    worker = PolicyWorker()
+    worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+    try:
+        rows = _rows(24)
+        old = worker.log_probs(rows, old=True, ref=False, entropy=False)["old_logp"]
+        trainer = worker.trainer
+        temperature = cfg.grpo.temperature
+        forwards = {}
+        for name, precision in (("update", trainer.forward_precision),
+                                ("fp32", lambda: torch.autocast("cuda", enabled=False))):
+            values = [None] * len(rows)
+            for indices, cpu_batch, values_of in worker._micro_batches(rows):
+                with precision():
+                    logp, _ = response_log_probs(trainer.model, trainer.to_device(cpu_batch), temperature=temperature,
+                                                 chunk_size=0)
+                for i, v in zip(indices, values_of(logp.detach().float().cpu())):
+                    values[i] = v
+            forwards[name] = torch.tensor([x for row in values for x in row])
+        flat_old = torch.tensor([x for row in old for x in row])
+        gap_update = (flat_old - forwards["update"]).abs().max().item()
+        gap_fp32 = (forwards["fp32"] - forwards["update"]).abs().max().item()
+        record_property("rel_err", f"old vs update forward {gap_update:.2e}, fp32 vs bf16 forward {gap_fp32:.2e}")
+        assert gap_fp32 > 1e-3  # the precisions differ visibly: the comparison below can fail
+        assert gap_update < 1e-3 < gap_fp32
+
+        for row, v in zip(rows, old):
+            row["old_logp"] = v
+        stats = worker.train_minibatch(rows)
+        assert stats["ratio"] / stats["tokens"] == pytest.approx(1.0, abs=1e-4)
+        assert stats["clip_low"] == 0 and stats["clip_high"] == 0
+    finally:
+        worker.close()
