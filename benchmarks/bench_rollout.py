@@ -95,7 +95,8 @@ def timed(device: torch.device, fn) -> tuple[Any, float]:
 
 
 def kernel_summary(engine: NativeEngine) -> dict[str, Any]:
-    """How many captured buckets use each decode attention, and the timings of the largest bucket."""
+    """How many captured buckets use each decode attention, the timings of the largest bucket, and every
+    bucket's timings (slots x length: microseconds per call of each kernel)."""
     kernels = engine.decode_kernels
     if not kernels:
         return {}
@@ -105,7 +106,9 @@ def kernel_summary(engine: NativeEngine) -> dict[str, Any]:
     largest = max(kernels, key=lambda shape: shape[0] * shape[1])
     kind, seconds = kernels[largest]
     return dict(decode_kernels=counts, largest_bucket=list(largest), largest_bucket_kernel=kind,
-                largest_bucket_us={name: round(t * 1e6, 1) for name, t in seconds.items()})
+                largest_bucket_us={name: round(t * 1e6, 1) for name, t in seconds.items()},
+                bucket_us={f"{n}x{length}": {name: round(t * 1e6, 1) for name, t in timed.items()}
+                           for (n, length), (_, timed) in sorted(kernels.items())})
 
 
 def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graphs: bool,
