@@ -6,7 +6,8 @@
    with the other new prompts (the training forward into a small cache), and their keys / values are copied
    into every slot that samples from them; the prompt's last logits give each slot its own first token;
 2. decode: ``decode_step`` advances every slot by one token on the device (no host synchronisation; on CUDA a
-   captured graph per batch-size bucket, see ``decode_graphs``); stop tokens and length budgets
+   captured graph per batch-size and attended-length bucket, see ``decode_graphs``, each with the faster of two
+   attention kernels on its shape, see ``decode_attention_choice``); stop tokens and length budgets
    (``min(max_new_tokens, max_seq_len - prompt length)``) are checked on the device;
 3. every ``steps_per_check`` steps the host reads which slots are done (one synchronisation), collects their
    completions and refills the slots from the queue at once (continuous batching); once the queue is empty
@@ -28,7 +29,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,9 +114,6 @@ class _Run:
     cache: SlotKVCache
     state: SlotState
     graphs: dict[tuple, DecodeGraphs]
-    # per (slots, length) bucket, the decode attention its graphs use, and the seconds each kernel took
-    kernels: dict[tuple[int, int], str] = field(default_factory=dict)
-    kernel_seconds: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)
 
 
 class NativeEngine:
@@ -164,6 +162,10 @@ class NativeEngine:
         self.decode_attention = check_decode_attention_kind(decode_attention)
         self._run_key: tuple | None = None
         self._run: _Run | None = None
+        # per (slots, length) bucket, the decode attention its graphs use (kept across cache shapes: the timing
+        # depends on the bucket, not on the cache), and the seconds each kernel took when timed
+        self._kernels: dict[tuple[int, int], str] = {}
+        self._kernel_seconds: dict[tuple[int, int], dict[str, float]] = {}
 
     @classmethod
     def from_hf(
@@ -244,11 +246,11 @@ class NativeEngine:
         if self.cuda_graphs and graph_key not in run.graphs:
             shapes = [(n, length) for n in bucket_sizes(slots, MIN_SLOT_BUCKET)
                       for length in length_buckets(cache_len, MIN_LENGTH_BUCKET)]
-            choose_decode_kernels(run.kernels, run.kernel_seconds, run.cache, self.model.args.n_heads, shapes,
+            choose_decode_kernels(self._kernels, self._kernel_seconds, run.cache, self.model.args.n_heads, shapes,
                                   self.decode_attention)
 
             def step(shape: tuple[int, int]) -> None:
-                with use_decode_attention(run.kernels[shape]):
+                with use_decode_attention(self._kernels[shape]):
                     decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None)
 
             run.graphs[graph_key] = DecodeGraphs(step, shapes)
@@ -388,12 +390,9 @@ class NativeEngine:
 
     @property
     def decode_kernels(self) -> dict[tuple[int, int], tuple[str, dict[str, float]]]:
-        """Per captured (slots, length) bucket: its decode attention and, when chosen by timing ("auto" on
-        CUDA), the seconds per call of each kernel. Empty before graphs are captured."""
-        run = self._run
-        if run is None:
-            return {}
-        return {shape: (kind, run.kernel_seconds.get(shape, {})) for shape, kind in run.kernels.items()}
+        """Per (slots, length) bucket captured so far: its decode attention and, when chosen by timing ("auto"
+        on CUDA), the seconds per call of each kernel. Empty before graphs are captured."""
+        return {shape: (kind, self._kernel_seconds.get(shape, {})) for shape, kind in self._kernels.items()}
 
     # ------------------------------------------------------------------------------------------ weights
 
