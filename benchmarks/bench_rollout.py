@@ -12,6 +12,10 @@ completions each, temperature 1, no top-k / top-p, and no stop tokens, so every 
 * native: `NativeEngine` (CUDA graphs, continuous batching, prompt sharing), `--max-batch-size` slots, on
   all prompts and, for the side-by-side rows, on the first `--peer-prompts` prompts; graph capture is timed
   apart (`prepare`), generation time includes prefill and everything else `generate` does.
+* native_sdpa: the same engine with every decode step's attention on SDPA's masked kernel (the engine's
+  `decode_attention="sdpa"`; by default, "auto", each captured bucket takes the faster of that and the
+  batched-matmul kernel, timed at capture: the native rows report how many buckets took which, and the
+  timings of the largest bucket), on the peer subset.
 * native_eager: the same engine with `cuda_graphs=False` (peer-prompt subset).
 * old_eager: the engine before this change (file given by `--old-engine`: eager decode, a batch of
   `--peer-batch` rows, finished rows dropped when half are done), on the peer subset.
@@ -22,8 +26,9 @@ completions each, temperature 1, no top-k / top-p, and no stop tokens, so every 
   default); the first (compiling) call is a warm-up of 16 tokens and is not timed.
 
 Also checked on the GPU (the `--check` part, small and fast): greedy tokens of graphs vs eager decoding are
-identical, and the sampled log-probs against the trainer's recomputation (`token_log_probs` over a full
-forward) in fp32 and in bf16: the max absolute difference is reported.
+identical (with either decode attention kernel), and the sampled log-probs of the default engine against the
+trainer's recomputation (`token_log_probs` over a full forward) in fp32 and in bf16: the max absolute
+difference is reported.
 
 Generated tokens/s = sequences x new tokens / wall time of the `generate` call (synchronised). The markdown
 table is printed last; `--out` gets JSON.
@@ -89,8 +94,27 @@ def timed(device: torch.device, fn) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graphs: bool) -> dict[str, Any]:
-    engine = NativeEngine(model, max_batch_size=slots, cuda_graphs=graphs, max_seq_len=model.args.max_seq_len)
+def kernel_summary(engine: NativeEngine) -> dict[str, Any]:
+    """How many captured buckets use each decode attention, the timings of the largest bucket, and every
+    bucket's timings (slots x length: microseconds per call of each kernel)."""
+    kernels = engine.decode_kernels
+    if not kernels:
+        return {}
+    counts: dict[str, int] = {}
+    for kind, _ in kernels.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    largest = max(kernels, key=lambda shape: shape[0] * shape[1])
+    kind, seconds = kernels[largest]
+    return dict(decode_kernels=counts, largest_bucket=list(largest), largest_bucket_kernel=kind,
+                largest_bucket_us={name: round(t * 1e6, 1) for name, t in seconds.items()},
+                bucket_us={f"{n}x{length}": {name: round(t * 1e6, 1) for name, t in timed.items()}
+                           for (n, length), (_, timed) in sorted(kernels.items())})
+
+
+def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graphs: bool,
+               decode_attention: str = "auto") -> dict[str, Any]:
+    engine = NativeEngine(model, max_batch_size=slots, cuda_graphs=graphs, max_seq_len=model.args.max_seq_len,
+                          decode_attention=decode_attention)
     group = [p for p in prompts for _ in range(samples)]
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
     _, t_prepare = timed(device, lambda: engine.prepare(len(group), max(map(len, prompts)) + new_tokens, sampling))
@@ -98,9 +122,10 @@ def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graph
     completions, seconds = timed(device, lambda: engine.generate(group, sampling))
     n_tokens = sum(len(c.token_ids) for c in completions)
     assert n_tokens == len(group) * new_tokens, (n_tokens, len(group) * new_tokens)
+    kernels = kernel_summary(engine)
     engine.close()
     return dict(sequences=len(group), tokens=n_tokens, seconds=seconds, prepare_s=t_prepare,
-                tok_per_s=n_tokens / seconds, peak_gib=peak_gib(device))
+                tok_per_s=n_tokens / seconds, peak_gib=peak_gib(device), **kernels)
 
 
 def run_old(path: str, model, prompts, samples, new_tokens, device, *, batch: int) -> dict[str, Any]:
@@ -170,9 +195,12 @@ def check_equality(device: torch.device, shape: str) -> dict[str, Any]:
         model = build(shape, device, dtype)
         name = str(dtype).removeprefix("torch.")
         greedy = SamplingParams(max_new_tokens=48, temperature=0.0)
-        eager = NativeEngine(model, max_batch_size=64, cuda_graphs=False).generate(prompts, greedy)
-        graphed = NativeEngine(model, max_batch_size=64).generate(prompts, greedy)
-        out[f"greedy_identical_{name}"] = [c.token_ids for c in eager] == [c.token_ids for c in graphed]
+        for kind in ("matmul", "sdpa"):  # the same decode attention with and without graphs: the same floats
+            eager = NativeEngine(model, max_batch_size=64, cuda_graphs=False, decode_attention=kind)
+            graphed = NativeEngine(model, max_batch_size=64, decode_attention=kind)
+            out[f"greedy_identical_{name}_{kind}"] = (
+                [c.token_ids for c in eager.generate(prompts, greedy)]
+                == [c.token_ids for c in graphed.generate(prompts, greedy)])
         sampled = NativeEngine(model, max_batch_size=64).generate(
             group, SamplingParams(max_new_tokens=48, temperature=1.0, seed=1))
         worst = 0.0
@@ -225,6 +253,10 @@ def main() -> None:
                                                                     slots=a.max_batch_size, graphs=None)))
             plan.append(("native (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
                                                                slots=a.max_batch_size, graphs=None)))
+        elif run == "native_sdpa":
+            plan.append(("native_sdpa (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
+                                                                    slots=a.max_batch_size, graphs=None,
+                                                                    decode_attention="sdpa")))
         elif run == "native_eager":
             plan.append(("native_eager (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
                                                                      slots=a.max_batch_size, graphs=False)))
@@ -253,8 +285,11 @@ def main() -> None:
             rows.append([name, "-", "-", "-", "-", "-", r["error"]])
             continue
         ratio = fmt(base / r["tok_per_s"], ".2f") if base and "subset" in name else "-"
+        note = f"native (subset) / this = {ratio}"
+        if r.get("decode_kernels"):
+            note += f"; decode attention per bucket {r['decode_kernels']}, largest {r['largest_bucket_us']} us"
         rows.append([name, r["sequences"], r["tokens"], fmt(r["seconds"], ".2f"), fmt(r["tok_per_s"], ",.0f"),
-                     fmt(r.get("peak_gib"), ".1f"), f"native (subset) / this = {ratio}"])
+                     fmt(r.get("peak_gib"), ".1f"), note])
     print(RESULTS_MARKER)
     print(f"{a.shape}: {a.samples} samples x {a.new_tokens} new tokens, temperature 1, {result['env'].get('gpu')}")
     print(markdown_table(["run", "sequences", "tokens", "seconds", "gen tok/s", "peak GiB", "note"], rows))

@@ -16,7 +16,9 @@ that under a tight budget the headline comparison is what gets done. Every run t
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
   `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default off: compiled
-  blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them). MFU stays relative to the
+  blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R,
+  alpha 2R, on every attention / MLP projection; the issue-formula MFU still counts 6N, the causal MFU is the
+  trainer's, which counts what LoRA computes). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -348,6 +350,7 @@ class PosttrainVariant:
     float8_small_gemms: bool = False
     sdpa_kernel: str = "auto"
     recompute_pointwise: bool = False
+    lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -376,10 +379,12 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.sdpa_kernel = token[7:]
         elif token in ("recompute=on", "recompute=off"):
             v.recompute_pointwise = token == "recompute=on"
+        elif token.startswith("lora=") and token[5:].isdigit() and int(token[5:]) > 0:
+            v.lora_rank = int(token[5:])
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
-                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off"
+                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK"
             )
     return v
 
@@ -412,6 +417,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
         },
         "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise},
+        **({"lora": {"rank": v.lora_rank, "alpha": 2.0 * v.lora_rank}} if v.lora_rank else {}),
         "checkpoint": {"resume": False, "save_final": False, "interval": 0},
         "metrics": {"tensorboard": False, "log_freq": 1_000_000},
     }, source="bench_sft")

@@ -6,7 +6,8 @@
    with the other new prompts (the training forward into a small cache), and their keys / values are copied
    into every slot that samples from them; the prompt's last logits give each slot its own first token;
 2. decode: ``decode_step`` advances every slot by one token on the device (no host synchronisation; on CUDA a
-   captured graph per batch-size bucket, see ``decode_graphs``); stop tokens and length budgets
+   captured graph per batch-size and attended-length bucket, see ``decode_graphs``, each with the faster of two
+   attention kernels on its shape, see ``decode_attention_choice``); stop tokens and length budgets
    (``min(max_new_tokens, max_seq_len - prompt length)``) are checked on the device;
 3. every ``steps_per_check`` steps the host reads which slots are done (one synchronisation), collects their
    completions and refills the slots from the queue at once (continuous batching); once the queue is empty
@@ -35,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.inference.decode_attention_choice import choose_decode_kernels
 from posttrain.inference.decode_graphs import DecodeGraphs
 from posttrain.inference.decode_step import SlotState, decode_step
 from posttrain.inference.engine import Completion, SamplingParams
 from posttrain.inference.sampling import sample_next_tokens
 from posttrain.inference.slot_cache import SlotKVCache
+from posttrain.models.common.decode_attention import check_decode_attention_kind, use_decode_attention
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import base_param_name, is_adapter_param
 from posttrain.models.common.moe import MoEModelHooks
@@ -65,13 +68,26 @@ def _last_position_logits(rows: torch.Tensor, cols: torch.Tensor, vocab_size: in
 
 
 def bucket_sizes(limit: int, smallest: int) -> list[int]:
-    """Sizes a decode step runs at (slots, or attended cache positions): ``smallest`` times powers of two
-    below ``limit``, and ``limit``."""
+    """Batch sizes a decode step runs at: ``smallest`` times powers of two below ``limit``, and ``limit``."""
     sizes = {limit}
     size = smallest
     while size < limit:
         sizes.add(size)
         size *= 2
+    return sorted(sizes)
+
+
+def length_buckets(limit: int, smallest: int) -> list[int]:
+    """Attended cache lengths a decode step runs at: ``smallest`` times 1, 2, 3, 4, 6, 8, 12, ... below
+    ``limit``, and ``limit`` (a step reads at most 1.5x the positions it needs; the decode attention's time
+    grows with the length)."""
+    sizes = {limit}
+    power = 1
+    while smallest * power < limit:
+        sizes.add(smallest * power)
+        if power >= 2 and smallest * power * 3 // 2 < limit:
+            sizes.add(smallest * power * 3 // 2)
+        power *= 2
     return sorted(sizes)
 
 
@@ -106,8 +122,10 @@ class NativeEngine:
     ``max_batch_size`` is the number of slots (sequences decoded together); ``max_seq_len`` caps prompt +
     completion (default: the model's ``args.max_seq_len``). ``cuda_graphs`` (default: on for CUDA, off for MoE
     families) captures the decode step; ``steps_per_check`` is how many steps run between two looks at which
-    sequences are done; ``max_prefill_tokens`` bounds one prefill forward (rows x longest prompt). The model is
-    used in place: ``update_weights`` writes into its parameters (captured graphs stay valid).
+    sequences are done; ``max_prefill_tokens`` bounds one prefill forward (rows x longest prompt);
+    ``decode_attention`` is the kernel of the decode steps' attention (``posttrain.models.common.decode_attention``:
+    "auto" = batched matmuls on CUDA, SDPA elsewhere; "matmul"; "sdpa"). The model is used in place:
+    ``update_weights`` writes into its parameters (captured graphs stay valid).
     """
 
     def __init__(
@@ -120,6 +138,7 @@ class NativeEngine:
         cuda_graphs: bool | None = None,
         steps_per_check: int = 8,
         max_prefill_tokens: int = 32768,
+        decode_attention: str = "auto",
     ) -> None:
         model = getattr(model, "_orig_mod", model)
         if not hasattr(model, "args") or not hasattr(model, "layers"):
@@ -140,8 +159,13 @@ class NativeEngine:
         self.cuda_graphs = on_cuda and not isinstance(model, MoEModelHooks) if cuda_graphs is None else cuda_graphs
         self.steps_per_check = steps_per_check
         self.max_prefill_tokens = max_prefill_tokens
+        self.decode_attention = check_decode_attention_kind(decode_attention)
         self._run_key: tuple | None = None
         self._run: _Run | None = None
+        # per (slots, length) bucket, the decode attention its graphs use (kept across cache shapes: the timing
+        # depends on the bucket, not on the cache), and the seconds each kernel took when timed
+        self._kernels: dict[tuple[int, int], str] = {}
+        self._kernel_seconds: dict[tuple[int, int], dict[str, float]] = {}
 
     @classmethod
     def from_hf(
@@ -155,6 +179,10 @@ class NativeEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        with use_decode_attention(self.decode_attention):
+            return self._generate(prompt_token_ids, sampling)
+
+    def _generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         for i, prompt in enumerate(prompts):
             if not prompt:
@@ -191,7 +219,8 @@ class NativeEngine:
     def prepare(self, n_sequences: int, max_len: int, sampling: SamplingParams) -> None:
         """Allocate the cache and capture the decode graphs that a call of ``n_sequences`` sequences of at most
         ``max_len`` tokens (prompt + completion) under ``sampling`` will use, ahead of that call."""
-        self._prepare(n_sequences, max_len, sampling)
+        with use_decode_attention(self.decode_attention):
+            self._prepare(n_sequences, max_len, sampling)
 
     def _prepare(self, n_requests: int, needed_len: int, sampling: SamplingParams) -> _Run:
         """The cache and slot state for this call (kept from the last call when the shape is the same), with
@@ -216,11 +245,15 @@ class NativeEngine:
         graph_key = (sampling.temperature, sampling.top_k, sampling.top_p)
         if self.cuda_graphs and graph_key not in run.graphs:
             shapes = [(n, length) for n in bucket_sizes(slots, MIN_SLOT_BUCKET)
-                      for length in bucket_sizes(cache_len, MIN_LENGTH_BUCKET)]
-            run.graphs[graph_key] = DecodeGraphs(
-                lambda shape: decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None),
-                shapes,
-            )
+                      for length in length_buckets(cache_len, MIN_LENGTH_BUCKET)]
+            choose_decode_kernels(self._kernels, self._kernel_seconds, run.cache, self.model.args.n_heads, shapes,
+                                  self.decode_attention)
+
+            def step(shape: tuple[int, int]) -> None:
+                with use_decode_attention(self._kernels[shape]):
+                    decode_step(self.model, run.state, run.cache.rows(*shape), shape[0], sampling, None)
+
+            run.graphs[graph_key] = DecodeGraphs(step, shapes)
             run.state.free(torch.arange(slots, device=self.device))
         return run
 
@@ -230,7 +263,7 @@ class NativeEngine:
         """The continuous-batching loop: refill free slots, decode a few steps, collect finished sequences."""
         slots = run.cache.batch
         sizes = bucket_sizes(slots, MIN_SLOT_BUCKET)
-        lengths = bucket_sizes(run.cache.max_len, MIN_LENGTH_BUCKET)
+        lengths = length_buckets(run.cache.max_len, MIN_LENGTH_BUCKET)
         slot_request = [-1] * slots  # the request each slot decodes, -1 when free
         # per slot, a bound on the position it feeds at the next step (known on the host without asking the
         # device: a slot starts at its prompt length and moves at most one position a step)
@@ -354,6 +387,12 @@ class NativeEngine:
             c.finish_reason = "stop" if c.token_ids[-1] in stop else "length"
             slot_request[slot] = -1
         state.free(rows)
+
+    @property
+    def decode_kernels(self) -> dict[tuple[int, int], tuple[str, dict[str, float]]]:
+        """Per (slots, length) bucket captured so far: its decode attention and, when chosen by timing ("auto"
+        on CUDA), the seconds per call of each kernel. Empty before graphs are captured."""
+        return {shape: (kind, self._kernel_seconds.get(shape, {})) for shape, kind in self._kernels.items()}
 
     # ------------------------------------------------------------------------------------------ weights
 

@@ -21,7 +21,7 @@ def sample_next_tokens(
     if sampling.temperature == 0:
         ids = logits.argmax(dim=-1)
         return ids, torch.log_softmax(logits, dim=-1).gather(1, ids[:, None]).squeeze(1)
-    scaled = logits / sampling.temperature
+    scaled = logits if sampling.temperature == 1 else logits / sampling.temperature  # x / 1 == x: skip the pass
     log_probs = torch.log_softmax(scaled, dim=-1)
     filtered = scaled
     if 0 < sampling.top_k < filtered.shape[-1]:

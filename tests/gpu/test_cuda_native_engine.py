@@ -58,3 +58,46 @@ def test_greedy_equals_transformers_generate_on_smollm2(smollm2_dir: Path, devic
     expected = _hf_greedy(smollm2_dir, prompts, 24, device)
     engine = build_engine("native", smollm2_dir, device=str(device), dtype="float32")
     assert [c.token_ids for c in engine.generate(prompts, SamplingParams(max_new_tokens=24, temperature=0.0))] == expected
+
+
+@pytest.mark.parametrize("kind", ["matmul", "sdpa"])
+def test_decode_kernels_in_bf16_equal_fp32_attention(kind: str, device: torch.device) -> None:
+    """Both decode attention kernels on the device in bf16 (the matmul one with fp32 scores), one query per row
+    at spread positions against a cache view, GQA 16 / 8 heads of 128 (Qwen3-1.7B's attention)."""
+    from posttrain.inference.decode_attention_choice import KERNELS, spread_positions_mask
+
+    torch.manual_seed(0)
+    cache_k = torch.randn(6, 8, 300, 128, device=device, dtype=torch.bfloat16)
+    cache_v = torch.randn(6, 8, 300, 128, device=device, dtype=torch.bfloat16)
+    k, v = cache_k[:, :, :256], cache_v[:, :, :256]
+    q = torch.randn(6, 16, 1, 128, device=device, dtype=torch.bfloat16)
+    mask = spread_positions_mask(6, 256, device)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(KERNELS[kind](q, k, v, mask, None).float(), want, rtol=2e-2, atol=1e-2)
+
+
+def test_graphed_engine_with_timed_kernel_choice_is_exact(device: torch.device) -> None:
+    """Graphs captured with each bucket's timed kernel choice (on CUDA): greedy tokens equal the cache-free
+    reference decoder's, sampled log-probs equal the trainer's recomputation."""
+    from posttrain.inference.native import NativeEngine
+    from posttrain.losses import token_log_probs
+    from posttrain.models.greedy import greedy_generate
+
+    torch.manual_seed(0)
+    model = build_model("qwen3", "debug", device=device, vocab_size=1000, init_std=0.1).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    engine = NativeEngine(model, max_batch_size=4, steps_per_check=3)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0.0))
+    assert [c.token_ids for c in completions] == [greedy_generate(model, p, 20) for p in prompts]
+    if device.type == "cuda":
+        assert engine.decode_kernels and {kind for kind, _ in engine.decode_kernels.values()} <= {"matmul", "sdpa"}
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=1.0, seed=3))
+    with torch.no_grad():
+        for c in sampled:
+            ids = torch.tensor([c.prompt_ids + c.token_ids], device=device)
+            hidden, weight = model(ids, output_fn=lambda h, w: (h, w))
+            want = token_log_probs(hidden[:, len(c.prompt_ids) - 1: -1], weight, ids[:, len(c.prompt_ids):],
+                                   vocab_size=1000, temperature=1.0)[0]
+            torch.testing.assert_close(torch.tensor(c.log_probs, device=device), want.float(), atol=1e-3, rtol=0)

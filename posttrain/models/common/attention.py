@@ -26,6 +26,7 @@ from torch.nn.attention.flex_attention import (
 )
 
 from posttrain.models.common.block_mask import block_mask_from_mask_mod
+from posttrain.models.common.decode_attention import matmul_decode_attention, sdpa_decode_attention, uses_matmul
 
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import apply_rotary_emb
@@ -141,29 +142,17 @@ def sdpa_attention(
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
-    if gqa and q.shape[2] < k.shape[2]:  # KV-cache decoding: fold each group's query heads into the query axis
-        return _grouped_query_attention(q, k, v, mask, scale)
+    if q.shape[2] < k.shape[2]:  # KV-cache decoding: a few queries per row against the cache
+        if uses_matmul(q):
+            return matmul_decode_attention(q, k, v, mask, scale)
+        if gqa:
+            return sdpa_decode_attention(q, k, v, mask, scale)
     # Kernels that take an explicit mask do not all support GQA, so expand k/v instead of enable_gqa.
     if gqa:
         n_rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _grouped_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
-) -> torch.Tensor:
-    """GQA with a mask and no k/v copies: q [B, Hq, S, D] -> [B, Hkv, n_rep * S, D] (query head h uses kv head
-    h // n_rep), the mask [B, 1, S, T] repeated per folded row; what a decode step against a long cache wants."""
-    bsz, n_heads, seq_len, head_dim = q.shape
-    n_kv = k.shape[1]
-    n_rep = n_heads // n_kv
-    q = q.reshape(bsz, n_kv, n_rep * seq_len, head_dim)
-    if mask.shape[-2] != 1:
-        mask = mask.expand(bsz, 1, seq_len, mask.shape[-1]).repeat(1, 1, n_rep, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(bsz, n_heads, seq_len, head_dim)
 
 
 # Compiled once per process, lazily. On the CPU the eager (unfused, exact) path is used instead: compiling
