@@ -132,25 +132,26 @@ def test_two_policy_ranks_train_like_one(tmp_path: Path, warm_start: Path) -> No
     """The policy group as 2 Ray actors forming one torch.distributed group (FSDP over gloo), with KL to a
     frozen reference sharded like the policy and 2 minibatches per step, gives the 1-actor run's numbers:
     the same rollouts (same weights after every sync), losses, gradient norms and KL. So do 2 ranks on packed
-    rows (grpo.micro_batch_tokens: several completions per row, as many forwards on every rank), and 2 ranks
-    with the engine on its own bundle taking the weights over the weight-update group (weight_sync =
-    "collective": gloo here; rank 0 broadcasts while rank 1 takes part in the gathers)."""
+    rows (grpo.micro_batch_tokens: several completions per row, as many forwards on every rank) with the engine
+    on its own bundle taking the weights over the weight-update group (weight_sync = "collective": gloo here;
+    rank 0 broadcasts while rank 1 takes part in the gathers)."""
     common = ("--training.steps", "2", "--checkpoint.interval", "0", "--checkpoint.save_final", "false",
               "--grpo.eval_freq", "0", "--grpo.kl_coef", "0.01", "--grpo.minibatches", "2")
     runs = {}
     for name, extra in (("one", ("--grpo.trainer_workers", "1")), ("two", ("--grpo.trainer_workers", "2")),
-                        ("two_packed", ("--grpo.trainer_workers", "2", "--grpo.micro_batch_tokens", "128")),
-                        ("two_collective", ("--grpo.trainer_workers", "2", "--grpo.placement", "split",
-                                            "--grpo.weight_sync", "collective"))):
+                        # packed rows, with the engine on its own bundle over the weight-update group (one run
+                        # for both: CI time)
+                        ("two_packed_collective", ("--grpo.trainer_workers", "2", "--grpo.micro_batch_tokens", "128",
+                                                   "--grpo.placement", "split", "--grpo.weight_sync", "collective"))):
         out = tmp_path / f"policy_ranks_{name}"
         _run(_cmd(warm_start, out, *common, *extra))
         runs[name] = _metrics(out)
     one = runs["one"]
-    for name in ("two", "two_packed", "two_collective"):
+    for name in ("two", "two_packed_collective"):
         other = runs[name]
         assert sorted(one) == sorted(other) == [1, 2], name
         for step in (1, 2):
             assert other[step]["reward_mean"] == one[step]["reward_mean"], (name, step)
             for key in ("loss", "grad_norm", "kl", "kl_rollout"):
                 assert other[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (name, step, key)
-    assert all(runs["two_collective"][step]["time/sync"] > 0 for step in (1, 2))
+    assert all(runs["two_packed_collective"][step]["time/sync"] > 0 for step in (1, 2))
