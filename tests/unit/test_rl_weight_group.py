@@ -29,12 +29,13 @@ def _tiny_model(seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _engine_process(port: int, queue, out_file: str, device: str) -> None:
+def _engine_process(port: int, queue, out_file: str, device: str, ready) -> None:
     """Rank 1: a native engine with seed-1 weights takes every bucket rank 0 broadcasts."""
     from posttrain.inference.native import NativeEngine
 
     torch.set_num_threads(1)
     engine = NativeEngine(_tiny_model(1).to(device))
+    ready.set()  # about to join: rank 0's rendezvous timeout must not count this process's spawn and imports
     group = join_weight_group(1, 2, device=device, timeout_s=20, host="127.0.0.1", port=port)
     received = 0
     while (layout := queue.get()) is not None:
@@ -57,9 +58,11 @@ def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(t
     ctx = mp.get_context("spawn")
     store, port = host_store(2, timeout_s=20)
     queue, out_file = ctx.Queue(), tmp_path / "engine.pt"
-    engine_proc = ctx.Process(target=_engine_process, args=(port, queue, str(out_file), engine_device))
+    ready = ctx.Event()
+    engine_proc = ctx.Process(target=_engine_process, args=(port, queue, str(out_file), engine_device, ready))
     engine_proc.start()
     try:
+        assert ready.wait(120), "the engine process did not start"
         group = join_weight_group(0, 2, device=policy_device, timeout_s=20, store=store)
         policy = _tiny_model(0).to(policy_device)
         buckets = 0
@@ -91,7 +94,8 @@ def test_collective_sync_gives_the_engine_the_policys_weights_bucket_by_bucket(t
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
-def _join_and_stall(port: int) -> None:
+def _join_and_stall(port: int, ready) -> None:
+    ready.set()  # about to join: rank 0's rendezvous timeout must not count this process's spawn and imports
     group = join_weight_group(1, 2, device="cpu", timeout_s=20, host="127.0.0.1", port=port)
     time.sleep(120)
     group.close()  # alive, but never takes part in the next broadcast (a hung engine)
@@ -100,9 +104,11 @@ def _join_and_stall(port: int) -> None:
 def test_a_stalled_engine_fails_the_sender_after_the_group_timeout() -> None:
     ctx = mp.get_context("spawn")
     store, port = host_store(2, timeout_s=3)
-    proc = ctx.Process(target=_join_and_stall, args=(port,))
+    ready = ctx.Event()
+    proc = ctx.Process(target=_join_and_stall, args=(port, ready))
     proc.start()
     try:
+        assert ready.wait(120), "the engine process did not start"
         group = join_weight_group(0, 2, device="cpu", timeout_s=3, store=store)
         bucket = [("w", torch.ones(4, 4))]
         t0 = time.perf_counter()
