@@ -14,19 +14,9 @@ import torch.multiprocessing as mp
 
 from posttrain.rl.weight_group import bucket_layout, host_store, join_weight_group, receive_bucket, send_bucket
 from posttrain.rl.weight_sync import hf_weight_buckets
+from test_rl_weight_sync_and_batches import _tiny_model
 
 BUCKET_BYTES = 64 * 1024
-
-
-def _tiny_model(seed: int) -> torch.nn.Module:
-    from posttrain.models.registry import get_model_spec, resolve_scratch_args
-
-    spec = get_model_spec("qwen3")
-    args = resolve_scratch_args(spec, "debug", overrides={"dim": 64, "n_layers": 2, "ffn_dim": 128, "vocab_size": 250})
-    torch.manual_seed(seed)
-    model = spec.model_cls(args)
-    model.init_weights()
-    return model.eval()
 
 
 def _engine_process(port: int, queue, out_file: str, device: str, ready) -> None:
