@@ -79,8 +79,8 @@ def bucket_sizes(limit: int, smallest: int) -> list[int]:
 
 def length_buckets(limit: int, smallest: int) -> list[int]:
     """Attended cache lengths a decode step runs at: ``smallest`` times 1, 2, 3, 4, 6, 8, 12, ... below
-    ``limit``, and ``limit`` (a step reads at most 1.5x the positions it needs; the decode attention's time
-    grows with the length)."""
+    ``limit``, and ``limit`` (past the second bucket a step reads at most 1.5x the positions it needs; the decode
+    attention's time grows with the length)."""
     sizes = {limit}
     power = 1
     while smallest * power < limit:
