@@ -56,6 +56,7 @@ from posttrain.parallelisms import (
     get_parallelize_fn,
     get_total_grad_norm,
 )
+from posttrain.parallelisms.compile import partitioner_settings_kept
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
 from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
 from posttrain.preemption import PreemptionFlag
@@ -92,14 +93,20 @@ def build_training_model(
     mixed_precision: str,
     tokenizer_vocab_size: int,
     added_tokens: int | None = None,
+    frozen: bool = False,
 ) -> nn.Module:
     """Build on the meta device, parallelize (TP -> AC -> compile -> FSDP), materialize, then load or init.
 
     With `model.hf_path`, its config.json decides the family and sizes; each rank reads only its own shards.
     `added_tokens` (added to the tokenizer by config; None: counted from the config's token lists) may grow
     the vocabulary; the head and LoRA adapters of
-    the config are attached before parallelizing (see `posttrain/finetune_setup.py`).
+    the config are attached before parallelizing (see `posttrain/finetune_setup.py`). `frozen`: a model that is
+    never trained (a reference, a teacher) leaves the process-wide partitioner settings as the trained model set them.
     """
+    if frozen:
+        with partitioner_settings_kept():
+            return build_training_model(cfg, parallel_dims=parallel_dims, device=device, mixed_precision=mixed_precision,
+                                        tokenizer_vocab_size=tokenizer_vocab_size, added_tokens=added_tokens)
     m = cfg.model
     if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_parallelize.py)
         from posttrain.parallelisms.hf_parallelize import build_parallel_hf_model

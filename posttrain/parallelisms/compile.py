@@ -16,7 +16,9 @@ about 72 and 76 KB).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 import logging
 
 import torch
@@ -52,6 +54,21 @@ def set_pointwise_recompute(enabled: bool) -> None:
         config.ban_recompute_materialized_backward = not enabled
     elif enabled:
         _warn_setting_missing()
+
+
+@contextlib.contextmanager
+def partitioner_settings_kept() -> Iterator[None]:
+    """Restore torch's process-wide partitioner settings (pointwise recompute, the AC memory budget) on exit: a
+    frozen model (a reference, a teacher) built after the trained one must not change what the trained one's
+    graphs compile with (they compile at their first call, after every model is built)."""
+    config = torch._functorch.config
+    names = [n for n in ("ban_recompute_materialized_backward", "activation_memory_budget") if hasattr(config, n)]
+    saved = {n: getattr(config, n) for n in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 @functools.cache

@@ -83,7 +83,7 @@ def build_teacher(trainer: Trainer) -> nn.Module:
                        cfg.model.name, cfg.model.flavor)
     teacher = build_training_model(
         cfg, parallel_dims=trainer.parallel_dims, device=trainer.device, mixed_precision=trainer.mixed_precision,
-        tokenizer_vocab_size=trainer.tokenizer.vocab_size,
+        tokenizer_vocab_size=trainer.tokenizer.vocab_size, frozen=True,
     )
     teacher.requires_grad_(False)
     teacher.eval()

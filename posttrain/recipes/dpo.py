@@ -138,7 +138,7 @@ def build_reference(trainer: Trainer) -> nn.Module:
     reference = build_training_model(
         replace(trainer.cfg, activation_checkpoint=replace(trainer.cfg.activation_checkpoint, mode="none")),
         parallel_dims=trainer.parallel_dims, device=trainer.device, mixed_precision=trainer.mixed_precision,
-        tokenizer_vocab_size=trainer.tokenizer.vocab_size,
+        tokenizer_vocab_size=trainer.tokenizer.vocab_size, frozen=True,
     )
     reference.requires_grad_(False)
     reference.eval()

@@ -151,6 +151,7 @@ class PolicyWorker:
                     parallel_dims=self.trainer.parallel_dims, device=self.trainer.device,
                     mixed_precision=self.trainer.mixed_precision,
                     tokenizer_vocab_size=self.trainer.tokenizer.vocab_size if self.trainer.tokenizer else 0,
+                    frozen=True,
                 )
                 self.reference.requires_grad_(False)
                 self.reference.eval()

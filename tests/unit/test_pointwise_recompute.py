@@ -89,3 +89,36 @@ def test_recompute_is_dropped_only_when_every_block_is_checkpointed_whole(mode, 
     apply_activation_checkpointing(model, mode, every_n=2)
     apply_compile(model, device_type="cpu", recompute_pointwise=True)
     assert torch._functorch.config.ban_recompute_materialized_backward is not recompute
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_copy_built_later_keeps_the_trained_models_setting(frozen, restore_partitioner, tmp_path):
+    """A reference / teacher is built after the policy (with checkpointing off); the policy's graphs compile at
+    their first call, after both builds, so a frozen build must not change the process-wide setting."""
+    from dataclasses import replace
+
+    from posttrain.config import parse_config
+    from posttrain.trainer import build_training_model
+
+    cfg = parse_config([
+        "--model.name", "qwen3", "--model.flavor", "debug", "--model.attn_backend", "sdpa", "--training.device", "cpu",
+        "--compile.enabled", "true", "--compile.recompute_pointwise", "true", "--activation_checkpoint.mode", "full",
+        "--job.output_dir", str(tmp_path),
+    ])
+    kwargs = dict(parallel_dims=_single_process_dims(), device=torch.device("cpu"), mixed_precision="fp32",
+                  tokenizer_vocab_size=0)
+    build_training_model(cfg, **kwargs)
+    policy_setting = torch._functorch.config.ban_recompute_materialized_backward
+    assert policy_setting is True  # full checkpointing: recompute dropped (torch's default kept)
+    reference_cfg = replace(cfg, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none"))
+    build_training_model(reference_cfg, frozen=frozen, **kwargs)
+    # without frozen the reference's own choice (recompute on: no checkpointing) would win
+    assert (torch._functorch.config.ban_recompute_materialized_backward is policy_setting) is frozen
+
+
+def _single_process_dims():
+    from posttrain.parallelisms import ParallelDims
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, world_size=1)
+    dims.build_mesh("cpu")
+    return dims
