@@ -170,8 +170,11 @@ def main() -> None:
         fm = r.get("first_minibatch") or {}
         n_tok = fm.get("tokens") or 0
         ratio = f"{fm['ratio'] / n_tok:.6f}" if n_tok and fm.get("ratio") is not None else "-"
-        clipped = f"{(fm.get('clip_low') or 0) + (fm.get('clip_high') or 0):.0f}" if fm else "-"
-        rate = f"{r['tokens'] / r['s']:,.0f}" if r["pass"] != "weight sync" and "sync" not in r["pass"] else "-"
+        n_clipped = (fm.get("clip_low") or 0) + (fm.get("clip_high") or 0)
+        clipped = f"{n_clipped:.0f}" if fm else "-"
+        if fm and (n_clipped > 0 or ratio == "-" or abs(float(ratio) - 1.0) > 1e-3):
+            ratio += " MISMATCH (the scoring pass and the update's forward differ)"
+        rate = f"{r['tokens'] / r['s']:,.0f}" if "sync" not in r["pass"] else "-"
         table.append([r["pass"], r["call"], f"{r['s']:.3f}", f"{r['tokens']:,}", rate, ratio, clipped])
     print(RESULTS_MARKER)
     print(f"### GRPO trainer passes: {a.shape}, {a.completions} completions ({tokens:,} positions), "
