@@ -122,11 +122,11 @@ def test_usr1_and_scontrol_requeue_checkpoint_requeue_and_resume_to_the_uninterr
     assert stops[:1] == [first_stop] and len(stops) in (1, 2), stops
     first = stops[0]
     # scontrol requeue signals every process of the job, torchrun's agent included. The trainers normally still
-    # checkpoint at the next step boundary (a second "preempted at step"). KNOWN GAP (README, "SLURM"): on a loaded
-    # machine that checkpoint is often missing (about half of the recent 2-core runs): the ranks stall past the 5 s watchdog in the
-    # step after the agent dies and exit without it, and the next start resumes from the previous checkpoint. Both
-    # outcomes must end at the uninterrupted losses; which one happened is printed, and the watchdog's exit must be
-    # the reason when the checkpoint is missing.
+    # checkpoint at the next step boundary (a second "preempted at step"). KNOWN GAP (README, "SLURM"): on a
+    # loaded machine that checkpoint is often missing (about half of the recent 2-core runs): the ranks stall
+    # past the 5 s watchdog in the step after the agent dies and exit without it, and the next start resumes
+    # from the previous checkpoint. Both outcomes must end at the uninterrupted losses; which one happened is
+    # printed, and the watchdog's exit must be the reason when the checkpoint is missing.
     second = stops[1] if len(stops) == 2 else None
     if second is None:
         assert "did not finish within" in text, text[-3000:]
