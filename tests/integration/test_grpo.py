@@ -138,7 +138,9 @@ def test_two_policy_ranks_train_like_one(tmp_path: Path, warm_start: Path) -> No
     common = ("--training.steps", "2", "--checkpoint.interval", "0", "--checkpoint.save_final", "false",
               "--grpo.eval_freq", "0", "--grpo.kl_coef", "0.01", "--grpo.minibatches", "2")
     runs = {}
-    for name, extra in (("one", ("--grpo.trainer_workers", "1")), ("two", ("--grpo.trainer_workers", "2")),
+    # (a plain two-rank run, padded rows and the object store, was a third run here: dropped for CI time; the
+    # packed run below exercises the same two-rank group, gathers and FSDP)
+    for name, extra in (("one", ("--grpo.trainer_workers", "1")),
                         # packed rows, with the engine on its own bundle over the weight-update group (one run
                         # for both: CI time)
                         ("two_packed_collective", ("--grpo.trainer_workers", "2", "--grpo.micro_batch_tokens", "128",
@@ -146,12 +148,10 @@ def test_two_policy_ranks_train_like_one(tmp_path: Path, warm_start: Path) -> No
         out = tmp_path / f"policy_ranks_{name}"
         _run(_cmd(warm_start, out, *common, *extra))
         runs[name] = _metrics(out)
-    one = runs["one"]
-    for name in ("two", "two_packed_collective"):
-        other = runs[name]
-        assert sorted(one) == sorted(other) == [1, 2], name
-        for step in (1, 2):
-            assert other[step]["reward_mean"] == one[step]["reward_mean"], (name, step)
-            for key in ("loss", "grad_norm", "kl", "kl_rollout"):
-                assert other[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (name, step, key)
-    assert all(runs["two_packed_collective"][step]["time/sync"] > 0 for step in (1, 2))
+    one, two = runs["one"], runs["two_packed_collective"]
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in (1, 2):
+        assert two[step]["reward_mean"] == one[step]["reward_mean"], step
+        for key in ("loss", "grad_norm", "kl", "kl_rollout"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (step, key)
+    assert all(two[step]["time/sync"] > 0 for step in (1, 2))
