@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from _scripts import load_script
 
 
-def _load_script(name: str):
-    """Import ``scripts/<name>.py`` (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_math_demo_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-eval_math = _load_script("eval_math")
-make_math_data = _load_script("make_math_data")
+eval_math = load_script("eval_math")
+make_math_data = load_script("make_math_data")
 
 
 @pytest.mark.parametrize(

@@ -3,30 +3,19 @@ answers, sampled completions kept with their question, SFT rows made from GRPO p
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from _scripts import load_script
+
 TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 
 
-def _load_script(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))  # the scripts import each other by bare name
-    spec = importlib.util.spec_from_file_location(f"_lora_dpo_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pairs_script = _load_script("make_self_preference_pairs")
-sft_script = _load_script("make_math_sft_from_prompts")
-eval_math = _load_script("eval_math")
+pairs_script = load_script("make_self_preference_pairs")
+sft_script = load_script("make_math_sft_from_prompts")
+eval_math = load_script("eval_math")
 
 
 def test_pairs_match_distinct_right_answers_with_distinct_wrong_ones() -> None:
