@@ -288,6 +288,7 @@ class NativeEngine:
                 run.state.move_rows(rows)
                 slot_request = [slot_request[s] for s in occupied] + [-1] * (slots - len(occupied))
                 next_position = [next_position[s] for s in occupied] + [0] * (slots - len(occupied))
+                occupied = list(range(len(occupied)))
                 extent = len(occupied)
             n = _bucket(sizes, extent)
             # attend to the positions these steps can reach, not the whole cache

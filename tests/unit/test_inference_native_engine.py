@@ -290,3 +290,20 @@ def test_short_attended_lengths_and_small_batch_buckets_change_nothing(monkeypat
     for completion, tokens in zip(engine.generate(prompts, greedy(30, stop_token_ids=stops)), want):
         hits = [i for i, t in enumerate(tokens) if t in stops]
         assert completion.token_ids == (tokens[: hits[0] + 1] if hits else tokens)
+
+
+def test_packing_the_live_rows_to_the_front_keeps_their_attended_length(monkeypatch) -> None:
+    """Seven requests end after 3 tokens (budgets from max_seq_len) and the one in the last slot runs on: the
+    engine packs it into row 0 and must keep attending to its positions (a stale row index once let the attended
+    length fall below its position: an out-of-bounds cache write on the GPU)."""
+    import posttrain.inference.native as native
+
+    monkeypatch.setattr(native, "MIN_LENGTH_BUCKET", 8)
+    monkeypatch.setattr(native, "MIN_SLOT_BUCKET", 1)
+    model = tiny_model("llama3")
+    prompts = random_prompts((45,) * 7 + (6,), seed=5)
+    engine = NativeEngine(model, max_batch_size=8, max_seq_len=48, steps_per_check=2)
+    completions = engine.generate(prompts, greedy(30))
+    assert [len(c.token_ids) for c in completions] == [3] * 7 + [30]
+    assert [c.token_ids for c in completions] == [greedy_generate(model, p, 48 - len(p) if len(p) > 18 else 30)
+                                                  for p in prompts]
