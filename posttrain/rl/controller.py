@@ -81,6 +81,10 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
     require(g.weight_sync != "cuda_ipc" or g.placement == "colocated", "weight_sync",
             "= 'cuda_ipc' needs grpo.placement = 'colocated' (engines on the policy's GPU)")
     require(g.weight_sync_timeout_s > 0, "weight_sync_timeout_s", "must be > 0")
+    # with training.device = "auto" the same rule waits for the Ray cluster's resources (place_actors)
+    require(not (g.weight_sync == "collective" and g.placement == "colocated" and cfg.training.device == "cuda"),
+            "weight_sync", "= 'collective' on GPUs needs grpo.placement = 'split' (NCCL refuses two ranks on one "
+            "GPU); colocated engines take 'cuda_ipc'")
     if cfg.model.backend == "hf":
         raise SystemExit("GRPO weight sync needs model.backend = 'native' (the engines take HF-named tensors "
                          "gathered from posttrain's own model); model.backend = 'hf' is not supported")

@@ -132,3 +132,6 @@ def test_grpo_config_takes_collective_with_either_placement_and_refuses_what_can
         check_grpo_config(parse_config([*base, "--model.backend", "hf"]))
     with pytest.raises(SystemExit, match="'cuda_ipc' needs grpo.placement = 'colocated'"):
         check_grpo_config(parse_config([*base, "--grpo.weight_sync", "cuda_ipc", "--grpo.placement", "split"]))
+    with pytest.raises(SystemExit, match="'collective' on GPUs needs grpo.placement = 'split'"):
+        check_grpo_config(parse_config([*base, "--grpo.placement", "colocated", "--training.device", "cuda"]))
+    check_grpo_config(parse_config([*base, "--grpo.placement", "split", "--training.device", "cuda"]))
