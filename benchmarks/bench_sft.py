@@ -11,7 +11,8 @@ that under a tight budget the headline comparison is what gets done. Every run t
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math` (`model.sdpa_kernel`), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `budget=X`
+  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math` (`model.sdpa_kernel`), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `skip=N`
+  (`activation_checkpoint.skip_last`: the last N blocks not checkpointed), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
@@ -343,6 +344,7 @@ class PosttrainVariant:
     backend: str = "flex"
     ac: str | None = None  # None: the --ac default
     ac_every_n: int | None = None
+    ac_skip_last: int = 0  # activation_checkpoint.skip_last
     memory_budget: float | None = None
     chunk: int | None = None
     loss: str = "fused"
@@ -367,6 +369,8 @@ def parse_variant(text: str) -> PosttrainVariant:
                 raise SystemExit(f"variant {text!r}: ac must be none, full, selective, op or budget")
         elif token.startswith("every="):
             v.ac_every_n = int(token[6:])
+        elif token.startswith("skip=") and token[5:].isdigit():
+            v.ac_skip_last = int(token[5:])
         elif token.startswith("budget="):
             v.memory_budget = float(token[7:])
         elif token.startswith("chunk="):
@@ -384,7 +388,7 @@ def parse_variant(text: str) -> PosttrainVariant:
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
-                "budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK"
+                "skip=N, budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK"
             )
     return v
 
@@ -413,7 +417,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
         "activation_checkpoint": {
-            "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n,
+            "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n, "skip_last": v.ac_skip_last,
             "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
         },
         "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise},

@@ -22,7 +22,7 @@ from torch import nn
 from posttrain.config import JobConfig, config_to_dict
 from posttrain.losses.fused_head import chunk_rows
 from posttrain.models import protocol as model_hooks
-from posttrain.models.registry import get_model_spec, resolve_args
+from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.parallelisms import ParallelDims
 
 GIB = 1024**3
@@ -60,7 +60,7 @@ def _model_args(cfg: JobConfig):
         spec = spec_for_hf_config(hf_config)
         return spec, resolve_args(spec, spec.args_from_hf_config(hf_config))
     spec = get_model_spec(m.name)
-    return spec, resolve_args(spec, m.flavor)
+    return spec, resolve_scratch_args(spec, m.flavor, vocab_size=m.vocab_size, overrides=m.overrides)
 
 
 def estimate_memory_gib(cfg: JobConfig, args, counts: ParamCounts, dims: ParallelDims, on_gpu: bool) -> dict[str, float]:
@@ -81,15 +81,21 @@ def estimate_memory_gib(cfg: JobConfig, args, counts: ParamCounts, dims: Paralle
     q_dim = args.n_heads * args.head_dim
     # Saved per token and layer: norms' inputs, q/k/v, attention output, SwiGLU's three ffn-wide tensors.
     per_token_layer = (4 * args.dim + 2 * q_dim + 2 * kv_dim + 3 * args.ffn_dim) * compute_bytes / dims.tp
-    mode = cfg.activation_checkpoint.mode
+    ac = cfg.activation_checkpoint
+    mode = ac.mode
+    # the first n_layers - skip_last blocks are the ones the mode wraps; the last skip_last keep everything
+    eligible = args.n_layers - min(ac.skip_last, args.n_layers) if mode in ("full", "selective", "op") else args.n_layers
     if mode == "full":
-        layers_saved = args.dim * compute_bytes * args.n_layers + per_token_layer  # block inputs + one block
-        activations = tokens * layers_saved
+        # wrapped blocks keep their inputs; the last (unwrapped) blocks keep everything, and their backward, which
+        # runs first, frees it before the first wrapped block is recomputed (one at a time)
+        recomputed = 1 if eligible else 0
+        activations = tokens * (args.dim * compute_bytes * eligible
+                                + per_token_layer * max(args.n_layers - eligible, recomputed))
     elif mode == "budget":  # the partitioner's ceiling; it may keep less
-        activations = tokens * per_token_layer * args.n_layers * cfg.activation_checkpoint.memory_budget
+        activations = tokens * per_token_layer * args.n_layers * ac.memory_budget
     else:
-        fraction = 1.0 / cfg.activation_checkpoint.every_n if mode == "selective" else 0.0
-        activations = tokens * per_token_layer * args.n_layers * (1 - fraction)
+        wrapped = eligible // ac.every_n if mode == "selective" else 0
+        activations = tokens * per_token_layer * (args.n_layers - wrapped)
     if t.loss_impl == "fused":  # one chunk's logits in the matmul dtype (turned into their gradient in place)
         rows = chunk_rows(t.loss_chunk_size, args.padded_vocab_size, compute_bytes)
         loss = min(rows, tokens) * args.padded_vocab_size * compute_bytes

@@ -170,6 +170,11 @@ class ParallelismSection:
 class ActivationCheckpointSection:
     mode: str = opt("none", "activation checkpointing", choices=("none", "full", "selective", "op", "budget"))
     every_n: int = opt(2, "selective mode: checkpoint every n-th block")
+    skip_last: int = opt(
+        0,
+        "full / selective / op: the last n blocks are not checkpointed (they run backward first, while few "
+        "gradients exist, so up to some n this saves their recomputation without raising the step's peak memory)",
+    )
     memory_budget: float = opt(
         0.5, "budget mode (needs compile): share of the activation memory kept (0..1); the cheapest ops are recomputed"
     )

@@ -45,6 +45,7 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     _validate_float8(cfg)
     ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
     _positive(ac.every_n, "activation_checkpoint.every_n")
+    _non_negative(ac.skip_last, "activation_checkpoint.skip_last")
     _require(
         0 <= ac.memory_budget <= 1, "activation_checkpoint.memory_budget", f"must be in [0, 1], got {ac.memory_budget}"
     )

@@ -6,6 +6,11 @@ Modes (``ActivationCheckpointSection.mode``):
 - ``selective``: like ``full`` but only every ``every_n``-th block (a memory/speed dial between none and full).
 - ``op``: every block is wrapped, but the outputs of the expensive ops (matmuls, attention kernels,
   reduce-scatters) are saved, so backward recomputes only the cheap pointwise ops (norms, activations, rope).
+- ``skip_last`` (with ``full`` / ``selective`` / ``op``): the last ``skip_last`` blocks are not checkpointed. A
+  step's peak memory usually comes at the end of backward, when every gradient exists beside the weights and the
+  optimizer states; the last blocks are the first to run backward, so their activations are freed while few
+  gradients exist yet. Until their saved activations exceed the gradients of the blocks still to come, leaving
+  them unwrapped costs no peak memory and saves their recomputation.
 - ``budget``: no wrapper; torch.compile's min-cut partitioner keeps at most ``memory_budget`` (a share, 0..1)
   of the activation memory each compiled block would otherwise save, recomputing the ops that cost the least
   runtime per byte freed (``torch._functorch.config.activation_memory_budget``, as torchtitan's
@@ -96,16 +101,22 @@ def set_activation_memory_budget(budget: float) -> None:
     torch._functorch.config.activation_memory_budget = budget
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2, memory_budget: float = 1.0) -> None:
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2, memory_budget: float = 1.0,
+                                   skip_last: int = 0) -> None:
     """Wrap ``model.layers`` blocks in place according to ``mode`` (see the module docstring)."""
     if mode not in AC_MODES:
         raise ValueError(f"activation_checkpoint.mode must be one of {AC_MODES}, got {mode!r}")
+    if skip_last < 0:
+        raise ValueError(f"activation_checkpoint.skip_last must be >= 0, got {skip_last}")
     set_activation_memory_budget(memory_budget if mode == "budget" else 1.0)
     if mode in ("none", "budget"):
         return
     if mode == "selective" and every_n < 1:
         raise ValueError(f"activation_checkpoint.every_n must be >= 1 for selective mode, got {every_n}")
-    for i, (name, block) in enumerate(list(model.layers.named_children())):
+    blocks = list(model.layers.named_children())
+    for i, (name, block) in enumerate(blocks):
+        if i >= len(blocks) - skip_last:
+            continue
         if mode == "selective":
             # blocks every_n-1, 2*every_n-1, ...: with every_n=1 this is full checkpointing
             if (i + 1) % every_n != 0:

@@ -61,7 +61,7 @@ def parallelize_hf(
     device_type = parallel_dims.device_type or "cpu"
     if ac.mode == "budget" and not compile.enabled:
         raise SystemExit("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
-    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
+    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget, ac.skip_last)
     if compile.enabled:
         # HF layers take keyword inputs and may branch on config values: allow graph breaks
         apply_compile(model, fullgraph=False, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)

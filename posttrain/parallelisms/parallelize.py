@@ -72,7 +72,7 @@ def parallelize_decoder(
 
     if ac.mode == "budget" and not compile.enabled:
         raise ValueError("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
-    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget)
+    apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget, ac.skip_last)
 
     if compile.enabled:
         apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)

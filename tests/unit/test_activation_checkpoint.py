@@ -91,6 +91,45 @@ def test_every_mode_gives_the_same_loss_and_grads_and_recomputes_what_it_should(
     assert mms["op"] == base_mms  # matmul outputs are saved, never recomputed
 
 
+@pytest.mark.parametrize(
+    "mode, every_n, skip_last, expected",
+    [
+        ("full", 2, 1, [True, True, True, False]),
+        ("full", 2, 4, [False] * 4),
+        ("full", 2, 9, [False] * 4),
+        ("selective", 2, 1, [False, True, False, False]),
+        ("selective", 1, 2, [True, True, False, False]),
+        ("op", 2, 3, [True, False, False, False]),
+        ("none", 2, 2, [False] * 4),
+    ],
+)
+def test_skip_last_leaves_the_last_blocks_unwrapped(mode, every_n, skip_last, expected):
+    model = debug_model()
+    apply_activation_checkpointing(model, mode, every_n, skip_last=skip_last)
+    assert wrapped(model) == expected
+
+
+def test_skip_last_keeps_loss_and_grads_and_recomputes_only_the_wrapped_blocks():
+    ref_loss, ref_grads, base_mms = loss_and_backward_matmuls(debug_model())
+    full = debug_model()
+    apply_activation_checkpointing(full, "full")
+    _, _, full_mms = loss_and_backward_matmuls(full)
+    model = debug_model()
+    apply_activation_checkpointing(model, "full", skip_last=3)
+    loss, grads, mms = loss_and_backward_matmuls(model)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-6, atol=1e-7)
+    assert mms - base_mms == (full_mms - base_mms) / 4  # one of four blocks recomputed
+
+
+def test_skip_last_is_checked_in_the_config_and_by_the_function():
+    with pytest.raises(ConfigError, match="activation_checkpoint.skip_last"):
+        config_from_dict({"activation_checkpoint": {"mode": "full", "skip_last": -1}})
+    with pytest.raises(ValueError, match="skip_last"):
+        apply_activation_checkpointing(debug_model(), "full", skip_last=-1)
+
+
 def test_unknown_mode_and_bad_every_n_are_refused():
     with pytest.raises(ValueError, match="activation_checkpoint.mode"):
         apply_activation_checkpointing(debug_model(), "sometimes")

@@ -89,3 +89,19 @@ def test_signalled_rank_that_never_reaches_a_step_boundary_exits_on_its_own() ->
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 143, proc.stderr
     assert "did not finish within" in proc.stderr and __import__("time").monotonic() - t0 < 25
+
+
+def test_dry_run_activation_estimate_follows_the_checkpointing_layout() -> None:
+    def activations(*overrides: str) -> float:
+        # long rows, so that the estimate (rounded to 0.01 GiB) tells the layouts apart on the debug model
+        cfg = load_config(["--config", "train_configs/debug_sft.toml", "--training.seq_len", "65536",
+                           "--model.overrides", "{n_layers = 4}", *overrides])
+        return dry_run(cfg, world_size=1)["memory_per_gpu_gib"]["activations"]
+
+    none, full = activations(), activations("--activation_checkpoint.mode", "full")
+    skipped = [activations("--activation_checkpoint.mode", "full", "--activation_checkpoint.skip_last", str(k))
+               for k in (1, 2, 3)]
+    # the last block is recomputed first under full checkpointing anyway: leaving it unwrapped costs nothing
+    assert skipped[0] <= full < skipped[1] < skipped[2] < none
+    assert activations("--activation_checkpoint.mode", "selective", "--activation_checkpoint.every_n", "1",
+                       "--activation_checkpoint.skip_last", "1") < none
