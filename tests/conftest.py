@@ -72,10 +72,15 @@ _SESSION_VAR = "POSTTRAIN_TEST_SESSION"
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(_SESSION_VAR, f"{os.getpid()}-{os.urandom(6).hex()}")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:  # CI's `-n 2`: each worker's in-process torch gets its share of the cores, not all of them
+    if workers > 1:
+        # CI's `-n 2` on 2 cores: each worker, and every process it starts, gets its share of the cores. With
+        # torch's default (one OpenMP thread per core) in both workers, threads spin-waiting for a descheduled
+        # sibling made the GRPO warm start's SFT 6x slower than alone.
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _processes_of_this_session(config: pytest.Config) -> list[tuple[int, str]]:
