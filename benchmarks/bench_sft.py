@@ -15,7 +15,7 @@ that under a tight budget the headline comparison is what gets done. Every run t
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
-  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default off: compiled
+  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled
   blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R,
   alpha 2R, on every attention / MLP projection; the issue-formula MFU still counts 6N, the causal MFU is the
   trainer's, which counts what LoRA computes). MFU stays relative to the
@@ -349,7 +349,7 @@ class PosttrainVariant:
     float8: bool = False
     float8_small_gemms: bool = False
     sdpa_kernel: str = "auto"
-    recompute_pointwise: bool = False
+    recompute_pointwise: bool = True  # compile.recompute_pointwise's default
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
 
 

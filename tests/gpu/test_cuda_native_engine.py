@@ -101,3 +101,24 @@ def test_graphed_engine_with_timed_kernel_choice_is_exact(device: torch.device) 
             want = token_log_probs(hidden[:, len(c.prompt_ids) - 1: -1], weight, ids[:, len(c.prompt_ids):],
                                    vocab_size=1000, temperature=1.0)[0]
             torch.testing.assert_close(torch.tensor(c.log_probs, device=device), want.float(), atol=1e-3, rtol=0)
+
+
+def test_graphed_engine_packs_a_long_running_row_to_the_front(device: torch.device, monkeypatch) -> None:
+    """Seven rows end after 3 tokens and the last slot's row runs on: the engine packs it into row 0 between
+    graph replays, and its attended length must still cover its positions (a stale row list once let a graph
+    write the KV cache out of bounds: a device-side assert at step 7 of the real GRPO run)."""
+    import posttrain.inference.native as native
+    from posttrain.models.greedy import greedy_generate
+
+    monkeypatch.setattr(native, "MIN_LENGTH_BUCKET", 8)
+    monkeypatch.setattr(native, "MIN_SLOT_BUCKET", 1)
+    torch.manual_seed(0)
+    model = build_model("llama3", "debug", device=device, vocab_size=1000, init_std=0.1).eval()
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (45,) * 7 + (6,)]
+    engine = native.NativeEngine(model, max_batch_size=8, max_seq_len=48, steps_per_check=2)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=0.0))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert [len(c.token_ids) for c in completions] == [3] * 7 + [30]
+    assert completions[-1].token_ids == greedy_generate(model, prompts[-1], 30)

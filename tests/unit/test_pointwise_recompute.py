@@ -79,7 +79,7 @@ def test_apply_compile_sets_the_partitioner_from_the_config(restore_partitioner)
     model = build_model("qwen3", "debug", device="cpu", n_layers=1, attn_backend="sdpa")
     apply_compile(model, device_type="cpu", recompute_pointwise=True)
     assert torch._functorch.config.ban_recompute_materialized_backward is False
-    apply_compile(model, device_type="cpu")  # the default: compile.recompute_pointwise = false
+    apply_compile(model, device_type="cpu")  # the function's default: off (the config's default is on)
     assert torch._functorch.config.ban_recompute_materialized_backward is True
 
 
