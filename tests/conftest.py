@@ -43,6 +43,8 @@ def tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """A float32 safetensors HF folder (model + tokenizer) of SmolLM2-135M-Instruct, converted once."""
+    from _cache_lock import cache_lock
+
     converter = _load_script("convert_gguf_to_hf")
     out_dir = cache_root() / "smollm2-135m-instruct"
     if converter.is_complete_hf_folder(out_dir):
@@ -53,7 +55,8 @@ def smollm2_dir() -> Path:
         converter.find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 GGUF not available: {e}")
-    return converter.convert_smollm2(out_dir)
+    with cache_lock(out_dir):  # another xdist worker may be converting it right now
+        return converter.convert_smollm2(out_dir)
 
 
 # ---------------------------------------------------------------- leftover processes
@@ -68,6 +71,16 @@ _SESSION_VAR = "POSTTRAIN_TEST_SESSION"
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(_SESSION_VAR, f"{os.getpid()}-{os.urandom(6).hex()}")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        # CI's `-n 2` on 2 cores: each worker, and every process it starts, gets its share of the cores. With
+        # torch's default (one OpenMP thread per core) in both workers, threads spin-waiting for a descheduled
+        # sibling made the GRPO warm start's SFT 6x slower than alone.
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _processes_of_this_session(config: pytest.Config) -> list[tuple[int, str]]:

@@ -108,6 +108,9 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# A requeued job becomes eligible again only after cred_expire; the main scheduling loop then starts it on its
+# next pass, every 60 s by default (the requeue test spent about 80 s of its 137 s waiting for those passes).
+SchedulerParameters=sched_interval=1
 ReturnToService=2
 JobRequeue=1
 # The configured CPU count, whatever the machine has: two 2-rank jobs run side by side even on 2 cores.

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _cache_lock import cache_lock
 from _process_tags import TAG_VAR, kill_tagged, tagged_pids, wait_until_none_left
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,10 +38,11 @@ def warm_start() -> Path:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
     cache = Path(os.environ.get("POSTTRAIN_TEST_CACHE", REPO / "tests" / ".cache"))  # as tests/conftest.py
     out = cache / f"grpo-warmstart-{digest}"
-    if not (out / "sft" / "hf" / "model.safetensors").is_file():
-        proc = subprocess.run([sys.executable, "scripts/make_grpo_warmstart.py", "--out-dir", str(out)], cwd=REPO,
-                              check=False, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"the warm start failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    with cache_lock(out):  # pytest-xdist: another worker may be building it right now
+        if not (out / "sft" / "hf" / "model.safetensors").is_file():
+            proc = subprocess.run([sys.executable, "scripts/make_grpo_warmstart.py", "--out-dir", str(out)],
+                                  cwd=REPO, check=False, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"the warm start failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return out
 
 

@@ -154,7 +154,10 @@ def test_nonfinite_gradients_skip_steps_then_stop_naming_the_last_good_checkpoin
 
 def test_slurm_launch_line_runs_two_processes_and_forwards_preemption(tmp_path: Path) -> None:
     """deploy/slurm/launch.sh is what `srun` runs on each node; here it runs directly, as one node of a
-    one-node allocation with the variables SLURM sets, and passes SIGUSR1 (time limit) to the trainers."""
+    one-node allocation with the variables SLURM sets, and passes SIGUSR1 (time limit) to the trainers, which
+    checkpoint and exit 0. (Resuming from that checkpoint through the same launch line was a second torchrun
+    launch here, dropped for CI time: a two-rank resume after a signal is test_signal_to_one_rank_..., and the
+    requeued launch line resuming is tests/integration/test_slurm.py on a real cluster.)"""
     out = tmp_path / "slurm"
     port = _free_port()
     env = {
@@ -177,8 +180,5 @@ def test_slurm_launch_line_runs_two_processes_and_forwards_preemption(tmp_path: 
     assert len(checkpoints) == 1
     step = int(checkpoints[0].name.split("-")[1])
     assert step < 200
-
-    # The requeued job: the same launch line resumes from that checkpoint.
-    env["RDZV_PORT"] = str(_free_port())
-    _run([*launch, *steps, "--training.steps", str(step + 1)], env=env)
-    assert [r["step"] for r in _rows(out)][-2:] == [step, step + 1]
+    assert [r["step"] for r in _rows(out)][-1] == step
+    assert "preempted at step" in done.stdout

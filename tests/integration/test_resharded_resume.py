@@ -25,9 +25,16 @@ def _resume_under(reference: Path, out: Path, layout: list[str], nproc: int) -> 
     return _losses(out)
 
 
-def test_fsdp_checkpoint_resumes_under_replication(tmp_path: Path) -> None:
-    reference = tmp_path / "fsdp"
-    _run(_train_cmd(reference, *STEPS, *FSDP2, nproc=2), timeout=300)
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-rank FSDP run with checkpoints at steps 2 and 4, shared by two tests for CI time."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    _run(_train_cmd(out, *STEPS, *FSDP2, nproc=2), timeout=300)
+    return out
+
+
+def test_fsdp_checkpoint_resumes_under_replication(tmp_path: Path, fsdp_reference: Path) -> None:
+    reference = fsdp_reference
     resumed = _resume_under(reference, tmp_path / "replicated", REPLICATE2, nproc=2)
     expected = _losses(reference)
     for step in (3, 4):
@@ -43,10 +50,11 @@ def test_tp_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
-def test_changing_the_data_parallel_degree_is_refused_clearly(tmp_path: Path) -> None:
-    reference = tmp_path / "fsdp"
-    _run(_train_cmd(reference, "--training.steps", "2", *FSDP2, nproc=2), timeout=300)
-    proc = subprocess.run(_train_cmd(reference, "--training.steps", "4"), cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+def test_changing_the_data_parallel_degree_is_refused_clearly(tmp_path: Path, fsdp_reference: Path) -> None:
+    out = tmp_path / "single"  # the two-rank run's step-2 checkpoint, resumed on one process
+    (out / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(fsdp_reference / "checkpoints" / "step-2"), str(out / "checkpoints")], check=True)
+    proc = subprocess.run(_train_cmd(out, *STEPS), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "data-parallel degree of 2, this run has 1" in proc.stderr + proc.stdout
+    assert not (out / "checkpoints" / "step-4").exists()

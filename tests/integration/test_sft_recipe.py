@@ -53,10 +53,20 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path: Path) -> None:
-    steps = ["--training.steps", "8", "--checkpoint.interval", "2", "--checkpoint.keep_last", "0"]
-    reference = tmp_path / "reference"
-    _run(_train_cmd(reference, *steps))
+REFERENCE_STEPS = ["--training.steps", "8", "--checkpoint.interval", "2", "--checkpoint.keep_last", "0"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted single-process run (whole batches, HF export), shared for CI time: the SIGKILL test's
+    reference losses, the micro-batch test's whole-batch losses, and the export test's HF folder."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _run(_train_cmd(out, *REFERENCE_STEPS, "--checkpoint.export_hf", "true"))
+    return out
+
+
+def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path: Path, reference: Path) -> None:
+    steps = REFERENCE_STEPS
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, *steps), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -78,24 +88,23 @@ def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path: Path) ->
         assert resumed[step] == pytest.approx(loss, rel=1e-6), f"step {step}: {resumed[step]} vs {loss}"
 
 
-def test_micro_batches_do_not_change_the_losses(tmp_path: Path) -> None:
-    """The same global batch in 1 or 4 micro-batches: a token-weighted mean, so the same training curve."""
-    steps = ["--training.steps", "3", "--checkpoint.save_final", "false"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _run(_train_cmd(whole, *steps, "--training.micro_batch_size", "4"))
-    _run(_train_cmd(split, *steps, "--training.micro_batch_size", "1"))
-    a, b = _losses(whole), _losses(split)
+def test_micro_batches_do_not_change_the_losses(tmp_path: Path, reference: Path) -> None:
+    """The same global batch in 1 or 4 micro-batches: a token-weighted mean, so the same training curve (the
+    whole-batch run is the shared reference: micro_batch_size 0 = the batch of 4 in one forward)."""
+    split = tmp_path / "split"
+    _run(_train_cmd(split, *REFERENCE_STEPS, "--checkpoint.save_final", "false", "--training.micro_batch_size", "1"))
+    a, b = _losses(reference), _losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
-def test_export_hf_loads_in_transformers(tmp_path: Path) -> None:
+def test_export_hf_loads_in_transformers(reference: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.models import load_hf
 
-    out = tmp_path / "run"
-    _run(_train_cmd(out, "--training.steps", "2", "--checkpoint.export_hf", "true"))
+    out = reference
     hf_dir = out / "hf"
     assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -108,22 +117,32 @@ def test_export_hf_loads_in_transformers(tmp_path: Path) -> None:
     assert (out / "tb").is_dir() is False  # tensorboard was switched off for these runs
 
 
-def test_torchrun_two_ranks_fsdp(tmp_path: Path) -> None:
-    out = tmp_path / "fsdp"
-    _run(_train_cmd(out, "--training.steps", "3", "--checkpoint.export_hf", "true", nproc=2), timeout=300)
+FSDP_STEPS = ["--training.steps", "3", "--training.micro_batch_size", "1"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One two-rank FSDP run (two micro-batches per rank, gradients reduced after each), shared for CI time: the
+    torchrun test's run and the deferred-sync test's reference."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    _run(_train_cmd(out, *FSDP_STEPS, "--checkpoint.export_hf", "true", nproc=2), timeout=300)
+    return out
+
+
+def test_torchrun_two_ranks_fsdp(fsdp_run: Path) -> None:
+    out = fsdp_run
     losses = _losses(out)
     assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
     assert (out / "checkpoints" / "step-3").is_dir()
     assert (out / "hf" / "config.json").is_file()
 
 
-def test_deferred_gradient_sync_gives_the_same_losses(tmp_path: Path) -> None:
+def test_deferred_gradient_sync_gives_the_same_losses(tmp_path: Path, fsdp_run: Path) -> None:
     """FSDP with gradient accumulation: reducing once after the last micro-batch changes nothing numerically."""
-    common = ["--training.steps", "3", "--training.micro_batch_size", "1", "--checkpoint.save_final", "false"]
-    every, deferred = tmp_path / "every", tmp_path / "deferred"
-    _run(_train_cmd(every, *common, nproc=2), timeout=300)
-    _run(_train_cmd(deferred, *common, "--parallelism.defer_grad_sync", "true", nproc=2), timeout=300)
-    a, b = _losses(every), _losses(deferred)
+    deferred = tmp_path / "deferred"
+    _run(_train_cmd(deferred, *FSDP_STEPS, "--checkpoint.save_final", "false", "--parallelism.defer_grad_sync", "true",
+                    nproc=2), timeout=300)
+    a, b = _losses(fsdp_run), _losses(deferred)
     assert sorted(a) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
