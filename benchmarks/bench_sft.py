@@ -5,8 +5,16 @@
 
 Everything runs in ONE process, one run after the other, memory freed in between (gc, dynamo reset,
 empty_cache). Order: the first posttrain variant, then the peers, then the other posttrain variants, so
-that under a tight budget the headline comparison is what gets done. Every run trains a randomly initialised model whose parameters AND AdamW states are bf16
-(`--dtype`), with fused AdamW and gradient clipping at 1.0, on the same synthetic rows of random token ids:
+that under a tight budget the headline comparison is what gets done. Every run trains a randomly initialised model
+whose parameters AND AdamW states are bf16 (`--dtype`), with fused AdamW and gradient clipping at 1.0, on the same
+synthetic rows of random token ids, from the SAME initial weights: posttrain's (`--seed`), taken to the CPU once
+before the first peer is built (from the first posttrain variant before its first step, or from a posttrain model
+built for it when a peer runs first), converted by the project's HF export and loaded strictly into every peer
+(`same_init.py`; `--no-same-init`: transformers' own init). So every run computes the same losses up to rounding:
+the `loss vs peer` column and the last target line check that (first-step loss within 0.5%, the loss after the
+same number of steps within 2%; the tolerances are justified in same_init.py) -- a difference there is a
+difference in computation, not in initialisation. posttrain's MoE loss also adds the router's load-balancing
+term (router_aux_loss_coef x aux, ~0.002 at init), which the peers (output_router_logits false) leave out.
 
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
@@ -48,7 +56,7 @@ import re
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +79,16 @@ from measure import (
 )
 
 import torch  # noqa: E402  (measure puts the repo root on sys.path first)
+
+from same_init import (  # noqa: E402
+    FIRST_LOSS_RTOL,
+    LAST_LOSS_RTOL,
+    InitialWeights,
+    load_initial_weights,
+    loss_agreement,
+    take_initial_weights,
+    transformers_config,
+)
 
 from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
@@ -246,6 +264,8 @@ class Settings:
     loss_chunk_size: int
     peer_ac: bool
     hf_attn: str
+    docs_per_row: int = 1
+    initial: InitialWeights = field(default_factory=lambda: InitialWeights(enabled=False))
     profile_dir: Path | None = None
     profile_steps: int = 2
     profile_peers: bool = False
@@ -259,8 +279,10 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     not count; optimizer states exist by then, gradients are re-created every step)."""
     t0 = time.perf_counter()
     first: dict[str, Any] | None = None
+    warmup_done = 0
     for i in range(s.warmup):
         out = step()
+        warmup_done += 1
         first = first or out
         if s.deadline.expired() and i >= 1:
             break
@@ -288,7 +310,10 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         "tokens_per_s": tps,
         "peak_mem_gib": peak,
         "loss_first": _as_float(first["loss"]) if first and "loss" in first else None,
-        "loss_last": next((_as_float(r["loss"]) for r in reversed(records) if "loss" in r), None),
+        # the loss of the last step run (posttrain reads it only on the planned last step: None when cut short)
+        "loss_last": _as_float(records[-1]["loss"]) if records and "loss" in records[-1] else None,
+        "grad_norm_first": _as_float(first["grad_norm"]) if first and "grad_norm" in first else None,
+        "steps_run": warmup_done + n,  # the last loss is comparable between runs with the same count
     }
     if tps is not None and s.peak_flops:
         result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
@@ -435,6 +460,8 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
         try:
             synchronize(s.device)
             build_s = time.perf_counter() - t0
+            if s.initial.needed():  # before the first step, outside the timed window and its memory peak
+                take_initial_weights(trainer.model, s.shape.hf_config, f"{v.name}, before its first step", s.initial)
             trainer.set_data_loader(endless(s.batches.posttrain))
             loss_fn = partial(sft_loss, chunk_size=cfg.training.loss_chunk_size, loss_impl=cfg.training.loss_impl)
             calls = [0]
@@ -449,6 +476,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             if s.memory_snapshot_dir is not None:
                 result["memory_at_peak"] = memory_run(step, s, v.name)
             result["build_s"] = round(build_s, 2)
+            result["lora"] = v.lora_rank > 0
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
                 "recompute_pointwise": v.recompute_pointwise,
@@ -466,6 +494,26 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
 
 def _fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused"))
+
+
+def take_initial_weights_untrained(s: Settings) -> None:
+    """When a peer runs before any posttrain variant was built (the first one skipped or failed): build a
+    posttrain model the way every variant is built (the Trainer, --seed), take its weights, free it. A failure
+    is recorded; the peers then keep transformers' own init."""
+    v = PosttrainVariant(name="posttrain eager+sdpa (built for its initial weights, never trained)", backend="sdpa")
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_sft_init_") as tmp:
+            trainer = Trainer(posttrain_config(v, s, tmp), tokenizer=VocabOnlyTokenizer(s.shape.args.vocab_size))
+            try:
+                take_initial_weights(trainer.model, s.shape.hf_config, v.name, s.initial)
+            finally:
+                trainer.close()
+                del trainer
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the peers still run, from their own init
+        s.initial.error = short_error(err)
+        print(f"[same init] could not take posttrain's initial weights: {s.initial.error}; the peers keep "
+              "transformers' init", flush=True)
+    free_memory(s.device, reset_compiler=False)
 
 
 # --------------------------------------------------------------------------------------------- HF peers
@@ -486,13 +534,9 @@ def apply_liger(model_type: str) -> None:
 def build_hf_model(s: Settings, liger: bool) -> torch.nn.Module:
     import transformers
 
-    d = dict(s.shape.hf_config)
-    model_type = d.pop("model_type")
-    d.pop("architectures", None)
-    d["use_cache"] = False
-    config = transformers.AutoConfig.for_model(model_type, **d)
+    config = transformers_config(s.shape.hf_config)
     if liger:
-        apply_liger(model_type)
+        apply_liger(config.model_type)
     dtype = torch.bfloat16 if s.dtype == "bfloat16" else torch.float32
     torch.manual_seed(s.seed)
     with torch.device(s.device):
@@ -503,6 +547,8 @@ def build_hf_model(s: Settings, liger: bool) -> torch.nn.Module:
                 config, torch_dtype=dtype, attn_implementation=s.hf_attn
             )
     model.to(device=s.device, dtype=dtype)
+    if s.initial.tensors is not None:
+        load_initial_weights(model, s.initial)
     model.train()
     if s.peer_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -526,6 +572,8 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     set_pointwise_recompute(False)
     liger = "liger" in peer
     compiled = peer.endswith("compile")
+    if s.initial.needed():
+        take_initial_weights_untrained(s)
     t0 = time.perf_counter()
     model = build_hf_model(s, liger)
     optimizer = hf_optimizer(model, s)
@@ -541,10 +589,10 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
         labels = b["labels"].to(s.device, non_blocking=True)
         loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach(), "grad_norm": grad_norm}
 
     try:
         result = timed_run(step, s)
@@ -555,6 +603,7 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     finally:
         del forward, optimizer, params, model
     result["build_s"] = round(build_s, 2)
+    result["init"] = "posttrain's initial weights" if s.initial.tensors is not None else "transformers' own"
     result["config"] = {
         "compile": compiled, "liger": liger, "attn_implementation": s.hf_attn, "dtype": s.dtype,
         "fused_adamw": s.device.type == "cuda", "gradient_checkpointing": s.peer_ac,
@@ -565,7 +614,7 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- reporting
 
 
-def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratio_rows(results: list[dict[str, Any]], s: Settings) -> list[dict[str, Any]]:
     ours = [r for r in results if r["kind"] == "posttrain" and r["status"] == "ok"]
     peers = [r for r in results if r["kind"] == "peer" and r["status"] == "ok"]
     rows = []
@@ -575,8 +624,33 @@ def ratio_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "posttrain": o["name"], "peer": p["name"],
                 "tokens_per_s_ratio": _div(o.get("tokens_per_s"), p.get("tokens_per_s")),
                 "peak_mem_ratio": _div(o.get("peak_mem_gib"), p.get("peak_mem_gib")),
+                "loss": loss_agreement(o, p, comparable=why_not_comparable(p, s)),
             })
     return rows
+
+
+def why_not_comparable(peer: dict[str, Any], s: Settings) -> str | None:
+    """Why a peer's losses need not equal posttrain's (no verdict then), or None."""
+    if not s.initial.enabled:
+        return "--no-same-init: each side starts from its own init"
+    if peer.get("init") != "posttrain's initial weights":
+        return f"the peer started from transformers' init ({s.initial.error or 'no initial weights'})"
+    if s.docs_per_row > 1:
+        return "--docs-per-row > 1: the HF peers attend across documents, posttrain does not"
+    return None
+
+
+def loss_cell(agreement: dict[str, Any]) -> str:
+    """The `loss vs peer` cell: absolute (relative) differences of the first-step and the last loss, the verdict."""
+    def diff(key: str) -> str:
+        a, r = agreement.get(f"{key}_abs_diff"), agreement.get(f"{key}_rel_diff")
+        return "-" if a is None else f"{a:.1e} ({100 * r:.2f}%)" if r is not None else f"{a:.1e}"
+
+    last = diff("loss_last")
+    if agreement.get("last_not_compared"):
+        last += f", not compared: {agreement['last_not_compared']}"
+    verdict = {True: "agree", False: "DIFFER", None: "no verdict"}[agreement.get("agree")]
+    return f"first {diff('loss_first')}, last {last}: {verdict}"
 
 
 def _times(x: float | None) -> str:
@@ -598,6 +672,7 @@ def render(results: list[dict[str, Any]], shape: Shape, s: Settings) -> str:
         f"seq {s.seq_len} x batch {s.batch}, {s.dtype} params + AdamW states, device {s.device}",
         f"MFU = (6N + 6 L H Dh S) x tokens/s / {s.peak_flops / 1e12:.0f} TFLOP/s; causal MFU = posttrain's metric "
         "(counts computed FLOPs: causal attention, head once)" if s.peak_flops else "MFU: no peak FLOP/s on this device",
+        init_line(s),
         "",
     ]
     headers = ["run", "tokens/s", "MFU %", "causal MFU %", "peak mem GiB", "step ms", "timed steps",
@@ -620,13 +695,13 @@ def render(results: list[dict[str, Any]], shape: Shape, s: Settings) -> str:
             "ok" if ok else f"{r['status']}: {r.get('reason', '')}",
         ])
     lines.append(markdown_table(headers, rows))
-    ratios = ratio_rows(results)
+    ratios = ratio_rows(results, s)
     if ratios:
         lines += ["", "posttrain / peer:", ""]
         lines.append(markdown_table(
-            ["posttrain", "peer", "tokens/s ratio", "peak memory ratio"],
-            [[x["posttrain"], x["peer"], _times(x["tokens_per_s_ratio"]), _times(x["peak_mem_ratio"])]
-             for x in ratios],
+            ["posttrain", "peer", "tokens/s ratio", "peak memory ratio", "loss vs peer (abs diff, first / last step)"],
+            [[x["posttrain"], x["peer"], _times(x["tokens_per_s_ratio"]), _times(x["peak_mem_ratio"]),
+              loss_cell(x["loss"])] for x in ratios],
         ))
     ours = [r for r in results if r["kind"] == "posttrain" and r["status"] == "ok"]
     best = max(ours, key=lambda r: r["tokens_per_s"] or 0, default=None)
@@ -643,7 +718,32 @@ def render(results: list[dict[str, Any]], shape: Shape, s: Settings) -> str:
             lines.append(f"- target peak memory <= leanest peer ({leanest['name']}, {leanest['peak_mem_gib']:.1f} "
                          f"GiB): {best['peak_mem_gib']:.1f} GiB "
                          f"{'MET' if best['peak_mem_gib'] <= leanest['peak_mem_gib'] else 'not met'}")
+    if ratios:
+        lines.append(same_computation_line(ratios, s))
     return "\n".join(lines)
+
+
+def init_line(s: Settings) -> str:
+    w = s.initial
+    if not w.enabled:
+        return "initial weights: each side its own (--no-same-init; posttrain's depth-scaled init, transformers' std 0.02)"
+    if w.tensors is None:
+        return f"initial weights: the peers could not get posttrain's ({w.error or 'no run took them'})"
+    return f"initial weights: posttrain's (--seed {s.seed}, taken from {w.source}) loaded into every HF peer"
+
+
+def same_computation_line(ratios: list[dict[str, Any]], s: Settings) -> str:
+    tol = (f"first-step loss within {100 * FIRST_LOSS_RTOL:.1f}%, loss after the same steps within "
+           f"{100 * LAST_LOSS_RTOL:.0f}% (relative; why: benchmarks/same_init.py)")
+    verdicts = [x["loss"].get("agree") for x in ratios]
+    if all(v is None for v in verdicts):
+        return f"- same computation, {tol}: not checked ({ratios[0]['loss'].get('why_no_verdict')})"
+    differ = [f"{x['posttrain']} vs {x['peer']}" for x in ratios if x["loss"].get("agree") is False]
+    unchecked = sum(v is None for v in verdicts)
+    text = (f"- same computation (same initial weights), {tol}: "
+            + (f"DIFFER on {len(differ)} of {len(ratios)} pairs ({'; '.join(differ)})" if differ
+               else f"agree on all {len(ratios) - unchecked} checked pairs"))
+    return text + (f", {unchecked} without a verdict" if unchecked else "")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -686,6 +786,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip a compiled run when less than this is left (compilation cannot be cut short)")
     p.add_argument("--allow-cpu-compile", action="store_true", help="run compile variants/peers on the CPU too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-same-init", dest="same_init", action="store_false",
+                   help="let the HF peers keep transformers' own init instead of loading posttrain's initial weights "
+                        "(then their losses are not comparable)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after each posttrain run's timed steps, profile --profile-steps more steps: a text summary "
                         "(top kernels, time per category, GPU idle) and, when small, the gzipped chrome trace in DIR")
@@ -751,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12 if device.type == "cuda" else None, shape=shape, batches=batches,
         deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
         loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
+        docs_per_row=args.docs_per_row, initial=InitialWeights(enabled=args.same_init),
         profile_dir=Path(args.profile) if args.profile else None, profile_steps=max(1, args.profile_steps),
         profile_peers=args.profile_peers, memory_snapshot_dir=Path(args.memory_snapshot) if args.memory_snapshot else None,
     )
@@ -758,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_sft", "env": environment(device), "shape": shape.describe(),
         "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
         "flops_per_token_issue_formula": issue_flops_per_token(shape, args.seq_len),
-        "sft_loss": SFT_LOSS_SOURCE, "results": [],
+        "sft_loss": SFT_LOSS_SOURCE, "same_init": s.initial.describe(), "results": [],
     }
     print(f"shape: {json.dumps(shape.describe())}", flush=True)
     broken_by: str | None = None
@@ -794,7 +898,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"loss {fmt(entry.get('loss_first'), '.3f')} -> {fmt(entry.get('loss_last'), '.3f')}, "
                       f"{entry['wall_s']} s", flush=True)
         report["results"].append(entry)
-        report["ratios"] = ratio_rows(report["results"])
+        report["ratios"] = ratio_rows(report["results"], s)
+        report["same_init"] = s.initial.describe()
         write_json(args.out, report)
     report["total_s"] = round(deadline.elapsed(), 1)
     write_json(args.out, report)

@@ -40,6 +40,17 @@ def tokenizer_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Models this small train fastest on one thread (and do not stall when the CPU is oversubscribed)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """A float32 safetensors HF folder (model + tokenizer) of SmolLM2-135M-Instruct, converted once."""

@@ -16,13 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_moe  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small train fastest on one thread (and do not stall when the CPU is oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("path", moe.EXPERTS_PATHS)
