@@ -12,14 +12,18 @@ loads that state dict, strictly, right after `from_config`.
 With the same weights and data, the first-step loss of every run differs only by rounding, and the losses after
 the same number of steps stay close. The tolerances are relative, for bf16 (they hold more easily in fp32):
 
-* first step: FIRST_LOSS_RTOL = 0.5%, just above bf16's unit roundoff 2^-8 = 0.39%. Both sides evaluate the same
-  function of the same bf16 weights; they differ in the order and rounding of bf16 intermediates, errors that
-  average out over the B x S tokens of the mean loss. A difference beyond one bf16 rounding of the loss itself
-  means a different computation. At random init the first loss is close to ln(vocab) whatever the weights
-  (different inits moved it by only 0.01-0.2% on the H200), so it checks the forward, not the init.
+* first step: FIRST_LOSS_RTOL = 0.1%. Both sides evaluate the same function of the same bf16 weights; they differ
+  only in the order and rounding of bf16 intermediates (unit roundoff 2^-8 = 0.39% per value). Round-to-nearest
+  is unbiased and the loss is a mean over B x S token losses (8,192 at 4096 x 2), so the rounding mostly
+  averages out (measured on the CPU in bf16, Qwen3 debug shape, 256 tokens: 7e-6 relative); 0.1% leaves a wide
+  margin for the GPU's other kernels (flash / cuDNN attention, fused and Liger cross-entropy). At random init the
+  first loss is close to ln(vocab) whatever the weights (different inits moved it by 0.01% at Qwen3-1.7B, 0.19%
+  at Llama-3.1-8B on the H200, 0.25% on the CPU debug shape), so this checks the forward, not the init; the
+  first-step gradient norms (in the JSON, no verdict) are far more sensitive.
 * last step: LAST_LOSS_RTOL = 2%. AdamW's first updates are nearly sign(g) x lr on both sides, so the
-  trajectories part only where rounding flips an update; with different inits the last loss differed by 25-50%
-  after 11 steps (Qwen3-1.7B 9.32 vs 12.00, Llama-3.1-8B 6.01 vs 12.01), more than ten times this tolerance.
+  trajectories part only where rounding flips an update. With different inits the loss after 3 + 8 steps
+  differed by 22% and more (H200, benchmarks/results/2026-12-03_*: Qwen3-1.7B 9.32 vs HF + Liger 12.00,
+  Llama-3.1-8B 0.53 vs 11.30), more than ten times this tolerance.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import nn
 
 from posttrain.rl.weight_sync import hf_weight_buckets
 
-FIRST_LOSS_RTOL = 5e-3
+FIRST_LOSS_RTOL = 1e-3
 LAST_LOSS_RTOL = 2e-2
 
 
