@@ -648,7 +648,7 @@ def loss_cell(agreement: dict[str, Any]) -> str:
     """The `loss vs peer` cell: absolute (relative) differences of the first-step and the last loss, the verdict."""
     def diff(key: str) -> str:
         a, r = agreement.get(f"{key}_abs_diff"), agreement.get(f"{key}_rel_diff")
-        return "-" if a is None else f"{a:.1e} ({100 * r:.2f}%)" if r is not None else f"{a:.1e}"
+        return "-" if a is None else f"{a:.1e} ({100 * r:.2f}%)"
 
     last = diff("loss_last")
     if agreement.get("last_not_compared"):

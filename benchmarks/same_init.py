@@ -152,7 +152,7 @@ def loss_agreement(ours: dict[str, Any], peer: dict[str, Any], *, comparable: st
         a, b = ours.get(key), peer.get(key)
         if a is not None and b is not None:
             out[f"{key}_abs_diff"] = abs(a - b)
-            out[f"{key}_rel_diff"] = abs(a - b) / abs(b) if b else None
+            out[f"{key}_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
     why_not_last = None
     if ours.get("lora"):
         why_not_last = "LoRA trains adapters only"
