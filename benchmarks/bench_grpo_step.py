@@ -20,6 +20,8 @@ shows apart from the steady state:
   on CUDA, exported as IPC handles (`share_bucket`), what the colocated engine receives.
 
 Times are wall clock around synchronised calls. The markdown table is printed last; `--out` gets JSON.
+`--profile DIR`: after the timed calls, one more log-prob pass and one more update (all minibatches) under
+torch.profiler; their kernel-category summaries (GPU busy, host gaps, top kernels) are printed and written to DIR.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_rollout import SHAPES, build
+from profile_summary import profile_steps, render_summary, summarize, write_profile
 from measure import RESULTS_MARKER, environment, markdown_table, peak_gib, reset_peak, resolve_device, synchronize, write_json
 
 import torch  # noqa: E402  (measure puts the repo on sys.path first)
@@ -91,6 +94,27 @@ def timed(device: torch.device, fn, what: str = "") -> tuple[Any, float]:
     return out, seconds
 
 
+def profile_passes(worker: PolicyWorker, rows: list[dict[str, Any]], minibatches: int, device: torch.device,
+                   out_dir: Path, shape: str) -> dict[str, Any]:
+    """One more old log-prob pass and one more update (every minibatch) under torch.profiler, after the timed
+    calls so neither their times nor the peak memory see it."""
+    size = -(-len(rows) // minibatches)
+    passes = {
+        "logprobs": lambda: worker.log_probs(rows, old=True, ref=False, entropy=False),
+        "update": lambda: [worker.train_minibatch(rows[m * size:(m + 1) * size]) for m in range(minibatches)],
+    }
+    out = {}
+    for name, run in passes.items():
+        prof, wall_s = profile_steps(run, 1, device)
+        summary = summarize(prof, wall_s, 1)
+        title = f"GRPO {name} pass, {shape}, {len(rows)} completions"
+        files = write_profile(prof, summary, title, out_dir, f"grpo_step_{shape}_{name}")
+        print(render_summary(title, {**summary, "top": summary["top"][:12]}), flush=True)
+        out[name] = {**{k: v for k, v in summary.items() if k != "top"}, "files": [str(f) for f in files]}
+        del prof
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -102,6 +126,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile one more log-prob pass and update after the timed calls; summaries to DIR")
     p.add_argument("--stack-every", type=float, default=0,
                    help="print every thread's Python stack to stderr every this many seconds (0: never): where a stall is")
     p.add_argument("overrides", nargs="*", help="train.py overrides, e.g. --grpo.micro_batch_tokens 8192 (after --)")
@@ -158,11 +184,13 @@ def main() -> None:
             results.append({"pass": "weight sync (gather" + (" + IPC handles)" if device.type == "cuda" else ")"),
                             "call": call + 1, "s": s, "tokens": n})
         peak = peak_gib(device)
+        profiles = profile_passes(worker, rows, minibatches, device, Path(a.profile), a.shape) if a.profile else {}
         worker.close()
 
     report = {"env": environment(device), "shape": a.shape, "config": a.config, "overrides": a.overrides,
               "completions": a.completions, "tokens_per_pass": tokens, "setup_s": setup_s, "peak_gib": peak,
-              "micro_batch_tokens": cfg.grpo.micro_batch_tokens, "minibatches": minibatches, "results": results}
+              "micro_batch_tokens": cfg.grpo.micro_batch_tokens, "minibatches": minibatches, "results": results,
+              "profiles": profiles}
     if a.out:
         write_json(a.out, report)
     table = []
