@@ -8,7 +8,10 @@
 #                     re-run serially counts once, with the re-run's outcome, and is marked so), each failure
 #                     and skip, the recorded numbers
 #
+#   collected.txt     the node ids collected (tests with no outcome in the XML are reported as NOT RUN)
+#
 #   bash scripts/gpu_tests.sh OUT_DIR [extra pytest args, e.g. -k parity]
+#   bash scripts/gpu_tests.sh OUT_DIR tests/gpu/test_x.py::test_y ...   (node ids or paths replace tests/gpu)
 #
 # Two passes inside GPU_TESTS_DEADLINE: the tier in parallel xdist workers (until the deadline less
 # GPU_TESTS_SERIAL_RESERVE), then the tests whose worker crashed ("worker 'gwN' crashed while running ...")
@@ -52,8 +55,11 @@ workers=${GPU_TESTS_WORKERS:-8}
 if [ "$workers" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "$workers" --dist load); fi
 reserve=0
 if [ ${#parallel[@]} -gt 0 ]; then reserve=${GPU_TESTS_SERIAL_RESERVE:-90}; fi
+targets=(tests/gpu)
+if [ $# -gt 0 ] && [[ "$1" == tests/* ]]; then targets=(); fi
+"$PY" -m pytest "${targets[@]}" -m gpu -p no:cacheprovider --collect-only -q "$@" > "$OUT/collected.txt" 2>&1
 # SIGINT at the deadline: pytest stops, still writing the junit XML of what ran
-timeout -s INT -k 30 "$(( deadline - reserve ))" "$PY" -m pytest tests/gpu "${common[@]}" "${parallel[@]}" \
+timeout -s INT -k 30 "$(( deadline - reserve ))" "$PY" -m pytest "${targets[@]}" "${common[@]}" "${parallel[@]}" \
   --junitxml "$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 

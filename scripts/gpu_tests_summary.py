@@ -6,8 +6,10 @@
     python scripts/gpu_tests_summary.py summary OUT_DIR COMMIT SECONDS PARALLEL_STATUS SERIAL_STATUS
         summary.txt's text from OUT_DIR/junit.xml and, when there, OUT_DIR/junit_serial.xml: each test counted
         once with its final outcome (a serially re-run test's outcome replaces its crash, and is marked so);
-        exits 0 when no final outcome is a failure and neither pytest run was cut short, else 1 (or the
-        status of the run that ended abnormally, e.g. 2 when the deadline interrupted it)
+        the tests in OUT_DIR/collected.txt (pytest --collect-only -q) with no outcome are counted and named as
+        not run (the deadline stopped the run before them); exits 0 when no final outcome is a failure, every
+        collected test has one and neither pytest run was cut short, else 1 (or the status of the run that
+        ended abnormally, e.g. 124 when the deadline interrupted it)
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def read_outcomes(path: Path) -> tuple[dict[str, Outcome], str | None]:
     return outcomes, None
 
 
+def read_collected(path: Path) -> list[str]:
+    """Node ids from `pytest --collect-only -q` output (its summary line and blank lines dropped)."""
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if "::" in line and not line.startswith(" ")]
+
+
+def is_harness_error(name: str) -> bool:
+    """junit's stand-in for pytest's own INTERNALERROR (xdist's controller, e.g. on the deadline's SIGINT)."""
+    return name.startswith("pytest.py::internal")
+
+
 def crashed(outcomes: dict[str, Outcome]) -> list[str]:
     return [n for n, o in outcomes.items() if o.kind == "failed" and CRASH_MARK in o.message]
 
@@ -77,8 +91,15 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
         rerun, serial_error = read_outcomes(out / "junit_serial.xml")
         error = error or serial_error
     outcomes.update(rerun)
+    harness_errors = {n: outcomes.pop(n) for n in [n for n in outcomes if is_harness_error(n)]}
+    not_run = [n for n in read_collected(out / "collected.txt") if n not in outcomes]
     counts = {k: 0 for k in ("passed", "failed", "skipped", "xfailed")}
     lines = [error] if error else []
+    for name, o in harness_errors.items():
+        first = o.message.splitlines()[0][:240] if o.message else ""
+        lines.append(f"HARNESS  pytest's own error, not a test (exit {parallel}; 124 = the deadline's interrupt): {first}")
+    for name in not_run:
+        lines.append(f"NOT RUN  {name.split('/')[-1].replace('.py::', '::')}: no outcome (collected; the run stopped before it)")
     for name, o in outcomes.items():
         counts[o.kind] += 1
         short = name.split("/")[-1].replace(".py::", "::")
@@ -89,8 +110,8 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
     still_crashed = crashed(outcomes)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     print(f"GPU tier {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {gpu}, torch {torch.__version__}")
-    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed "
-          f"in {seconds} s (pytest exit: parallel {parallel}, serial re-run {serial})")
+    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed"
+          f"{f', {len(not_run)} NOT RUN' if not_run else ''} in {seconds} s (pytest exit: parallel {parallel}, serial re-run {serial})")
     if rerun:
         passed = sum(o.kind == "passed" for o in rerun.values())
         print(f"re-run serially after their xdist worker crashed: {len(rerun)} ({passed} passed)")
@@ -105,7 +126,8 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
         short = name.split("/")[-1].replace(".py::", "::")
         for number in o.numbers:
             print(f"  {short}: {number}")
-    return final_status(outcomes, parallel, serial)
+    status = final_status(outcomes, parallel, serial)
+    return status or (1 if not_run or harness_errors else 0)
 
 
 def main(argv: list[str]) -> int:
