@@ -5,11 +5,12 @@ KV-cache engine (``native``), the vLLM adapter (``vllm_engine``) and the math-an
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from posttrain.inference.engine import Completion, GenerationEngine, SamplingParams
+
+if TYPE_CHECKING:  # torch is imported where an engine is built: reward tasks import `math_answer` without it
+    import torch
 
 ENGINE_KINDS = ("native", "vllm")
 
@@ -17,6 +18,8 @@ __all__ = ["ENGINE_KINDS", "Completion", "GenerationEngine", "SamplingParams", "
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -30,7 +33,7 @@ def build_engine(
     hf_path: str | os.PathLike[str],
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
     key: str = "grpo.engine",
     **kw: Any,
 ) -> GenerationEngine:

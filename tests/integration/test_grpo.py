@@ -60,7 +60,12 @@ def _cmd(warm: Path, out: Path, *extra: str) -> list[str]:
         "--model.hf_path", str(warm / "sft" / "hf"),
         "--grpo.prompts", str(warm / "data" / "train.jsonl"),
         "--grpo.eval_prompts", str(warm / "data" / "train.jsonl"),
-        "--job.output_dir", str(out), "--metrics.tensorboard", "false", *extra,
+        "--job.output_dir", str(out), "--metrics.tensorboard", "false",
+        # Under pytest-xdist (tests/conftest.py) the actors take this worker's share of the cores, as every other
+        # process of the worker does; grpo.cpu_threads = 0 gives each actor all the machine's cores, and their
+        # OpenMP threads spin-waited for a core the other worker held: the 30 debug steps took 244 s instead of
+        # 14 s next to one busy process (same metrics: this model's numbers do not depend on the thread count).
+        "--grpo.cpu_threads", os.environ.get("OMP_NUM_THREADS", "0"), *extra,
     ]
 
 

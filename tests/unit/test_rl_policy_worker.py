@@ -15,6 +15,9 @@ from posttrain.models.registry import get_model_spec, resolve_scratch_args
 from posttrain.rl.workers import PolicyWorker
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+# The worker runs in this process and sets its torch threads: keep the count the session gave it (under
+# pytest-xdist its share of the cores, tests/conftest.py) instead of leaving 2 to every later test here.
+THREADS = str(torch.get_num_threads())
 
 
 def _flat(values: list[list[float]]) -> list[float]:
@@ -48,7 +51,7 @@ def test_policy_worker_scores_updates_and_checkpoints(tiny_hf: Path, tmp_path: P
         "--job.recipe", "grpo", "--job.output_dir", str(tmp_path), "--model.hf_path", str(tiny_hf),
         "--grpo.prompts", "unused.jsonl", "--grpo.kl_coef", "0.1", "--grpo.minibatches", "2",
         "--grpo.loss_agg", "sequence_mean", "--training.micro_batch_size", "2", "--training.steps", "3",
-        "--optimizer.lr", "1e-2", "--metrics.tensorboard", "false", "--grpo.cpu_threads", "2",
+        "--optimizer.lr", "1e-2", "--metrics.tensorboard", "false", "--grpo.cpu_threads", THREADS,
     ])
     worker = PolicyWorker()
     info = worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
@@ -89,7 +92,7 @@ def test_packed_policy_worker_scores_and_updates_like_the_padded_one(tiny_hf: Pa
             "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / micro_tokens), "--model.hf_path", str(tiny_hf),
             "--grpo.prompts", "unused.jsonl", "--grpo.kl_coef", "0.1", "--grpo.micro_batch_tokens", micro_tokens,
             "--training.micro_batch_size", "2", "--training.steps", "2", "--optimizer.lr", "1e-2",
-            "--metrics.tensorboard", "false", "--grpo.cpu_threads", "2", "--model.attn_backend", "sdpa",
+            "--metrics.tensorboard", "false", "--grpo.cpu_threads", THREADS, "--model.attn_backend", "sdpa",
         ])
         worker = PolicyWorker()
         worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)

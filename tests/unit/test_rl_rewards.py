@@ -191,3 +191,20 @@ def test_reasoning_gym_reward_uses_the_tasks_own_scorer():
 def test_reasoning_gym_reward_without_an_entry_is_a_counted_error():
     rewards, n_errors = score_completions([(get_reward_fn("reasoning_gym"), 1.0)], ["7"], [{"answer": "7"}])
     assert rewards == [0.0] and n_errors == 1
+
+
+def test_a_reward_task_scores_without_importing_torch():
+    """The controller's reward tasks run in Ray worker processes; importing torch there cost every GRPO run a few
+    CPU-seconds (more on a busy machine) before its first step could be scored."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from posttrain.rl.reward_tasks import score_rewards\n"
+            "print(score_rewards(['math_answer', 'format'], ['so \\\\boxed{7}', '8'], [{'answer': '7'}] * 2))\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores, heavy = proc.stdout.strip().splitlines()
+    assert scores == "([[1.0, 0.0], [1.0, 0.0]], 0)"
+    assert heavy == "[]"
