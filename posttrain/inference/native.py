@@ -19,7 +19,10 @@ reported log-prob is ``log_softmax(logits / T)`` at the sampled token, before th
 call is reproducible: on the CPU (and on CUDA without graphs) through a ``torch.Generator``, with graphs through
 the device's default generator, seeded for the call and restored after it.
 
-The same code runs on CPU and CUDA; only the graph capture is CUDA's. Families with data-dependent expert
+The slots are as many as asked for (``max_batch_size``, at most the next power of two above the call's
+sequences) or as many as fit the memory the engine may use (``slot_memory``: ``gpu_memory_utilization`` on CUDA,
+as vLLM's), whichever is fewer; the rest wait in the queue. The same code runs on CPU and CUDA; only the graph
+capture is CUDA's. Families with data-dependent expert
 routing (MoE) decode eagerly: their routing waits for the host.
 """
 
@@ -43,7 +46,7 @@ from posttrain.inference.decode_step import SlotState, decode_step
 from posttrain.inference.engine import Completion, SamplingParams
 from posttrain.inference.sampling import sample_next_tokens
 from posttrain.inference.slot_cache import SlotKVCache
-from posttrain.inference.slot_memory import device_memory, gib, plan_slots, prefill_bytes, slot_bytes
+from posttrain.inference.slot_memory import device_memory, format_bytes, plan_slots, prefill_bytes, slot_bytes
 from posttrain.models.common.decode_attention import check_decode_attention_kind, use_decode_attention
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import base_param_name, is_adapter_param
@@ -294,8 +297,8 @@ class NativeEngine:
         if plan.capped:
             logger.warning(
                 "native engine: %d slots requested, %d fit (%s a slot of %d positions; slots' budget %s: %s); "
-                "the other sequences wait for a free slot", plan.requested, plan.slots, gib(plan.per_slot.total),
-                cache_len, gib(plan.budget), plan.source)
+                "the other sequences wait for a free slot", plan.requested, plan.slots,
+                format_bytes(plan.per_slot.total), cache_len, format_bytes(plan.budget), plan.source)
         return plan.slots
 
     @property

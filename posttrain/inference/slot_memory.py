@@ -131,27 +131,34 @@ def plan_slots(requested: int, per_slot: SlotBytes, *, memory: DeviceMemory | No
     else, with ``memory`` (a CUDA device), ``engine_memory_budget`` less ``prefill_reserve``; else (CPU) none.
     Raises ``torch.OutOfMemoryError`` (one line naming the sizes) when not even one slot fits."""
     if kv_cache_memory_bytes is not None:
-        budget, source = kv_cache_memory_bytes, f"kv_cache_memory_bytes = {gib(kv_cache_memory_bytes)}"
+        budget = kv_cache_memory_bytes
+        source = f"kv_cache_memory_bytes = {format_bytes(kv_cache_memory_bytes)}"
     elif memory is not None:
         budget = engine_memory_budget(memory, utilization) - prefill_reserve
-        source = (f"gpu_memory_utilization {utilization} of {gib(memory.total)} total, less {gib(memory.held)} "
-                  f"this process holds (the model included) and {gib(prefill_reserve)} for a prefill, "
-                  f"{gib(memory.free)} free")
+        source = (f"gpu_memory_utilization {utilization} of {format_bytes(memory.total)} total, less "
+                  f"{format_bytes(memory.held)} this process holds (the model included) and "
+                  f"{format_bytes(prefill_reserve)} for a prefill, {format_bytes(memory.free)} free")
     else:
         return SlotPlan(requested, requested, per_slot, None, "no device memory limit (CPU)")
     slots = slots_that_fit(requested, per_slot.total, budget)
     if slots < 1:
         raise torch.OutOfMemoryError(
-            f"the native engine cannot hold even one sequence: a slot of {per_slot.positions} positions (prompt + completion, rounded up) needs {gib(per_slot.total)} (KV cache "
-            f"{gib(per_slot.kv_cache)}, decode workspace {gib(per_slot.workspace + per_slot.decode_state)}) but "
-            f"the slots may take {gib(max(budget, 0))} ({source}); shorten the prompts or max_new_tokens, or "
-            f"raise gpu_memory_utilization / kv_cache_memory_bytes"
+            f"the native engine cannot hold even one sequence: a slot of {per_slot.positions} positions (prompt + "
+            f"completion, rounded up) needs {format_bytes(per_slot.total)} (KV cache "
+            f"{format_bytes(per_slot.kv_cache)}, decode workspace "
+            f"{format_bytes(per_slot.workspace + per_slot.decode_state)}) but the slots may take "
+            f"{format_bytes(max(budget, 0))} ({source}); shorten the prompts or max_new_tokens, or raise "
+            f"gpu_memory_utilization / kv_cache_memory_bytes"
         )
     return SlotPlan(requested, slots, per_slot, budget, source)
 
 
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
+def format_bytes(n_bytes: float) -> str:
+    """``n_bytes`` in GiB, MiB or KiB, whichever keeps the number at or above 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n_bytes) >= size:
+            return f"{n_bytes / size:.2f} {unit}"
+    return f"{n_bytes / 2**10:.2f} KiB"
 
 
 def _element_size(dtype: torch.dtype) -> int:
