@@ -147,3 +147,14 @@ def test_an_engine_without_room_for_one_slot_says_so_in_one_line() -> None:
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0))
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         NativeEngine(_tiny_llama(), gpu_memory_utilization=1.5)
+
+
+def test_grpo_config_refuses_a_memory_share_outside_zero_to_one() -> None:
+    from posttrain.config.loader import parse_config
+    from posttrain.rl.controller import check_grpo_config
+
+    base = ["--config", "train_configs/debug_grpo.toml"]
+    check_grpo_config(parse_config([*base, "--grpo.gpu_memory_utilization", "1.0"]))
+    for bad in ("0", "1.2"):
+        with pytest.raises(SystemExit, match=r"grpo.gpu_memory_utilization must be in \(0, 1\]"):
+            check_grpo_config(parse_config([*base, "--grpo.gpu_memory_utilization", bad]))
