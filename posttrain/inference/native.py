@@ -21,8 +21,9 @@ the device's default generator, seeded for the call and restored after it.
 
 The slots are as many as asked for (``max_batch_size``, at most the next power of two above the call's
 sequences) or as many as fit the memory the engine may use (``slot_memory``: ``gpu_memory_utilization`` on CUDA,
-as vLLM's), whichever is fewer; the rest wait in the queue. The same code runs on CPU and CUDA; only the graph
-capture is CUDA's. Families with data-dependent expert
+as vLLM's), whichever is fewer; the rest wait in the queue.
+
+The same code runs on CPU and CUDA; only the graph capture is CUDA's. Families with data-dependent expert
 routing (MoE) decode eagerly: their routing waits for the host.
 """
 
