@@ -9,9 +9,11 @@ completions each, temperature 1, no top-k / top-p, and no stop tokens, so every 
 (`smollm2-135m`: Llama, 30 layers, dim 576, 9 / 3 heads, vocab 49,152, tied; `qwen3-1.7b`: posttrain's Qwen3
 1.7B flavor). Runs, one after the other in this process:
 
-* native: `NativeEngine` (CUDA graphs, continuous batching, prompt sharing), `--max-batch-size` slots, on
-  all prompts and, for the side-by-side rows, on the first `--peer-prompts` prompts; graph capture is timed
-  apart (`prepare`), generation time includes prefill and everything else `generate` does.
+* native: `NativeEngine` (CUDA graphs, continuous batching, prompt sharing), `--max-batch-size` slots at most
+  (fewer when their KV cache would not fit `--gpu-memory-utilization` of the device, as the engine's option of
+  that name: the row's `slots` says how many it took; the other sequences wait for a free slot), on all prompts
+  and, for the side-by-side rows, on the first `--peer-prompts` prompts; graph capture is timed apart
+  (`prepare`), generation time includes prefill and everything else `generate` does.
 * native_sdpa: the same engine with every decode step's attention on SDPA's masked kernel (the engine's
   `decode_attention="sdpa"`; by default, "auto", each captured bucket takes the faster of that and the
   batched-matmul kernel, timed at capture: the native rows report how many buckets took which, and the
@@ -112,9 +114,9 @@ def kernel_summary(engine: NativeEngine) -> dict[str, Any]:
 
 
 def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graphs: bool,
-               decode_attention: str = "auto") -> dict[str, Any]:
+               decode_attention: str = "auto", memory: dict[str, Any] | None = None) -> dict[str, Any]:
     engine = NativeEngine(model, max_batch_size=slots, cuda_graphs=graphs, max_seq_len=model.args.max_seq_len,
-                          decode_attention=decode_attention)
+                          decode_attention=decode_attention, **(memory or {}))
     group = [p for p in prompts for _ in range(samples)]
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
     _, t_prepare = timed(device, lambda: engine.prepare(len(group), max(map(len, prompts)) + new_tokens, sampling))
@@ -123,8 +125,9 @@ def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graph
     n_tokens = sum(len(c.token_ids) for c in completions)
     assert n_tokens == len(group) * new_tokens, (n_tokens, len(group) * new_tokens)
     kernels = kernel_summary(engine)
+    taken = engine.cache_slots
     engine.close()
-    return dict(sequences=len(group), tokens=n_tokens, seconds=seconds, prepare_s=t_prepare,
+    return dict(sequences=len(group), tokens=n_tokens, seconds=seconds, prepare_s=t_prepare, slots=taken,
                 tok_per_s=n_tokens / seconds, peak_gib=peak_gib(device), **kernels)
 
 
@@ -225,7 +228,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--min-prompt", type=int, default=32)
     p.add_argument("--max-prompt", type=int, default=128)
-    p.add_argument("--max-batch-size", type=int, default=2048, help="native engine slots")
+    p.add_argument("--max-batch-size", type=int, default=2048, help="native engine slots (at most)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="native engine: share of the device's memory this process may hold (caps the slots)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=0,
+                   help="native engine: > 0: the slots' byte budget instead (on any device, the CPU too)")
     p.add_argument("--peer-prompts", type=int, default=32, help="prompts of the side-by-side subset")
     p.add_argument("--peer-batch", type=int, default=256, help="old engine batch")
     p.add_argument("--runs", default="native,native_eager,old_eager,hf_static,hf_static_compile")
@@ -246,20 +253,24 @@ def main() -> None:
     prompts = make_prompts(a.prompts, a.min_prompt, a.max_prompt, vocab, seed=0)
     subset = prompts[: a.peer_prompts]
     model = build(a.shape, device, dtype)
+    memory = dict(gpu_memory_utilization=a.gpu_memory_utilization,
+                  kv_cache_memory_bytes=a.kv_cache_memory_bytes or None)
     plan = []
     for run in a.runs.split(","):
         if run == "native":
             plan.append(("native (all prompts)", lambda: run_native(model, prompts, a.samples, a.new_tokens, device,
-                                                                    slots=a.max_batch_size, graphs=None)))
+                                                                    slots=a.max_batch_size, graphs=None,
+                                                                    memory=memory)))
             plan.append(("native (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
-                                                               slots=a.max_batch_size, graphs=None)))
+                                                               slots=a.max_batch_size, graphs=None, memory=memory)))
         elif run == "native_sdpa":
             plan.append(("native_sdpa (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
                                                                     slots=a.max_batch_size, graphs=None,
-                                                                    decode_attention="sdpa")))
+                                                                    decode_attention="sdpa", memory=memory)))
         elif run == "native_eager":
             plan.append(("native_eager (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
-                                                                     slots=a.max_batch_size, graphs=False)))
+                                                                     slots=a.max_batch_size, graphs=False,
+                                                                     memory=memory)))
         elif run == "old_eager" and a.old_engine:
             plan.append(("old_eager (subset)", lambda: run_old(a.old_engine, model, subset, a.samples, a.new_tokens,
                                                                device, batch=a.peer_batch)))
@@ -286,6 +297,8 @@ def main() -> None:
             continue
         ratio = fmt(base / r["tok_per_s"], ".2f") if base and "subset" in name else "-"
         note = f"native (subset) / this = {ratio}"
+        if r.get("slots"):
+            note += f"; {r['slots']} slots"
         if r.get("decode_kernels"):
             note += f"; decode attention per bucket {r['decode_kernels']}, largest {r['largest_bucket_us']} us"
         rows.append([name, r["sequences"], r["tokens"], fmt(r["seconds"], ".2f"), fmt(r["tok_per_s"], ",.0f"),

@@ -11,6 +11,7 @@ the saved folder is a plain safetensors checkpoint any loader understands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -58,6 +59,29 @@ def is_complete_hf_folder(out_dir: Path) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers opens the GGUF three times (tokenizer, config, weights), and each `gguf.GGUFReader` parses the
+    whole 49k-entry vocabulary field by field: about 11 s each on a 2-core CI machine. Inside this block a
+    reader made for a path is reused (it only reads the memory-mapped file)."""
+    import gguf
+
+    make_reader = gguf.GGUFReader
+    readers: dict[str, object] = {}
+
+    def reader(path, *args, **kwargs):
+        key = str(Path(path).resolve())
+        if args or kwargs or key not in readers:
+            readers[key] = make_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = make_reader
+
+
 def convert_smollm2(out_dir: str | Path = DEFAULT_OUT, *, force: bool = False, gguf_path: str | Path | None = None) -> Path:
     """Write SmolLM2-135M-Instruct as float32 safetensors + tokenizer to ``out_dir``; returns ``out_dir``.
 
@@ -75,8 +99,9 @@ def convert_smollm2(out_dir: str | Path = DEFAULT_OUT, *, force: bool = False, g
     gguf = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
     src_dir, gguf_file = str(gguf.parent), gguf.name
 
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
     state_dict = {k: v.detach().to(torch.float32).contiguous() for k, v in quantized.state_dict().items()}
 
     config_dict = quantized.config.to_dict()

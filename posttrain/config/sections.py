@@ -295,8 +295,10 @@ class GRPOSection:
     engine: str = opt("native", "rollout engine: posttrain's own KV-cache engine or vLLM", choices=("native", "vllm"))
     engine_dtype: str = opt("auto", "rollout engine dtype: bf16 on GPU, fp32 on CPU",
                             choices=("auto", "float32", "bfloat16"))
-    engine_max_batch_size: int = opt(64, "native engine: sequences decoded together")
-    gpu_memory_utilization: float = opt(0.3, "vLLM: share of device memory (of RAM on CPU) for weights + KV cache")
+    engine_max_batch_size: int = opt(64, "native engine: sequences decoded together (at most: fewer when their KV "
+                                         "cache would not fit grpo.gpu_memory_utilization)")
+    gpu_memory_utilization: float = opt(0.3, "rollout engine: share of device memory its process may hold, weights + "
+                                             "KV cache (vLLM: of RAM on CPU; native: no cap on CPU)")
     rollout_workers: int = opt(1, "rollout engine actors; each generates a share of the prompts")
     trainer_workers: int = opt(1, "policy actors: one torch.distributed group (FSDP / TP from parallelism.*)")
     placement: str = opt("colocated", "colocated: rollout engines share the policy's devices (time-shared); "

@@ -19,12 +19,17 @@ reported log-prob is ``log_softmax(logits / T)`` at the sampled token, before th
 call is reproducible: on the CPU (and on CUDA without graphs) through a ``torch.Generator``, with graphs through
 the device's default generator, seeded for the call and restored after it.
 
+The slots are as many as asked for (``max_batch_size``, at most the next power of two above the call's
+sequences) or as many as fit the memory the engine may use (``slot_memory``: ``gpu_memory_utilization`` on CUDA,
+as vLLM's), whichever is fewer; the rest wait in the queue.
+
 The same code runs on CPU and CUDA; only the graph capture is CUDA's. Families with data-dependent expert
 routing (MoE) decode eagerly: their routing waits for the host.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import deque
@@ -42,6 +47,7 @@ from posttrain.inference.decode_step import SlotState, decode_step
 from posttrain.inference.engine import Completion, SamplingParams
 from posttrain.inference.sampling import sample_next_tokens
 from posttrain.inference.slot_cache import SlotKVCache
+from posttrain.inference.slot_memory import device_memory, format_bytes, plan_slots, prefill_bytes, slot_bytes
 from posttrain.models.common.decode_attention import check_decode_attention_kind, use_decode_attention
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import base_param_name, is_adapter_param
@@ -49,6 +55,8 @@ from posttrain.models.common.moe import MoEModelHooks
 from posttrain.models.common.stacked_names import split_row_index
 from posttrain.models.hf import load_hf
 from posttrain.models.registry import ModelSpec, get_model_spec_for
+
+logger = logging.getLogger("posttrain")
 
 # checkpoint keys that are derived buffers, not weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -126,6 +134,13 @@ class NativeEngine:
     ``decode_attention`` is the kernel of the decode steps' attention (``posttrain.models.common.decode_attention``:
     "auto" = batched matmuls on CUDA, SDPA elsewhere; "matmul"; "sdpa"). The model is used in place:
     ``update_weights`` writes into its parameters (captured graphs stay valid).
+
+    The slots are capped to the memory the engine may use (``slot_memory``): on CUDA, as vLLM's
+    ``gpu_memory_utilization``, this process may hold that share of the device's total memory (the model
+    included; never more than is free), less room for one prefill; ``kv_cache_memory_bytes``, when given, is the
+    byte budget of the slots instead, on any device (on the CPU, without it, the slots are not capped). Requests
+    beyond the slots wait in the queue, so a cap changes the speed, not the results; not even one slot fitting
+    raises ``torch.OutOfMemoryError`` naming the sizes.
     """
 
     def __init__(
@@ -139,6 +154,8 @@ class NativeEngine:
         steps_per_check: int = 8,
         max_prefill_tokens: int = 32768,
         decode_attention: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
     ) -> None:
         model = getattr(model, "_orig_mod", model)
         if not hasattr(model, "args") or not hasattr(model, "layers"):
@@ -147,6 +164,10 @@ class NativeEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if steps_per_check < 1:
             raise ValueError(f"steps_per_check must be >= 1, got {steps_per_check}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 0:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 0, got {kv_cache_memory_bytes}")
         self.model = model.eval()
         self.spec = spec or get_model_spec_for(model)
         self.max_batch_size = max_batch_size
@@ -160,6 +181,8 @@ class NativeEngine:
         self.steps_per_check = steps_per_check
         self.max_prefill_tokens = max_prefill_tokens
         self.decode_attention = check_decode_attention_kind(decode_attention)
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self._run_key: tuple | None = None
         self._run: _Run | None = None
         # per (slots, length) bucket, the decode attention its graphs use (kept across cache shapes: the timing
@@ -225,18 +248,22 @@ class NativeEngine:
     def _prepare(self, n_requests: int, needed_len: int, sampling: SamplingParams) -> _Run:
         """The cache and slot state for this call (kept from the last call when the shape is the same), with
         the decode graphs for ``sampling`` captured."""
-        slots = min(self.max_batch_size, 1 << max(n_requests - 1, 0).bit_length())
+        requested = min(self.max_batch_size, 1 << max(n_requests - 1, 0).bit_length())
         cache_len = min(self.max_seq_len, math.ceil(needed_len / CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE)
         n_stop = max(MIN_STOP_SLOTS, len(sampling.stop_token_ids))
-        key = (slots, cache_len, n_stop)
+        # keyed by the slots asked for, not those that fit: free memory that moves between calls (a colocated
+        # trainer) must not reallocate the cache and recapture the graphs every call
+        key = (requested, cache_len, n_stop)
         if self._run_key != key:
             self._run = self._run_key = None  # free the old cache (and graphs) before taking a new one
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            slots = self._slots_that_fit(requested, cache_len)
             cache = SlotKVCache.for_model(self.model, batch=slots, max_len=cache_len)
             state = SlotState.empty(slots, cache_len, n_stop, self.device)
             self._run, self._run_key = _Run(cache, state, {}), key
         run = self._run
+        slots = run.cache.batch
         run.state.free(torch.arange(slots, device=self.device))
         run.state.stop_ids.fill_(-1)
         if sampling.stop_token_ids:
@@ -256,6 +283,29 @@ class NativeEngine:
             run.graphs[graph_key] = DecodeGraphs(step, shapes)
             run.state.free(torch.arange(slots, device=self.device))
         return run
+
+    def _slots_that_fit(self, requested: int, cache_len: int) -> int:
+        """``requested`` slots, or as many as fit the engine's memory budget (logged when fewer)."""
+        args, n_layers = self.model.args, len(self.model.layers)
+        dtype = self.model.tok_embeddings.weight.dtype
+        plan = plan_slots(
+            requested, slot_bytes(args, n_layers=n_layers, cache_len=cache_len, dtype=dtype),
+            memory=device_memory(self.device), utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            prefill_reserve=prefill_bytes(args, n_layers=n_layers, max_prefill_tokens=self.max_prefill_tokens,
+                                          cache_len=cache_len, dtype=dtype),
+        )
+        if plan.capped:
+            logger.warning(
+                "native engine: %d slots requested, %d fit (%s a slot of %d positions; slots' budget %s: %s); "
+                "the other sequences wait for a free slot", plan.requested, plan.slots,
+                format_bytes(plan.per_slot.total), cache_len, format_bytes(plan.budget), plan.source)
+        return plan.slots
+
+    @property
+    def cache_slots(self) -> int | None:
+        """The slots of the cache the last call used (None before the first call)."""
+        return None if self._run is None else self._run.cache.batch
 
     def _decode_all(self, run: _Run, queue: deque, prompts: list[list[int]], budgets: list[int],
                     completions: list[Completion], sampling: SamplingParams,
@@ -340,6 +390,7 @@ class NativeEngine:
             logits[dst_t] = last_logits[src_t]
             run.cache.write_prefix(_long([slots[j] for j in dst], self.device), prefill.k, prefill.v, src_t,
                                    max(len(key) for key in chunk))
+            del prefill, last_logits  # one prefill's cache at a time (the slots' memory budget counts one)
         first_ids, first_log_probs = sample_next_tokens(logits, sampling, generator)
         for j, slot in enumerate(slots):
             slot_request[slot] = requests[j]

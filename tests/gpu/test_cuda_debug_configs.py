@@ -108,7 +108,10 @@ def test_debug_grpo(tmp_path: Path, device: torch.device, record_property) -> No
     record_property("trend", f"reward {_mean(reward[:5]):.3f} -> {_mean(reward[-5:]):.3f}; eval accuracy "
                              f"{m[0]['eval_accuracy']:.2f} -> {m[last]['eval_accuracy']:.2f}")
     assert _mean(reward[-5:]) > _mean(reward[:5]), reward
-    assert m[last]["eval_accuracy"] >= m[0]["eval_accuracy"], (m[0]["eval_accuracy"], m[last]["eval_accuracy"])
+    # The trend asserted here is the sampled reward (30 steps x 64 samples). The greedy eval is recorded, not
+    # asserted: it covers the warm start's 20 training prompts, and the GPU warm start is not bit-reproducible, so
+    # it is 3-question noise (tier runs at 871bd4a: 0.85 -> 0.70, then 0.70 -> 1.00). The CPU test
+    # (tests/integration/test_grpo.py), bit-reproducible, asserts the greedy eval's rise.
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

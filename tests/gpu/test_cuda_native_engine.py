@@ -122,3 +122,31 @@ def test_graphed_engine_packs_a_long_running_row_to_the_front(device: torch.devi
         torch.cuda.synchronize()
     assert [len(c.token_ids) for c in completions] == [3] * 7 + [30]
     assert completions[-1].token_ids == greedy_generate(model, prompts[-1], 30)
+
+
+def test_slots_are_capped_to_the_device_memory_the_engine_may_use(device: torch.device) -> None:
+    """On CUDA the engine asks the device what it may use: a gpu_memory_utilization just above what this process
+    holds, one prefill and three and a half slots need gives three slots, and the greedy tokens of eight."""
+    if device.type != "cuda":
+        pytest.skip("the device memory query is CUDA's (the CPU caps only with kv_cache_memory_bytes: unit tests)")
+    from posttrain.inference.native import NativeEngine
+    from posttrain.inference.slot_memory import device_memory, prefill_bytes, slot_bytes
+
+    torch.manual_seed(0)
+    model = build_model("qwen3", "debug", device=device, vocab_size=1000, init_std=0.1).eval()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 29, 13, 1, 21, 8, 17, 3)]
+    sampling = SamplingParams(max_new_tokens=20, temperature=0.0)
+    wide = NativeEngine(model, max_batch_size=8)
+    want = [c.token_ids for c in wide.generate(prompts, sampling)]
+    wide.close()
+    torch.cuda.empty_cache()
+    args, n_layers = model.args, len(model.layers)
+    per_slot = slot_bytes(args, n_layers=n_layers, cache_len=128, dtype=torch.float32)
+    reserve = prefill_bytes(args, n_layers=n_layers, max_prefill_tokens=32768, cache_len=128, dtype=torch.float32)
+    memory = device_memory(device)
+    utilization = (memory.held + reserve + 3.5 * per_slot.total) / memory.total
+    narrow = NativeEngine(model, max_batch_size=8, gpu_memory_utilization=utilization)
+    got = [c.token_ids for c in narrow.generate(prompts, sampling)]
+    assert narrow.cache_slots == 3
+    assert got == want
