@@ -60,7 +60,7 @@ class DeviceMemory:
 
 def kv_bytes_per_position(args: Any, n_layers: int, dtype: torch.dtype) -> int:
     """Keys and values of one position over all layers."""
-    return 2 * n_layers * args.n_kv_heads * args.head_dim * _element_size(dtype)
+    return 2 * n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
 
 
 def activation_bytes_per_token(args: Any, dtype: torch.dtype) -> int:
@@ -68,7 +68,7 @@ def activation_bytes_per_token(args: Any, dtype: torch.dtype) -> int:
     q / k / v, and the MLP's gate, up and product (or the routed experts' of a MoE layer)."""
     ffn_width = max(args.ffn_dim, getattr(args, "n_experts_per_tok", 1) * getattr(args, "moe_ffn_dim", args.ffn_dim))
     qkv = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-    return _element_size(dtype) * (4 * args.dim + qkv + 3 * ffn_width)
+    return dtype.itemsize * (4 * args.dim + qkv + 3 * ffn_width)
 
 
 def slot_bytes(args: Any, *, n_layers: int, cache_len: int, dtype: torch.dtype) -> SlotBytes:
@@ -76,8 +76,8 @@ def slot_bytes(args: Any, *, n_layers: int, cache_len: int, dtype: torch.dtype) 
     ``n_layers`` cached layers, in ``dtype``."""
     kv = cache_len * kv_bytes_per_position(args, n_layers, dtype)
     state = (cache_len + 1) * (8 + 4) + _STATE_SCALAR_BYTES  # out_tokens int64 + out_log_probs fp32
-    vocab = args.vocab_size * (4 * VOCAB_ROWS_PER_SLOT + _element_size(dtype))
-    scores = args.n_heads * cache_len * (4 + 4 + _element_size(dtype))  # fp32 scores, softmax, probs in dtype
+    vocab = args.vocab_size * (4 * VOCAB_ROWS_PER_SLOT + dtype.itemsize)
+    scores = args.n_heads * cache_len * (4 + 4 + dtype.itemsize)  # fp32 scores, softmax, probs in dtype
     return SlotBytes(positions=cache_len, kv_cache=kv, decode_state=state,
                      workspace=vocab + scores + activation_bytes_per_token(args, dtype))
 
@@ -159,7 +159,3 @@ def format_bytes(n_bytes: float) -> str:
         if abs(n_bytes) >= size:
             return f"{n_bytes / size:.2f} {unit}"
     return f"{n_bytes / 2**10:.2f} KiB"
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

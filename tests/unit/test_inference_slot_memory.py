@@ -26,13 +26,7 @@ GIB = 2**30
 VOCAB = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small decode fastest on one thread (and do not stall when the CPU is oversubscribed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _allocated_bytes(tensors) -> int:
