@@ -191,6 +191,12 @@ class CompileSection:
         "when activation_checkpoint.mode = 'full', where it would only add work); on a Qwen3-1.7B step on one "
         "H200: peak 21.7 instead of 26.1 GiB for 1% of the step time",
     )
+    cudagraphs: bool = opt(
+        False,
+        "replay the compiled blocks as CUDA graphs (torch.compile's 'reduce-overhead' mode): for steps bound by "
+        "kernel launches, such as GRPO's packed passes on a small model; one device, no activation checkpointing; "
+        "the graphs' memory pool is kept between steps. Ignored on a CPU",
+    )
 
 
 @dataclass

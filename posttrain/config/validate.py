@@ -43,6 +43,7 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     _validate_optimizer(cfg)
     _validate_parallelism(cfg)
     _validate_float8(cfg)
+    _validate_cudagraphs(cfg)
     ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
     _positive(ac.every_n, "activation_checkpoint.every_n")
     _non_negative(ac.skip_last, "activation_checkpoint.skip_last")
@@ -187,6 +188,19 @@ def _validate_float8(cfg: "JobConfig") -> None:
     _require(importlib.util.find_spec("torchao") is not None, key, f"needs torchao, which is not installed: {FLOAT8_INSTALL_HINT}")
 
 
+def _validate_cudagraphs(cfg: "JobConfig") -> None:
+    if not cfg.compile.cudagraphs:
+        return
+    key = "compile.cudagraphs"
+    _require(cfg.compile.enabled, key, "replays compiled blocks; set compile.enabled = true as well")
+    _require(cfg.model.backend == "native", key, "works with model.backend = 'native' only; set it to false")
+    _require(
+        cfg.activation_checkpoint.mode == "none", key,
+        "cannot be combined with activation checkpointing (a recomputed block would replay its graph inside the "
+        "backward); set activation_checkpoint.mode = 'none' or compile.cudagraphs = false",
+    )
+
+
 def validate_world_size(cfg: "JobConfig", world_size: int) -> None:
     """The parallel degrees multiply to `world_size`, and the global batch splits over data-parallel
     ranks and micro-batches."""
@@ -208,6 +222,10 @@ def validate_world_size(cfg: "JobConfig", world_size: int) -> None:
             f"but the world size is {world_size} (dp_shard = -1 takes the rest)",
         )
     dp = p.dp_replicate * dp_shard
+    _require(
+        not cfg.compile.cudagraphs or world_size == 1, "compile.cudagraphs",
+        f"works on one device only (FSDP and TP move the weights between steps); the world size is {world_size}",
+    )
     _require(
         t.batch_size % dp == 0,
         "training.batch_size",

@@ -78,13 +78,17 @@ def _warn_setting_missing() -> None:
 
 
 def apply_compile(
-    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = False
+    model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = False,
+    cudagraphs: bool = False,
 ) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
     checkpoint stays outside the compiled code, see ``block_to_compile``).
 
     ``recompute_pointwise`` is dropped when every block is checkpointed whole: a block's saved activations then
-    live only while its own backward runs, so rebuilding pointwise results would add work and save nothing."""
+    live only while its own backward runs, so rebuilding pointwise results would add work and save nothing.
+
+    ``cudagraphs``: the blocks compile in "reduce-overhead" mode (inductor's CUDA graph trees) and every forward of
+    ``model`` starts a new graph step (see ``_new_cudagraph_step``)."""
     blocks = list(model.layers.children())
     all_checkpointed_whole = bool(blocks) and all(block_to_compile(b) is not b for b in blocks)
     set_pointwise_recompute(recompute_pointwise and not all_checkpointed_whole)
@@ -94,5 +98,16 @@ def apply_compile(
         # block dynamo refuses that side effect ("HOP: Unsafe side effect") unless it need not replay it in the
         # backward's recomputation, which would only write the same values again ("op" mode traces the checkpoint).
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    mode = "reduce-overhead" if cudagraphs else None
     for block in model.layers.children():
-        block_to_compile(block).compile(fullgraph=fullgraph)
+        block_to_compile(block).compile(fullgraph=fullgraph, mode=mode)
+    if cudagraphs:
+        model.register_forward_pre_hook(_new_cudagraph_step)
+
+
+def _new_cudagraph_step(module: nn.Module, args: tuple) -> None:
+    """Inductor's CUDA graph trees start a new step (where each graph's outputs may be overwritten by its next
+    replay) at every call into compiled code, unless a backward is pending. Each block is such a call, so in a
+    no-grad forward block 2's replay of the shared block graph would overwrite block 1's output, still in use.
+    Marking the step once per model forward makes the whole forward, and its backward, one step."""
+    torch.compiler.cudagraph_mark_step_begin()

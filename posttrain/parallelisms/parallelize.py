@@ -75,7 +75,8 @@ def parallelize_decoder(
     apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget, ac.skip_last)
 
     if compile.enabled:
-        apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)
+        apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise,
+                      cudagraphs=compile.cudagraphs)
 
     if parallel_dims.fsdp_enabled:
         apply_fsdp(

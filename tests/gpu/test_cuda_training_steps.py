@@ -29,7 +29,8 @@ VARIANTS = {  # name: (attention backend, activation checkpointing, compile)
 }
 
 
-def _model(folder: Path, device: torch.device, backend: str = "sdpa", ac: str = "none", compiled: bool = False):
+def _model(folder: Path, device: torch.device, backend: str = "sdpa", ac: str = "none", compiled: bool = False,
+           cudagraphs: bool = False):
     model = load_hf(folder, device=device, attn_backend=backend)
     apply_activation_checkpointing(model, ac, every_n=2)
     if compiled:
@@ -37,7 +38,7 @@ def _model(folder: Path, device: torch.device, backend: str = "sdpa", ac: str = 
         # earlier tests in this worker compiled (other shapes: automatic dynamic graphs, the recompile limit)
         # cannot change what this test runs
         torch._dynamo.reset()
-        apply_compile(model, device_type=device.type)
+        apply_compile(model, device_type=device.type, cudagraphs=cudagraphs)
     return model
 
 
@@ -89,3 +90,28 @@ def test_compiled_flex_under_bf16_autocast_equals_eager(
     record_property("rel_err", f"loss {max(abs(a / b - 1) for a, b in zip(losses, ref_losses)):.2e}")
     assert losses == pytest.approx(ref_losses, rel=2e-2)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_cudagraph_blocks_equal_compiled_blocks(
+    model_type: str, random_hf: dict[str, Path], device: torch.device, record_property
+) -> None:
+    """compile.cudagraphs: training steps and no-grad forwards (each block replays the shared block graph) equal
+    the compiled blocks without CUDA graphs."""
+    _skip_flex_backward_on_cpu(device, "flex")
+    batch = packed_batch(1000).to(device)
+    logits, steps = {}, {}
+    for graphs in (False, True):  # one after the other: building a compiled model resets dynamo
+        model = _model(random_hf[model_type], device, "flex", "none", True, cudagraphs=graphs)
+        with torch.no_grad():
+            logits[graphs] = [model(b.input_ids, position_ids=b.position_ids, document_ids=b.document_ids)
+                              for b in (batch, packed_batch(1000, seed=1).to(device))]
+        steps[graphs] = train_steps(model, batch)
+    (ref_losses, ref_grads), (losses, grads) = steps[False], steps[True]
+    grad_rel, worst = max_rel_diff(grads, ref_grads)
+    logits_rel = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(logits[True], logits[False]))
+    record_property("rel_err", f"logits {logits_rel:.2e}, loss {max(abs(a / b - 1) for a, b in zip(losses, ref_losses)):.2e}, "
+                               f"grad {grad_rel:.2e} ({worst})")
+    assert logits_rel < 1e-5
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
+    assert grad_rel < GRAD_RTOL, worst

@@ -423,6 +423,27 @@ def test_validate_world_size():
         validate_world_size(parse_config(["--parallelism.tp", "3"]), 4)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "set compile.enabled = true as well"),
+        (["--compile.enabled", "--model.backend", "hf"], "model.backend = 'native' only"),
+        (["--compile.enabled", "--activation_checkpoint.mode", "full"], "activation_checkpointing|activation checkpointing"),
+    ],
+)
+def test_cudagraphs_refused_where_they_cannot_work(argv, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_config(["--compile.cudagraphs", *argv])
+    assert e.value.key == "compile.cudagraphs"
+
+
+def test_cudagraphs_on_one_device_only():
+    cfg = parse_config(["--compile.enabled", "--compile.cudagraphs", "--training.batch_size", "8"])
+    validate_world_size(cfg, 1)
+    with pytest.raises(ConfigError, match=r"compile\.cudagraphs works on one device only.*world size is 2"):
+        validate_world_size(cfg, 2)
+
+
 # --- --help -------------------------------------------------------------------------------------
 
 
