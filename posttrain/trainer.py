@@ -436,6 +436,8 @@ class Trainer:
         # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
         scale = self.dp_degree / n_global
 
+        if self.cfg.compile.cudagraphs:
+            self._allocate_grads()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = self.forward_precision()
@@ -471,7 +473,7 @@ class Trainer:
             self._optimizer_step(grad_norm, fused)
         finally:
             self.optimizer.__dict__.pop("grad_scale", None)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cfg.compile.cudagraphs)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.step += 1
@@ -487,6 +489,14 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
             metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
         return metrics
+
+    def _allocate_grads(self) -> None:
+        """compile.cudagraphs: a replayed backward's outputs live in the CUDA graphs' memory pool, which the next
+        micro-batch's forward (a new graph step) takes back. Autograd would keep a first gradient as that output
+        itself, so the gradients are tensors of their own, allocated once and zeroed after each step."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _optimizer_step(self, grad_norm: torch.Tensor, fused: bool) -> None:
         if not self.divergence.enabled:

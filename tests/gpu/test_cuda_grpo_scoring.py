@@ -73,3 +73,45 @@ def test_old_log_probs_match_the_update_forward(device: torch.device, tmp_path: 
         assert stats["clip_low"] == 0 and stats["clip_high"] == 0
     finally:
         worker.close()
+
+
+def test_cudagraph_passes_equal_compiled_passes(device: torch.device, tmp_path: Path, record_property) -> None:
+    """compile.cudagraphs on GRPO's passes: the scoring pass and two updates of several micro-batches each (the
+    gradients accumulate across graph steps) give the numbers of the compiled blocks without CUDA graphs."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs")
+    spec = get_model_spec("qwen3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 128, "n_layers": 3, "ffn_dim": 256})
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights()
+    save_hf(model, tmp_path / "hf", tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    results = {}
+    for graphs in ("false", "true"):
+        torch._dynamo.reset()
+        cfg = parse_config([
+            "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / f"run_{graphs}"),
+            "--model.hf_path", str(tmp_path / "hf"), "--model.dtype", "float32", "--model.attn_backend", "flex",
+            "--grpo.prompts", "unused.jsonl", "--grpo.micro_batch_tokens", "256", "--grpo.minibatches", "1",
+            "--training.steps", "3", "--metrics.tensorboard", "false", "--compile.enabled", "true",
+            "--compile.cudagraphs", graphs,
+        ])
+        worker = PolicyWorker()
+        worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+        try:
+            rows = _rows(48)
+            assert len(list(worker._micro_batches(rows))) >= 3
+            losses = []
+            for _ in range(2):
+                old = worker.log_probs(rows, old=True, ref=False, entropy=False)["old_logp"]
+                for row, v in zip(rows, old):
+                    row["old_logp"] = v
+                losses.append(worker.train_minibatch(rows)["loss"])
+            results[graphs] = (torch.tensor([x for row in old for x in row]), losses)
+        finally:
+            worker.close()
+    (old_ref, losses_ref), (old, losses) = results["false"], results["true"]
+    gap = (old - old_ref).abs().max().item()
+    record_property("rel_err", f"old log-probs after one update {gap:.2e}, losses {losses} vs {losses_ref}")
+    assert gap < 1e-4
+    assert losses == pytest.approx(losses_ref, rel=1e-4, abs=1e-6)
