@@ -16,6 +16,7 @@ document id.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -61,50 +62,67 @@ def packed_batch(
 ) -> dict[str, torch.Tensor]:
     """One micro-batch `[1, row_len]` holding `rows` (each with a response token) back to back. Keys as
     `completion_batch`: input_ids, labels, position_ids, document_ids, advantages, the per-token values every
-    row carries, and with `sequence_targets` `n_targets` = the number of completions."""
-    input_ids = torch.full((row_len,), pad_id, dtype=torch.long)
-    labels = torch.full((row_len,), -100, dtype=torch.long)
-    position_ids = torch.zeros((row_len,), dtype=torch.long)
-    document_ids = torch.full((row_len,), -1, dtype=torch.long)
-    advantages = torch.zeros((row_len,), dtype=torch.float32)
+    row carries, and with `sequence_targets` `n_targets` = the number of completions.
+
+    Built as Python lists and converted once per key: per-completion tensor writes (six small torch calls per
+    completion) took ~18 ms of host time per 256 completions, time the GPU waits for between minibatches."""
     # a row of padding only carries every key (zeros, as completion_batch's padding rows): the loss reads them
     present = [k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)]
-    per_token = {k: torch.zeros((row_len,), dtype=torch.float32) for k in present}
-    at = 0
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    document_ids: list[int] = []
+    advantages: list[float] = []
+    per_token: dict[str, list[float]] = {k: [] for k in present}
     for doc, r in enumerate(rows):
-        ids = list(r["prompt_ids"]) + list(r["token_ids"])
-        n_in = len(ids) - 1
-        if not r["token_ids"] or at + n_in > row_len:
+        prompt, response = r["prompt_ids"], r["token_ids"]
+        n_in = len(prompt) + len(response) - 1
+        if not response or len(input_ids) + n_in > row_len:
             raise ValueError(f"packed_batch: completion {doc} is empty or does not fit in {row_len} positions")
-        input_ids[at : at + n_in] = torch.tensor(ids[:-1], dtype=torch.long)
-        position_ids[at : at + n_in] = torch.arange(n_in)
-        document_ids[at : at + n_in] = doc
-        resp = slice(at + len(r["prompt_ids"]) - 1, at + n_in)
-        labels[resp] = torch.tensor(r["token_ids"], dtype=torch.long)
-        advantages[resp] = float(r["advantage"])
+        input_ids += prompt
+        input_ids += response[:-1]
+        position_ids += range(n_in)
+        document_ids += [doc] * n_in
+        before = [-100] * (len(prompt) - 1)  # label j of the response sits at len(prompt) - 1 + j
+        labels += before
+        labels += response
+        advantages += [0.0] * len(before)
+        advantages += [float(r["advantage"])] * len(response)
         for k in present:
-            per_token[k][resp] = torch.tensor(r[k], dtype=torch.float32)
-        at += n_in
-    position_ids[at:] = torch.arange(row_len - at)
+            per_token[k] += [0.0] * len(before)
+            per_token[k] += r[k]
+    pad = row_len - len(input_ids)
+    input_ids += [pad_id] * pad
+    labels += [-100] * pad
+    position_ids += range(pad)
+    document_ids += [-1] * pad
+    advantages += [0.0] * pad
     batch = {
-        "input_ids": input_ids[None],
-        "labels": labels[None],
-        "position_ids": position_ids[None],
-        "document_ids": document_ids[None],
-        "advantages": advantages[None],
-        **{k: v[None] for k, v in per_token.items()},
+        "input_ids": _row(input_ids, "q"),
+        "labels": _row(labels, "q"),
+        "position_ids": _row(position_ids, "q"),
+        "document_ids": _row(document_ids, "q"),
+        "advantages": _row(advantages, "f"),
+        **{k: _row(v + [0.0] * pad, "f") for k, v in per_token.items()},
     }
     if sequence_targets:
         batch["n_targets"] = torch.tensor(len(rows))
     return batch
 
 
+def _row(values: list, typecode: str) -> torch.Tensor:
+    """`[1, len(values)]` int64 ("q") or float32 ("f"): through an array's buffer, ~7x faster than torch.tensor on a
+    16k-element list (the tensor keeps the array alive)."""
+    return torch.frombuffer(array.array(typecode, values), dtype=torch.long if typecode == "q" else torch.float32)[None]
+
+
 def packed_response_values(values: torch.Tensor, rows: list[dict[str, Any]]) -> list[list[float]]:
     """The inverse for per-token outputs `[1, row_len]` of `packed_batch(rows)`: each row's response values."""
+    flat = values[0].tolist()  # one conversion, not one per row
     out, at = [], 0
     for r in rows:
         n_in = completion_positions(r)
-        out.append(values[0, at + len(r["prompt_ids"]) - 1 : at + n_in].tolist())
+        out.append(flat[at + len(r["prompt_ids"]) - 1 : at + n_in])
         at += n_in
     return out
 
