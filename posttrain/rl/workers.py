@@ -55,10 +55,16 @@ def response_log_probs(
     labels = batch["labels"]
     mask = labels != -100
     vocab_size = model.args.vocab_size
+    # `target_index` (flat positions of the labels, made on the host by PolicyWorker): selecting with it does not
+    # wait for the device, as boolean indexing with `mask` does (its size is only known on the device)
+    index = batch.get("target_index")
 
     def output_fn(hidden: torch.Tensor, weight: torch.Tensor):
-        h = hidden[mask]
-        out = fused_token_log_probs(h, weight, labels[mask], vocab_size=vocab_size, chunk_size=chunk_size,
+        if index is None:
+            h, targets = hidden[mask], labels[mask]
+        else:
+            h, targets = hidden.flatten(0, 1).index_select(0, index), labels.flatten().index_select(0, index)
+        out = fused_token_log_probs(h, weight, targets, vocab_size=vocab_size, chunk_size=chunk_size,
                                     temperature=temperature, entropy=entropy)  # one pass for both
         logp, ent = out if entropy else (out, None)
         if h.shape[0] == 0 and torch.is_grad_enabled():  # padding rows only: a (zero) gradient still reaches
@@ -68,11 +74,22 @@ def response_log_probs(
     flat_logp, flat_ent = model(
         batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
     )
-    logp = torch.zeros(mask.shape, dtype=flat_logp.dtype, device=flat_logp.device).masked_scatter(mask, flat_logp)
-    ent = None
-    if flat_ent is not None:
-        ent = torch.zeros(mask.shape, dtype=torch.float32, device=flat_ent.device).masked_scatter(mask, flat_ent)
+    logp = _scatter_to_positions(flat_logp, mask, index)
+    ent = None if flat_ent is None else _scatter_to_positions(flat_ent.float(), mask, index)
     return logp, ent
+
+
+def with_target_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` (on the host) with `target_index`: the flat positions of its labels, for `response_log_probs`."""
+    return {**batch, "target_index": (batch["labels"].flatten() != -100).nonzero().squeeze(1)}
+
+
+def _scatter_to_positions(values: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-target `values` back to `mask`'s `[B, S]` (0 elsewhere), by `index` when there is one."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    if index is None:
+        return out.masked_scatter(mask, values)
+    return out.flatten().index_copy(0, index, values).view(mask.shape)
 
 
 def grpo_loss_fn(
@@ -184,8 +201,17 @@ class PolicyWorker:
     # -- scoring ---------------------------------------------------------------------------------------
 
     def _micro_batches(self, rows: list[dict[str, Any]], *, sequence_targets: bool = False):
-        return micro_batches(rows, micro_rows=self.micro, micro_tokens=self.micro_tokens, pad_id=self.pad_id,
-                             sequence_targets=sequence_targets, forwards_over_ranks=self._most_over_ranks)
+        """`micro_batches`, each CPU batch with its `target_index` (see `response_log_probs`) and, on CUDA, in
+        pinned memory (a copy from pageable memory waits for the device to finish its queued work)."""
+        pin = self.trainer.device.type == "cuda"
+        for indices, batch, values_of in micro_batches(
+            rows, micro_rows=self.micro, micro_tokens=self.micro_tokens, pad_id=self.pad_id,
+            sequence_targets=sequence_targets, forwards_over_ranks=self._most_over_ranks,
+        ):
+            batch = with_target_index(batch)
+            if pin:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield indices, batch, values_of
 
     def _most_over_ranks(self, n: int) -> int:
         """The largest `n` of the data-parallel ranks: every rank runs as many forwards (FSDP's collectives)."""

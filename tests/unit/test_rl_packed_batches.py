@@ -10,7 +10,7 @@ from posttrain.config.sections import GRPOSection
 from posttrain.models.registry import get_model_spec, resolve_scratch_args
 from posttrain.rl.batches import PER_TOKEN_KEYS, padding_row
 from posttrain.rl.packed_batches import micro_batches, pack_order, packed_batch, packed_response_values
-from posttrain.rl.workers import grpo_loss_fn, response_log_probs
+from posttrain.rl.workers import grpo_loss_fn, response_log_probs, with_target_index
 from posttrain.trainer import count_targets
 
 ROW_LEN = 32
@@ -92,10 +92,13 @@ def tiny_model() -> torch.nn.Module:
     return model.float()
 
 
-def _layout_pass(model, rows, *, micro_tokens: int, agg: str) -> tuple[list[list[float]], float, list[torch.Tensor]]:
+def _layout_pass(model, rows, *, micro_tokens: int, agg: str,
+                 target_index: bool = False) -> tuple[list[list[float]], float, list[torch.Tensor]]:
     """Per-row log-probs (no grad), then the GRPO loss normalised as the trainer does and its gradients."""
     seq = agg == "sequence_mean"
     forwards = list(micro_batches(rows, micro_rows=3, micro_tokens=micro_tokens, pad_id=0, sequence_targets=seq))
+    if target_index:  # as PolicyWorker sends them: the label positions selected by an index made on the host
+        forwards = [(i, with_target_index(b), v) for i, b, v in forwards]
     logps: list[list[float]] = [[] for _ in rows]
     with torch.no_grad():
         for indices, batch, values_of in forwards:
@@ -113,11 +116,13 @@ def _layout_pass(model, rows, *, micro_tokens: int, agg: str) -> tuple[list[list
     return logps, total, [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("target_index", [False, True])
 @pytest.mark.parametrize("agg", ["token_mean", "sequence_mean"])
-def test_packed_rows_give_the_padded_log_probs_loss_and_gradients(tiny_model, agg: str) -> None:
+def test_packed_rows_give_the_padded_log_probs_loss_and_gradients(tiny_model, agg: str, target_index: bool) -> None:
     rows = _rows(9, seed=3) + [padding_row()]
     padded_logp, padded_loss, padded_grads = _layout_pass(tiny_model, rows, micro_tokens=0, agg=agg)
-    packed_logp, packed_loss, packed_grads = _layout_pass(tiny_model, rows, micro_tokens=ROW_LEN, agg=agg)
+    packed_logp, packed_loss, packed_grads = _layout_pass(tiny_model, rows, micro_tokens=ROW_LEN, agg=agg,
+                                                          target_index=target_index)
     assert len(pack_order(rows, ROW_LEN)) < len(rows) - 1  # several completions share a row
     for a, b in zip(packed_logp, padded_logp):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
