@@ -101,13 +101,15 @@ def test_cudagraph_passes_equal_compiled_passes(device: torch.device, tmp_path: 
         try:
             rows = _rows(48)
             assert len(list(worker._micro_batches(rows))) >= 3
-            losses = []
+            losses, olds = [], []
             for _ in range(2):
                 old = worker.log_probs(rows, old=True, ref=False, entropy=False)["old_logp"]
                 for row, v in zip(rows, old):
                     row["old_logp"] = v
                 losses.append(worker.train_minibatch(rows)["loss"])
-            results[graphs] = (torch.tensor([x for row in old for x in row]), losses)
+                olds.append(torch.tensor([x for row in old for x in row]))
+            assert (olds[1] - olds[0]).abs().max() > 1e-4  # the update moved the policy: the comparison can fail
+            results[graphs] = (olds[1], losses)
         finally:
             worker.close()
     (old_ref, losses_ref), (old, losses) = results["false"], results["true"]
