@@ -27,6 +27,7 @@ from posttrain.losses.fused_head import (
     no_autocast,
 )
 from posttrain.losses.logit_math import ce_grad_, ce_rows, chunk_math
+from posttrain.losses.targets import target_index as find_target_index
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -90,6 +91,7 @@ def fused_linear_cross_entropy(
     chunk_size: int = 0,
     ignore_index: int = -100,
     softcap: float | None = None,
+    target_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy of `hidden @ weight[:vocab_size].T` against `labels`; `(loss_sum, n_tokens)`.
 
@@ -98,6 +100,8 @@ def fused_linear_cross_entropy(
     `chunk_size`: trained tokens projected at a time; 0 sizes chunks to about 320 MiB of logits.
     `softcap`: Gemma-style final logit soft-capping `softcap * tanh(z / softcap)` before the softmax.
     Gradients are made only for the inputs that require grad, and not at all under `torch.no_grad()`.
+    `target_index`: the flat positions of the labels that are not `ignore_index` (`losses.target_index`, made on
+    the host with the batch); without it they are found here, which waits for the device (their count sizes the pass).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -113,7 +117,7 @@ def fused_linear_cross_entropy(
     chunk_rows(chunk_size, vocab_size, 2)  # validates chunk_size
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    positions = (flat_labels != ignore_index).nonzero().squeeze(1)
+    positions = find_target_index(flat_labels, ignore_index) if target_index is None else target_index
     targets = flat_labels.index_select(0, positions)
     grad_enabled = torch.is_grad_enabled()
     loss_sum = _FusedLinearCrossEntropy.apply(

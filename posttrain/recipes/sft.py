@@ -25,6 +25,8 @@ def sft_loss(
     output_fn = partial(
         cross_entropy_for(loss_impl), labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
     )
+    if loss_impl == "fused" and batch.get("target_index") is not None:  # made with the batch: no device sync
+        output_fn = partial(output_fn, target_index=batch["target_index"])
     loss_sum, n_targets = model(
         batch["input_ids"],
         position_ids=batch["position_ids"],

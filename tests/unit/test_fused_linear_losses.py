@@ -9,6 +9,7 @@ from posttrain.losses.fused_cross_entropy import fused_linear_cross_entropy
 from posttrain.losses.fused_distillation import fused_distillation_loss
 from posttrain.losses.fused_head import chunk_rows
 from posttrain.losses.fused_log_probs import fused_token_log_probs
+from posttrain.losses.targets import target_index
 
 D = 16
 VOCAB = 50
@@ -41,14 +42,17 @@ def _naive_ce(h, w, labels, softcap=None):
     return F.cross_entropy(logits.reshape(-1, VOCAB).double(), labels.reshape(-1), reduction="sum")
 
 
+@pytest.mark.parametrize("host_index", [False, True])
 @pytest.mark.parametrize("chunk_size", [0, 1, 4, 5, 4096])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_cross_entropy_matches_naive_in_loss_and_grads(chunk_size, softcap):
+def test_cross_entropy_matches_naive_in_loss_and_grads(chunk_size, softcap, host_index):
     hidden, weight, labels = _inputs()
     scale = 0.37  # backward scales the gradients made in forward by the incoming gradient
+    index = target_index(labels) if host_index else None  # as the SFT batches carry it
     loss, gh, gw = _grads(
         lambda h, w, y: fused_linear_cross_entropy(h, w, y, vocab_size=VOCAB, chunk_size=chunk_size,
-                                                   softcap=softcap)[0] * scale, hidden, weight, labels)
+                                                   softcap=softcap, target_index=index)[0] * scale,
+        hidden, weight, labels)
     ref, rgh, rgw = _grads(lambda h, w, y: _naive_ce(h, w, y, softcap) * scale, hidden, weight, labels)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gh, rgh, rtol=1e-10, atol=1e-12)

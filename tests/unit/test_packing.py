@@ -116,6 +116,9 @@ def test_chat_labels_only_on_assistant_tokens(tmp_path):
                 expected = [-100, -100, -100, -100, tok.encode("y")[0], tok.encode("o")[0], EOS, -100]
                 np.testing.assert_array_equal(lab[sel], expected)
             assert (lab[doc == PAD_DOCUMENT_ID] == IGNORE_INDEX).all()
+        # the trained positions travel with the batch (the loss then never counts them on the device)
+        flat = b["labels"].reshape(-1)
+        assert b["target_index"].tolist() == [i for i in range(flat.numel()) if flat[i] != IGNORE_INDEX]
 
 
 def test_rows_are_filled_and_stats_add_up(tmp_path):
