@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PHASES = ("generate", "reward", "logprobs", "update", "sync", "step")
+PHASES = ("generate", "reward", "logprobs", "update", "update_worker", "update_pack", "sync", "step")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -484,6 +484,9 @@ def update_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g:
                 update_metrics.append(train_minibatch(policy, dp, minibatch))
                 train_tokens += sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in minibatch)
     step.timings["update"] = time.perf_counter() - t0
+    # policy rank 0's own time in those calls, and its packing share (the rest of "update" is Ray's round trips)
+    step.timings["update_worker"] = sum(u.get("worker_s", 0.0) for u in update_metrics)
+    step.timings["update_pack"] = sum(u.get("pack_s", 0.0) for u in update_metrics)
     return update_metrics, train_tokens
 
 
@@ -505,7 +508,8 @@ def step_metrics(step: StepRollouts, update_metrics: list[dict[str, float]], tra
         "train_tokens_per_s": train_tokens / max(t["update"], 1e-9) if train_tokens else None,
         "tokens_per_s": train_tokens / max(t["update"], 1e-9) if train_tokens else None,
         "time/generate": t["generate"], "time/reward": t["reward"], "time/logprobs": t["logprobs"],
-        "time/update": t["update"], "time/sync": t["sync"], "time/step": t_total,
+        "time/update": t["update"], "time/update_worker": t.get("update_worker"), "time/update_pack": t.get("update_pack"),
+        "time/sync": t["sync"], "time/step": t_total,
     }
     if step.kl_values:
         m["kl_rollout"] = float(torch.cat(step.kl_values).mean())  # k3(old policy, reference) per token

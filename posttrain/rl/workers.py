@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import replace
@@ -269,11 +270,16 @@ class PolicyWorker:
         """One optimizer step on this rank's rows of a minibatch (every rank sends as many micro-batches)."""
         from functools import partial
 
+        t0 = time.perf_counter()
         sequence_targets = self.grpo.loss_agg == "sequence_mean"
         batches = [b for _, b, _ in self._micro_batches(rows, sequence_targets=sequence_targets)]
+        t_packed = time.perf_counter()
         loss_fn = partial(grpo_loss_fn, grpo=self.grpo, chunk_size=self.chunk_size)
         metrics = self.trainer.train_step_on(batches, loss_fn)
-        return {k: float(v) for k, v in metrics.items() if v is not None}
+        out = {k: float(v) for k, v in metrics.items() if v is not None}
+        # this call's own time (the controller's "update" adds Ray's round trip): packing, then the step
+        out.update(pack_s=t_packed - t0, worker_s=time.perf_counter() - t0)
+        return out
 
     # -- weight sync and export ------------------------------------------------------------------------
 
