@@ -115,6 +115,23 @@ def profile_passes(worker: PolicyWorker, rows: list[dict[str, Any]], minibatches
     return out
 
 
+def set_inductor_config(setting: str) -> None:
+    """`KEY=VALUE` onto torch._inductor.config (VALUE read as a Python literal, else kept as a string)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, text = setting.partition("=")
+    if not sep or not hasattr(inductor_config, key):
+        raise SystemExit(f"--inductor {setting!r}: expected KEY=VALUE with KEY a torch._inductor.config setting")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    setattr(inductor_config, key, value)
+    print(f"torch._inductor.config.{key} = {value!r}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
@@ -130,9 +147,13 @@ def main() -> None:
                    help="profile one more log-prob pass and update after the timed calls; summaries to DIR")
     p.add_argument("--stack-every", type=float, default=0,
                    help="print every thread's Python stack to stderr every this many seconds (0: never): where a stall is")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for the compiled blocks, e.g. combo_kernels=True (repeatable)")
     p.add_argument("overrides", nargs="*", help="train.py overrides, e.g. --grpo.micro_batch_tokens 8192 (after --)")
     a = p.parse_args()
     device = resolve_device(a.device)
+    for setting in a.inductor:
+        set_inductor_config(setting)
     if a.stack_every > 0:
         faulthandler.dump_traceback_later(a.stack_every, repeat=True, file=sys.stderr)
 
