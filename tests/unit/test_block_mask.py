@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from posttrain.models.common.attention import _compose, sliding_window_mask_mod
-from posttrain.models.common.block_mask import block_mask_from_mask_mod
+from posttrain.models.common.block_mask import block_mask_from_mask_mod, document_block_mask
 
 
 def _packed_document_ids(batch: int, seq_len: int, n_docs: int, padding: int, seed: int) -> torch.Tensor:
@@ -54,3 +54,47 @@ def test_a_mask_mod_without_batch_dependence_broadcasts_over_rows():
     reference = create_block_mask(causal, 3, None, 400, 400, device="cpu")
     assert built.kv_num_blocks.shape == reference.kv_num_blocks.shape
     assert torch.equal(built.to_dense(), reference.to_dense())
+
+
+@pytest.mark.parametrize("batch, seq_len, n_docs, padding", [
+    (2, 300, 3, 17),  # length not a multiple of the block, a padding tail
+    (1, 1024, 2, 0),  # long documents: full blocks
+    (3, 1000, 40, 130),  # short documents, padding longer than a block
+    (1, 128, 1, 0),  # a single block
+    (2, 777, 7, 200),
+])
+def test_document_block_mask_equals_the_evaluated_mask_on_packed_rows(batch, seq_len, n_docs, padding):
+    docs = _packed_document_ids(batch, seq_len, n_docs=n_docs, padding=padding, seed=seq_len + n_docs)
+    mask_mod = _compose(docs, None)
+    evaluated = block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, "cpu")
+    built = document_block_mask(docs, seq_len, mask_mod)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(built, name), getattr(evaluated, name)), name
+    if seq_len >= 1024:
+        assert built.full_kv_num_blocks.sum() > 0
+
+
+def test_document_block_mask_on_any_ids_keeps_every_allowed_block_and_the_output():
+    """Ids in no order (not what packing makes): more partial blocks than needed, never a full or skipped one
+    that is wrong, so FlexAttention's output is the same."""
+    g = torch.Generator().manual_seed(3)
+    batch, seq_len = 2, 700
+    docs = torch.randint(-2, 5, (batch, seq_len), generator=g)
+    docs[:, 128:256] = 3  # one block of a single id among the random ones
+    mask_mod = _compose(docs, None)
+    evaluated = block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, "cpu")
+    built = document_block_mask(docs, seq_len, mask_mod)
+    (built_partial, built_full), (want_partial, want_full) = (
+        [_block_sets(m, full) for full in (False, True)] for m in (built, evaluated))
+    assert built_full == want_full
+    assert want_partial <= built_partial
+    q = torch.randn(batch, 2, seq_len, 16, generator=g)
+    k, v = torch.randn(2, batch, 2, seq_len, 16, generator=g)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=built), flex_attention(q, k, v, block_mask=evaluated))
+
+
+def _block_sets(mask, full: bool) -> set[tuple[int, int, int]]:
+    num = mask.full_kv_num_blocks if full else mask.kv_num_blocks
+    idx = mask.full_kv_indices if full else mask.kv_indices
+    return {(b, q, int(idx[b, 0, q, j])) for b in range(num.shape[0]) for q in range(num.shape[2])
+            for j in range(int(num[b, 0, q]))}

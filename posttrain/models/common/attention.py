@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from posttrain.models.common.block_mask import block_mask_from_mask_mod
+from posttrain.models.common.block_mask import block_mask_from_mask_mod, document_block_mask
 from posttrain.models.common.decode_attention import matmul_decode_attention, sdpa_decode_attention, uses_matmul
 
 from posttrain.models.common.rms_norm import RMSNorm
@@ -199,6 +199,8 @@ class FlexBackend:
                 self._shape_only_masks[key] = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, device)
             return self._shape_only_masks[key]
         mask_mod = _compose(document_ids, extra_mask_mod)
+        if extra_mask_mod is None:  # causal within documents: built from the documents' block ranges
+            return document_block_mask(document_ids, seq_len, mask_mod)
         return block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, device)
 
     def __call__(

@@ -8,6 +8,10 @@ mask at once. Here the ``mask_mod`` is evaluated on broadcast index tensors (as 
 of query blocks at a time, at most ``BAND_ELEMENTS`` booleans, and each band is reduced to per-block counts: a
 block with every position allowed is "full" (the kernel skips its mask_mod), one with some is "partial", one with
 none is skipped. Exact for any mask_mod; a few elementwise kernels per band, once per forward.
+
+Causal attention within documents (the packed rows of SFT and GRPO) needs none of that: ``document_block_mask``
+reads the blocks from each block's document ids (16384 positions on this 2-core CPU: 5 ms instead of 1.7 s; on
+one H200 the evaluated mask took 14.5 ms a forward, GPU tier run 7).
 """
 
 from __future__ import annotations
@@ -66,4 +70,47 @@ def block_mask_from_mask_mod(
     )
 
 
-__all__ = ["BAND_ELEMENTS", "BLOCK_SIZE", "block_mask_from_mask_mod"]
+def document_block_mask(
+    document_ids: torch.Tensor, seq_len: int, mask_mod: MaskMod, *, block_size: int = BLOCK_SIZE
+) -> BlockMask:
+    """The BlockMask of causal attention within documents (``mask_mod``: causal AND same document id) from the
+    document ids of each block, without evaluating the ``[S, S]`` mask: O((S / block_size)^2) work, not O(S^2).
+
+    A KV block is skipped when it lies after the query block or when the two blocks' id ranges cannot share an
+    id (ranges taken apart for negative ids, the padding, and the rest); it is full when it lies before the query
+    block and both blocks hold one and the same id; every other block is partial, where the kernel applies
+    ``mask_mod`` to each position. Packed rows (ids counting up along the row, padding -1 at the end) get exactly
+    ``block_mask_from_mask_mod``'s blocks; other layouts get a superset of its partial blocks, never a wrong one."""
+    batch = document_ids.shape[0]
+    n_blocks = -(-seq_len // block_size)
+    ids = document_ids[:, :seq_len]
+    if n_blocks * block_size > seq_len:  # the last block's tail repeats the last id: no new id, never full
+        ids = torch.cat([ids, ids[:, -1:].expand(batch, n_blocks * block_size - seq_len)], dim=1)
+    blocks = ids.reshape(batch, n_blocks, block_size)
+    top = torch.iinfo(blocks.dtype).max
+    negative = blocks < 0
+
+    def id_range(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # an empty class: low > high
+        return (torch.where(members, blocks, top).amin(-1), torch.where(members, blocks, -top).amax(-1))
+
+    def ranges_meet(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # [B, q block, kv block]
+        return (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+
+    may_share = ranges_meet(*id_range(~negative)) | ranges_meet(*id_range(negative))
+    block = torch.arange(n_blocks, device=blocks.device)
+    q_block, kv_block = block[:, None], block[None, :]
+    one_id = blocks.amin(-1) == blocks.amax(-1)
+    whole = (block + 1) * block_size <= seq_len
+    single = one_id & whole
+    same_single = single[:, :, None] & single[:, None, :] & (blocks[:, :, :1] == blocks[:, :, 0][:, None, :])
+    full = (kv_block < q_block) & same_single
+    partial = (kv_block <= q_block) & may_share & ~full
+    kv_num, kv_indices = _ordered(partial[:, None])
+    full_num, full_indices = _ordered(full[:, None])
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+__all__ = ["BAND_ELEMENTS", "BLOCK_SIZE", "block_mask_from_mask_mod", "document_block_mask"]
