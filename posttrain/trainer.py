@@ -436,8 +436,7 @@ class Trainer:
         # FSDP averages gradients over data-parallel ranks; scaling by the degree turns that into a sum.
         scale = self.dp_degree / n_global
 
-        if self.cfg.compile.cudagraphs:
-            self._allocate_grads()
+        cudagraphs = self.cfg.compile.cudagraphs and self.device.type == "cuda"
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         extra: dict[str, torch.Tensor] = {}
         autocast = self.forward_precision()
@@ -456,6 +455,8 @@ class Trainer:
                 extra[k] = extra.get(k, 0) + v.detach().to(torch.float64)
             (out.loss_sum * scale).backward()
             del out
+            if cudagraphs:
+                self._own_grads()
 
         max_norm = self.cfg.training.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -473,7 +474,7 @@ class Trainer:
             self._optimizer_step(grad_norm, fused)
         finally:
             self.optimizer.__dict__.pop("grad_scale", None)
-        self.optimizer.zero_grad(set_to_none=not self.cfg.compile.cudagraphs)
+        self.optimizer.zero_grad(set_to_none=not cudagraphs)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.step += 1
@@ -490,13 +491,17 @@ class Trainer:
             metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
         return metrics
 
-    def _allocate_grads(self) -> None:
+    def _own_grads(self) -> None:
         """compile.cudagraphs: a replayed backward's outputs live in the CUDA graphs' memory pool, which the next
-        micro-batch's forward (a new graph step) takes back. Autograd would keep a first gradient as that output
-        itself, so the gradients are tensors of their own, allocated once and zeroed after each step."""
+        forward (a new graph step) takes back, and autograd keeps a parameter's first gradient as that output
+        itself. So each gradient, the first time it appears, becomes a copy of its own; it is then zeroed in place
+        after every step (never set to None), and later backwards add into it. A parameter the loss never reaches
+        keeps no gradient, as without graphs (the optimizer skips it)."""
+        owned = self.__dict__.setdefault("_owned_grads", set())
         for p in self.model.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.grad is not None and id(p) not in owned:
+                p.grad = p.grad.clone()
+                owned.add(id(p))
 
     def _optimizer_step(self, grad_norm: torch.Tensor, fused: bool) -> None:
         if not self.divergence.enabled:

@@ -194,8 +194,9 @@ class CompileSection:
     cudagraphs: bool = opt(
         False,
         "replay the compiled blocks as CUDA graphs (torch.compile's 'reduce-overhead' mode): for steps bound by "
-        "kernel launches, such as GRPO's packed passes on a small model; one device, no activation checkpointing; "
-        "the graphs' memory pool is kept between steps. Ignored on a CPU",
+        "kernel launches, such as GRPO's packed passes on a small model; one device, the sft and grpo recipes, no "
+        "activation checkpointing, and a training.loss of your own must run the model once per backward; the graphs' "
+        "memory pool and the gradients are kept between steps. Ignored on a CPU",
     )
 
 

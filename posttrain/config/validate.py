@@ -195,6 +195,11 @@ def _validate_cudagraphs(cfg: "JobConfig") -> None:
     _require(cfg.compile.enabled, key, "replays compiled blocks; set compile.enabled = true as well")
     _require(cfg.model.backend == "native", key, "works with model.backend = 'native' only; set it to false")
     _require(
+        cfg.job.recipe in ("sft", "grpo"), key,
+        f"works with the sft and grpo recipes only (one forward of a compiled model per backward; job.recipe = "
+        f"{cfg.job.recipe!r} runs a reference or teacher forward next to it); set it to false",
+    )
+    _require(
         cfg.activation_checkpoint.mode == "none", key,
         "cannot be combined with activation checkpointing (a recomputed block would replay its graph inside the "
         "backward); set activation_checkpoint.mode = 'none' or compile.cudagraphs = false",

@@ -27,7 +27,7 @@ from posttrain.datasets.sft_format import SFTTokenizer, TokenizedSample, tokeniz
 from posttrain.datasets.shuffle import ShuffledEpochs
 from posttrain.datasets.sources import DataFile, ShardedRowStream, bad_row_error
 from posttrain.datasets.stats import DataStats
-from posttrain.losses.targets import target_index
+from posttrain.losses.targets import find_target_index
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class ShardPipeline:
 
 
 def collate_rows(rows: list[PackedRow], stats: dict[str, int]) -> dict[str, Any]:
-    """Stack rows into LongTensors [len(rows), seq_len], with the trained positions (`losses.target_index`: the
+    """Stack rows into LongTensors [len(rows), seq_len], with the trained positions (`losses.find_target_index`: the
     loss then never waits for the device to count them), and attach the shard's counters."""
     labels = torch.from_numpy(np.stack([r.labels for r in rows]))
     return {
@@ -241,7 +241,7 @@ def collate_rows(rows: list[PackedRow], stats: dict[str, int]) -> dict[str, Any]
         "labels": labels,
         "position_ids": torch.from_numpy(np.stack([r.position_ids for r in rows])),
         "document_ids": torch.from_numpy(np.stack([r.document_ids for r in rows])),
-        "target_index": target_index(labels),
+        "target_index": find_target_index(labels),
         "stats": stats,
     }
 

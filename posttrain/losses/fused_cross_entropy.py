@@ -27,7 +27,7 @@ from posttrain.losses.fused_head import (
     no_autocast,
 )
 from posttrain.losses.logit_math import ce_grad_, ce_rows, chunk_math
-from posttrain.losses.targets import target_index as find_target_index
+from posttrain.losses.targets import find_target_index
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -100,7 +100,7 @@ def fused_linear_cross_entropy(
     `chunk_size`: trained tokens projected at a time; 0 sizes chunks to about 320 MiB of logits.
     `softcap`: Gemma-style final logit soft-capping `softcap * tanh(z / softcap)` before the softmax.
     Gradients are made only for the inputs that require grad, and not at all under `torch.no_grad()`.
-    `target_index`: the flat positions of the labels that are not `ignore_index` (`losses.target_index`, made on
+    `target_index`: the flat positions of the labels that are not `ignore_index` (`losses.find_target_index`, made on
     the host with the batch); without it they are found here, which waits for the device (their count sizes the pass).
     """
     if hidden.shape[:-1] != labels.shape:

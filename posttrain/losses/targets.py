@@ -9,6 +9,6 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def target_index(labels: Tensor, ignore_index: int = -100) -> Tensor:
+def find_target_index(labels: Tensor, ignore_index: int = -100) -> Tensor:
     """The flat positions (int64, ascending) of `labels` that are not `ignore_index`."""
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)

@@ -76,7 +76,7 @@ def parallelize_decoder(
 
     if compile.enabled:
         apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise,
-                      cudagraphs=compile.cudagraphs)
+                      cudagraphs=compile.cudagraphs and device_type == "cuda")
 
     if parallel_dims.fsdp_enabled:
         apply_fsdp(

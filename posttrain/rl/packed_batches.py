@@ -89,6 +89,8 @@ def packed_batch(
         advantages += [0.0] * len(before)
         advantages += [float(r["advantage"])] * len(response)
         for k in present:
+            if len(r[k]) != len(response):
+                raise ValueError(f"packed_batch: completion {doc} has {len(r[k])} {k} values for {len(response)} tokens")
             per_token[k] += [0.0] * len(before)
             per_token[k] += r[k]
     pad = row_len - len(input_ids)

@@ -27,7 +27,7 @@ from torch import nn
 from posttrain.config import JobConfig
 from posttrain.config.sections import GRPOSection
 from posttrain.inference import build_engine
-from posttrain.losses import fused_token_log_probs, target_index
+from posttrain.losses import find_target_index, fused_token_log_probs
 from posttrain.models.common.lora import adapters_disabled, has_lora
 from posttrain.rl.packed_batches import micro_batches
 from posttrain.rl.weight_group import (
@@ -82,7 +82,7 @@ def response_log_probs(
 
 def with_target_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`batch` (on the host) with `target_index`: the flat positions of its labels, for `response_log_probs`."""
-    return {**batch, "target_index": target_index(batch["labels"])}
+    return {**batch, "target_index": find_target_index(batch["labels"])}
 
 
 def _scatter_to_positions(values: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

@@ -429,6 +429,7 @@ def test_validate_world_size():
         ([], "set compile.enabled = true as well"),
         (["--compile.enabled", "--model.backend", "hf"], "model.backend = 'native' only"),
         (["--compile.enabled", "--activation_checkpoint.mode", "full"], "activation_checkpointing|activation checkpointing"),
+        (["--compile.enabled", "--job.recipe", "dpo"], "sft and grpo recipes only"),
     ],
 )
 def test_cudagraphs_refused_where_they_cannot_work(argv, message):

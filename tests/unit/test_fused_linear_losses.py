@@ -9,7 +9,7 @@ from posttrain.losses.fused_cross_entropy import fused_linear_cross_entropy
 from posttrain.losses.fused_distillation import fused_distillation_loss
 from posttrain.losses.fused_head import chunk_rows
 from posttrain.losses.fused_log_probs import fused_token_log_probs
-from posttrain.losses.targets import target_index
+from posttrain.losses.targets import find_target_index
 
 D = 16
 VOCAB = 50
@@ -48,7 +48,7 @@ def _naive_ce(h, w, labels, softcap=None):
 def test_cross_entropy_matches_naive_in_loss_and_grads(chunk_size, softcap, host_index):
     hidden, weight, labels = _inputs()
     scale = 0.37  # backward scales the gradients made in forward by the incoming gradient
-    index = target_index(labels) if host_index else None  # as the SFT batches carry it
+    index = find_target_index(labels) if host_index else None  # as the SFT batches carry it
     loss, gh, gw = _grads(
         lambda h, w, y: fused_linear_cross_entropy(h, w, y, vocab_size=VOCAB, chunk_size=chunk_size,
                                                    softcap=softcap, target_index=index)[0] * scale,
@@ -224,3 +224,32 @@ def test_a_sharded_head_passed_as_a_dtensor_is_gathered_with_its_gradient(tmp_pa
         torch.testing.assert_close(h.grad, rgh)
     finally:
         dist.destroy_process_group()
+
+
+def test_sft_loss_with_the_batch_target_index_equals_finding_it():
+    """sft_loss hands the collate's target_index to the fused loss: same loss and gradients as without it."""
+    from posttrain.models.registry import get_model_spec, resolve_scratch_args
+    from posttrain.recipes.sft import sft_loss
+
+    spec = get_model_spec("llama3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 32, "n_layers": 1, "ffn_dim": 64, "attn_backend": "sdpa"})
+    torch.manual_seed(0)
+    model = spec.model_cls(args)
+    model.init_weights()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (2, 24), generator=g)
+    labels = ids.roll(-1, 1)
+    labels[:, :7] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(24).expand(2, 24), "document_ids": None}
+    results = []
+    for with_index in (False, True):
+        model.zero_grad()
+        b = {**batch, "target_index": find_target_index(labels)} if with_index else batch
+        out = sft_loss(model, b, torch.tensor(0), chunk_size=5)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), int(out.n_targets), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, n_a, grads_a), (loss_b, n_b, grads_b) = results
+    assert n_a == n_b == int((labels != -100).sum())
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -68,6 +68,13 @@ def test_packed_row_gives_each_completion_its_document_and_values_at_its_tokens(
     assert packed_response_values(batch["ref_logp"], rows) == [pytest.approx(r["ref_logp"]) for r in rows]
 
 
+def test_a_per_token_list_of_the_wrong_length_is_refused() -> None:
+    rows = _rows(3, 0)
+    rows[1]["old_logp"] = rows[1]["old_logp"][:-1] + [0.0, 0.0]
+    with pytest.raises(ValueError, match=r"completion 1 has \d+ old_logp values for \d+ tokens"):
+        packed_batch(rows, row_len=ROW_LEN, pad_id=0)
+
+
 def test_every_step_has_one_shape_and_ranks_run_as_many_forwards() -> None:
     shapes = set()
     for seed in range(3):  # three "steps" with other completions
