@@ -211,7 +211,7 @@ class PolicyWorker:
         ):
             batch = with_target_index(batch)
             if pin:
-                batch = {k: v.pin_memory() for k, v in batch.items()}
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
             yield indices, batch, values_of
 
     def _most_over_ranks(self, n: int) -> int:
