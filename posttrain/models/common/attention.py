@@ -58,6 +58,8 @@ def sliding_window_mask_mod(window: int) -> MaskMod:
     def in_window(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return q_idx - kv_idx < window
 
+    in_window.window = window  # type: ignore[attr-defined]  # read by FlexBackend.build_mask (block-level masks)
+
     return in_window
 
 
@@ -199,8 +201,9 @@ class FlexBackend:
                 self._shape_only_masks[key] = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, device)
             return self._shape_only_masks[key]
         mask_mod = _compose(document_ids, extra_mask_mod)
-        if extra_mask_mod is None:  # causal within documents: built from the documents' block ranges
-            return document_block_mask(document_ids, seq_len, mask_mod)
+        window = getattr(extra_mask_mod, "window", None)
+        if extra_mask_mod is None or window is not None:  # causal within documents (in a sliding window)
+            return document_block_mask(document_ids, seq_len, mask_mod, window=window)
         return block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, device)
 
     def __call__(
