@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,11 +498,11 @@ class Trainer:
         itself. So each gradient, the first time it appears, becomes a copy of its own; it is then zeroed in place
         after every step (never set to None), and later backwards add into it. A parameter the loss never reaches
         keeps no gradient, as without graphs (the optimizer skips it)."""
-        owned = self.__dict__.setdefault("_owned_grads", set())
+        owned = self.__dict__.setdefault("_owned_grads", weakref.WeakKeyDictionary())
         for p in self.model.parameters():
-            if p.grad is not None and id(p) not in owned:
+            if p.grad is not None and owned.get(p) is not p.grad:
                 p.grad = p.grad.clone()
-                owned.add(id(p))
+                owned[p] = p.grad
 
     def _optimizer_step(self, grad_norm: torch.Tensor, fused: bool) -> None:
         if not self.divergence.enabled:

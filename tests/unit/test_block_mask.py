@@ -121,3 +121,24 @@ def test_document_block_mask_with_a_sliding_window(seq_len, window, n_docs):
     q = torch.randn(batch, 2, seq_len, 16, generator=g)
     k, v = torch.randn(2, batch, 2, seq_len, 16, generator=g)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=built), flex_attention(q, k, v, block_mask=evaluated))
+
+
+def test_build_mask_refuses_document_ids_that_do_not_cover_the_batch():
+    docs = _packed_document_ids(1, 256, n_docs=2, padding=0, seed=0)
+    with pytest.raises(ValueError, match=r"do not cover 2 rows of 256 positions"):
+        FlexBackend().build_mask(docs, batch=2, seq_len=256, device=torch.device("cpu"))
+
+
+def test_a_wrapped_window_mask_mod_is_evaluated_not_read_from_blocks():
+    import functools
+
+    sliding = sliding_window_mask_mod(50)
+
+    @functools.wraps(sliding)
+    def wider(b, h, q_idx, kv_idx):  # keeps the wrapped function's attributes, means something else
+        return q_idx - kv_idx < 400
+
+    docs = _packed_document_ids(1, 512, n_docs=1, padding=0, seed=1)
+    built = FlexBackend().build_mask(docs, batch=1, seq_len=512, device=torch.device("cpu"), extra_mask_mod=wider)
+    evaluated = block_mask_from_mask_mod(_compose(docs, wider), 1, 512, 512, "cpu")
+    assert torch.equal(built.to_dense(), evaluated.to_dense())

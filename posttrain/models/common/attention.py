@@ -11,6 +11,7 @@ every layer.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -58,9 +59,13 @@ def sliding_window_mask_mod(window: int) -> MaskMod:
     def in_window(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return q_idx - kv_idx < window
 
-    in_window.window = window  # type: ignore[attr-defined]  # read by FlexBackend.build_mask (block-level masks)
-
+    _SLIDING_WINDOWS[in_window] = window
     return in_window
+
+
+# the mask_mods made by sliding_window_mask_mod and their windows: FlexBackend builds their block masks from block
+# positions; any other mask_mod (a wrapped one included) is evaluated position by position
+_SLIDING_WINDOWS: weakref.WeakKeyDictionary[MaskMod, int] = weakref.WeakKeyDictionary()
 
 
 def document_ids_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -200,8 +205,10 @@ class FlexBackend:
                 mask_mod = _compose(None, extra_mask_mod)
                 self._shape_only_masks[key] = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, device)
             return self._shape_only_masks[key]
+        if document_ids.shape[0] != batch or document_ids.shape[1] < seq_len:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} do not cover {batch} rows of {seq_len} positions")
         mask_mod = _compose(document_ids, extra_mask_mod)
-        window = getattr(extra_mask_mod, "window", None)
+        window = None if extra_mask_mod is None else _SLIDING_WINDOWS.get(extra_mask_mod)
         if extra_mask_mod is None or window is not None:  # causal within documents (in a sliding window)
             return document_block_mask(document_ids, seq_len, mask_mod, window=window)
         return block_mask_from_mask_mod(mask_mod, batch, seq_len, seq_len, device)

@@ -3,8 +3,8 @@
 ``torch.compile(create_block_mask)`` is torch's way to avoid materialising the ``[Q, KV]`` mask, but its cold
 compile can take minutes or hang at some lengths (pytorch/pytorch#182060; on one H200 with torch 2.11 the first
 forward over 16384-position packed rows, which compiled it, took 2.5-4 minutes: BENCHMARKS.md, issue 14), and it
-compiles again whenever grad mode changes (a no-grad scoring pass, then a training step). The eager ``create_block_mask`` materialises the whole
-mask at once. Here the ``mask_mod`` is evaluated on broadcast index tensors (as the SDPA backend does) for a band
+compiles again whenever grad mode changes (a no-grad scoring pass, then a training step). The eager
+``create_block_mask`` materialises the whole mask at once. Here the ``mask_mod`` is evaluated on broadcast index tensors (as the SDPA backend does) for a band
 of query blocks at a time, at most ``BAND_ELEMENTS`` booleans, and each band is reduced to per-block counts: a
 block with every position allowed is "full" (the kernel skips its mask_mod), one with some is "partial", one with
 none is skipped. Exact for any mask_mod; a few elementwise kernels per band, once per forward.
