@@ -22,6 +22,7 @@ from posttrain.losses.fused_head import (
     no_autocast,
 )
 from posttrain.losses.logit_math import chunk_math, distill_grad_, distill_rows
+from posttrain.losses.targets import find_target_index
 
 __all__ = ["fused_distillation_loss"]
 
@@ -96,6 +97,7 @@ def fused_distillation_loss(
     ce_weight: float = 0.0,
     chunk_size: int = 0,
     ignore_index: int = -100,
+    target_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`(loss_sum, divergence_sum, ce_sum, kl_sum, n_tokens)` over the trained positions.
 
@@ -103,6 +105,7 @@ def fused_distillation_loss(
     side only); the other sums are detached metrics (`kl_sum`: forward KL(teacher || student) at temperature
     1). Arguments as in `chunked_distillation_loss`; the student's two tensors come first so this can be a
     model's `output_fn`. `chunk_size` 0 sizes chunks to about 320 MiB of the two models' logits.
+    `target_index`: the trained positions made on the host, as for `fused_linear_cross_entropy` (no device sync).
     """
     if student_hidden.shape[:-1] != labels.shape or teacher_hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -125,7 +128,7 @@ def fused_distillation_loss(
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
     chunk_rows(chunk_size, vocab_size, 2)  # validates chunk_size
     flat_labels = labels.reshape(-1)
-    positions = (flat_labels != ignore_index).nonzero().squeeze(1)
+    positions = find_target_index(flat_labels, ignore_index) if target_index is None else target_index
     targets = flat_labels.index_select(0, positions)
     grad_enabled = torch.is_grad_enabled()
     settings = (vocab_size, chunk_size, kind, float(temperature), float(jsd_beta), float(ce_weight))

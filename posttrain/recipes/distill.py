@@ -115,7 +115,8 @@ def distill_loss(
         temperature=distill.temperature, jsd_beta=distill.jsd_beta, chunk_size=chunk_size,
     )
     if loss_impl == "fused":  # the two terms' gradients are made in forward, weighted by ce_weight
-        output_fn = partial(fused_distillation_loss, ce_weight=distill.ce_weight, **common)
+        output_fn = partial(fused_distillation_loss, ce_weight=distill.ce_weight,
+                            target_index=batch.get("target_index"), **common)  # made with the batch: no sync
         loss, div, ce, kl, n_tokens = model(batch["input_ids"], **inputs, output_fn=output_fn)
     else:
         div, ce, kl, n_tokens = model(batch["input_ids"], **inputs, output_fn=partial(chunked_distillation_loss, **common))

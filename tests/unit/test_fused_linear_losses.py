@@ -167,17 +167,20 @@ def test_token_log_probs_ignore_index_gives_zero_and_no_grad():
     assert h.grad[labels == -100].abs().max() == 0 and h.grad[labels != -100].abs().max() > 0
 
 
+@pytest.mark.parametrize("host_index", [False, True])
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_distillation_matches_naive_two_head_loss(kind, temperature):
+def test_distillation_matches_naive_two_head_loss(kind, temperature, host_index):
     hidden, weight, labels = _inputs()
     teacher_hidden, teacher_weight, _ = _inputs(seed=5, dim=24)
     ce_weight = 0.3
+    index = find_target_index(labels) if host_index else None  # as the SFT batches carry it
 
     def fused(h, w, y):
         loss, div, ce, kl, n = fused_distillation_loss(
             h, w, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=y, vocab_size=VOCAB,
-            kind=kind, temperature=temperature, jsd_beta=0.3, ce_weight=ce_weight, chunk_size=4)
+            kind=kind, temperature=temperature, jsd_beta=0.3, ce_weight=ce_weight, chunk_size=4,
+            target_index=index)
         fused.metrics = (div, ce, kl, n)
         return loss * 0.5
 
