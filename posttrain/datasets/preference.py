@@ -41,6 +41,7 @@ from posttrain.datasets.columns import rename_columns
 from posttrain.datasets.errors import BadRowError, DataError
 from posttrain.datasets.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, document_labels
 from posttrain.datasets.sources import bad_row_error, iter_file_rows, resolve_data_files
+from posttrain.losses.targets import find_target_index
 
 __all__ = [
     "PreferenceDataLoader",
@@ -176,9 +177,13 @@ def pack_pairs(pairs: Sequence[PreferencePair], *, seq_len: int, rows: int, pad_
             col, doc = col + n, doc + 1
         if col < seq_len:
             position_ids[row, col:] = np.arange(seq_len - col)
+    if (sequence_ids[labels != IGNORE_INDEX] < 0).any():  # every labelled position belongs to a sequence
+        raise ValueError("pack_pairs: a labelled position outside every sequence")
+    labels_t = torch.from_numpy(labels)
     return {
         "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
+        "labels": labels_t,
+        "target_index": find_target_index(labels_t),  # the loss then never waits for the device to find them
         "position_ids": torch.from_numpy(position_ids),
         "document_ids": torch.from_numpy(document_ids),
         "sequence_ids": torch.from_numpy(sequence_ids),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.losses.impl import token_log_probs_for
+from posttrain.losses.targets import find_target_index
 
 __all__ = [
     "LOSS_TYPES",
@@ -61,6 +62,7 @@ def sequence_log_probs(
     chunk_size: int = 0,
     ignore_index: int = -100,
     loss_impl: str = "fused",
+    target_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of each sequence's trained tokens and their count, both `[n_sequences]` (fp32).
 
@@ -68,13 +70,15 @@ def sequence_log_probs(
     `sequence_ids` `[...]` (the sequence each position belongs to). Only labelled positions are projected,
     `chunk_size` at a time (0: auto), so the `[tokens, vocab]` logits never exist whole; `loss_impl` picks
     the fused log-probs (default) or the chunked ones (`posttrain.losses.impl`).
+    `target_index`: the labelled positions made on the host with the batch (`datasets.preference.pack_pairs`, which
+    also guarantees each belongs to a sequence); without it they are found and checked here, two waits for the device.
     """
     flat_labels = labels.reshape(-1)
-    positions = (flat_labels != ignore_index).nonzero().squeeze(1)
+    positions = find_target_index(flat_labels, ignore_index) if target_index is None else target_index
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     logps = token_log_probs_for(loss_impl)(h, weight, flat_labels.index_select(0, positions), vocab_size=vocab_size, chunk_size=chunk_size)
     seq = sequence_ids.reshape(-1).index_select(0, positions)
-    if seq.numel() and int(seq.min()) < 0:
+    if target_index is None and seq.numel() and int(seq.min()) < 0:
         raise ValueError("a labelled position has sequence id -1 (padding); the batch's sequence_ids are wrong")
     return sum_by_sequence(logps, seq, n_sequences), sum_by_sequence(torch.ones_like(logps), seq, n_sequences)
 

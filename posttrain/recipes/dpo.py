@@ -46,7 +46,7 @@ def pair_log_probs(
     output_fn = partial(
         sequence_log_probs, labels=batch["labels"], sequence_ids=batch["sequence_ids"],
         n_sequences=2 * int(batch["n_targets"]), vocab_size=model.args.vocab_size, chunk_size=chunk_size,
-        loss_impl=loss_impl,
+        loss_impl=loss_impl, target_index=batch.get("target_index"),
     )
     logps, lengths = model(
         batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn

@@ -59,6 +59,8 @@ def test_packing_lays_pairs_side_by_side_with_sequence_ids(tokenizer: HFTokenize
     seq_len = 2 * length + 3  # two pairs per row
     batch = pack_pairs(pairs, seq_len=seq_len, rows=2, pad_id=tokenizer.pad_id)
     assert batch["n_targets"] == 3 and batch["pair_ids"].tolist() == [0, 1, 2]
+    flat = batch["labels"].reshape(-1)  # the labelled positions travel with the batch (no device sync in the loss)
+    assert batch["target_index"].tolist() == [i for i in range(flat.numel()) if flat[i] != -100]
     seq = batch["sequence_ids"]
     n_c = len(pairs[0].chosen_ids)
     assert seq[0, :n_c].eq(0).all() and seq[0, n_c:length].eq(1).all() and seq[0, length : 2 * length].min() == 2

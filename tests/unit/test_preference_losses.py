@@ -14,6 +14,7 @@ from posttrain.losses.preference import (
     sequence_log_probs,
     sum_by_sequence,
 )
+from posttrain.losses.targets import find_target_index
 
 
 def _log_sigmoid(x: float) -> float:
@@ -94,7 +95,8 @@ def test_sum_by_sequence() -> None:
     assert sum_by_sequence(values, torch.tensor([0, 2, 0, 2]), 4).tolist() == [4.0, 0.0, 6.0, 0.0]
 
 
-def test_sequence_log_probs_match_direct_log_softmax_with_masking() -> None:
+@pytest.mark.parametrize("host_index", [False, True])
+def test_sequence_log_probs_match_direct_log_softmax_with_masking(host_index: bool) -> None:
     torch.manual_seed(0)
     vocab, padded, dim = 11, 16, 8
     hidden = torch.randn(2, 7, dim, dtype=torch.float64, requires_grad=True)
@@ -103,7 +105,8 @@ def test_sequence_log_probs_match_direct_log_softmax_with_masking() -> None:
     # Row 0: seq 0 (positions 0-2), seq 1 (3-4), padding; row 1: seq 2 (0-3), seq 3 (4-5), padding.
     sequence_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [2, 2, 2, 2, 3, 3, -1]])
     sums, counts = sequence_log_probs(
-        hidden, weight, labels=labels, sequence_ids=sequence_ids, n_sequences=4, vocab_size=vocab, chunk_size=3
+        hidden, weight, labels=labels, sequence_ids=sequence_ids, n_sequences=4, vocab_size=vocab, chunk_size=3,
+        target_index=find_target_index(labels) if host_index else None,  # as pack_pairs' batches carry it
     )
     logp = torch.log_softmax(hidden @ weight[:vocab].T, dim=-1)
     expected = torch.zeros(4, dtype=torch.float64)
