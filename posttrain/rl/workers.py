@@ -54,17 +54,15 @@ def response_log_probs(
     """Per-token log-probs `[B, S]` of the labels (0 where the label is -100) at `temperature`, and with
     `entropy` the per-token entropy of the same distribution (no gradient). Only response positions are projected."""
     labels = batch["labels"]
-    mask = labels != -100
     vocab_size = model.args.vocab_size
-    # `target_index` (flat positions of the labels, made on the host by PolicyWorker): selecting with it does not
-    # wait for the device, as boolean indexing with `mask` does (its size is only known on the device)
+    # the flat positions of the labels: made on the host by PolicyWorker (`with_target_index`), else found here,
+    # which waits for the device (their count is only known there)
     index = batch.get("target_index")
+    if index is None:
+        index = find_target_index(labels)
 
     def output_fn(hidden: torch.Tensor, weight: torch.Tensor):
-        if index is None:
-            h, targets = hidden[mask], labels[mask]
-        else:
-            h, targets = hidden.flatten(0, 1).index_select(0, index), labels.flatten().index_select(0, index)
+        h, targets = hidden.flatten(0, 1).index_select(0, index), labels.flatten().index_select(0, index)
         out = fused_token_log_probs(h, weight, targets, vocab_size=vocab_size, chunk_size=chunk_size,
                                     temperature=temperature, entropy=entropy)  # one pass for both
         logp, ent = out if entropy else (out, None)
@@ -75,8 +73,8 @@ def response_log_probs(
     flat_logp, flat_ent = model(
         batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"], output_fn=output_fn
     )
-    logp = _scatter_to_positions(flat_logp, mask, index)
-    ent = None if flat_ent is None else _scatter_to_positions(flat_ent.float(), mask, index)
+    logp = _scatter_to_positions(flat_logp, labels.shape, index)
+    ent = None if flat_ent is None else _scatter_to_positions(flat_ent.float(), labels.shape, index)
     return logp, ent
 
 
@@ -85,12 +83,10 @@ def with_target_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {**batch, "target_index": find_target_index(batch["labels"])}
 
 
-def _scatter_to_positions(values: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """Per-target `values` back to `mask`'s `[B, S]` (0 elsewhere), by `index` when there is one."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-    if index is None:
-        return out.masked_scatter(mask, values)
-    return out.flatten().index_copy(0, index, values).view(mask.shape)
+def _scatter_to_positions(values: torch.Tensor, shape: torch.Size, index: torch.Tensor) -> torch.Tensor:
+    """Per-target `values` back to `[B, S]` at the flat positions `index` (0 elsewhere)."""
+    out = torch.zeros(shape.numel(), dtype=values.dtype, device=values.device)
+    return out.index_copy(0, index, values).view(shape)
 
 
 def grpo_loss_fn(

@@ -26,21 +26,31 @@ def _rows(n: int) -> list[dict]:
              "advantage": 1.0 if i % 2 else -1.0} for i in range(n)]
 
 
-def test_old_log_probs_match_the_update_forward(device: torch.device, tmp_path: Path, record_property) -> None:
-    if device.type != "cuda":
-        pytest.skip("bf16 autocast over fp32 master weights is the CUDA path (the CPU trains in fp32)")
+def _random_qwen3(folder: Path, *, n_layers: int) -> Path:
+    """A small random Qwen3 saved as an HF folder with the test tokenizer."""
     spec = get_model_spec("qwen3")
-    args = resolve_scratch_args(spec, "debug", overrides={"dim": 128, "n_layers": 2, "ffn_dim": 256})
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 128, "n_layers": n_layers, "ffn_dim": 256})
     torch.manual_seed(0)
     model = spec.model_cls(args)
     model.init_weights()
-    save_hf(model, tmp_path / "hf", tokenizer=HFTokenizer(ASSETS / "tokenizer"))
-    cfg = parse_config([
-        "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / "run"), "--model.hf_path", str(tmp_path / "hf"),
-        "--model.dtype", "float32", "--model.attn_backend", "flex", "--grpo.prompts", "unused.jsonl",
-        "--grpo.micro_batch_tokens", "512", "--grpo.minibatches", "1", "--training.steps", "2",
-        "--metrics.tensorboard", "false",
+    save_hf(model, folder, tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    return folder
+
+
+def _grpo_config(hf: Path, run: Path, *overrides: str):
+    """A GRPO config on `hf` in fp32 master weights with flex attention, one minibatch a step, plus `overrides`."""
+    return parse_config([
+        "--job.recipe", "grpo", "--job.output_dir", str(run), "--model.hf_path", str(hf), "--model.dtype", "float32",
+        "--model.attn_backend", "flex", "--grpo.prompts", "unused.jsonl", "--grpo.minibatches", "1",
+        "--metrics.tensorboard", "false", *overrides,
     ])
+
+
+def test_old_log_probs_match_the_update_forward(device: torch.device, tmp_path: Path, record_property) -> None:
+    if device.type != "cuda":
+        pytest.skip("bf16 autocast over fp32 master weights is the CUDA path (the CPU trains in fp32)")
+    hf = _random_qwen3(tmp_path / "hf", n_layers=2)
+    cfg = _grpo_config(hf, tmp_path / "run", "--grpo.micro_batch_tokens", "512", "--training.steps", "2")
     worker = PolicyWorker()
     worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
     try:
@@ -80,22 +90,12 @@ def test_cudagraph_passes_equal_compiled_passes(device: torch.device, tmp_path: 
     gradients accumulate across graph steps) give the numbers of the compiled blocks without CUDA graphs."""
     if device.type != "cuda":
         pytest.skip("CUDA graphs")
-    spec = get_model_spec("qwen3")
-    args = resolve_scratch_args(spec, "debug", overrides={"dim": 128, "n_layers": 3, "ffn_dim": 256})
-    torch.manual_seed(0)
-    model = spec.model_cls(args)
-    model.init_weights()
-    save_hf(model, tmp_path / "hf", tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    hf = _random_qwen3(tmp_path / "hf", n_layers=3)
     results = {}
     for graphs in ("false", "true"):
         torch._dynamo.reset()
-        cfg = parse_config([
-            "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / f"run_{graphs}"),
-            "--model.hf_path", str(tmp_path / "hf"), "--model.dtype", "float32", "--model.attn_backend", "flex",
-            "--grpo.prompts", "unused.jsonl", "--grpo.micro_batch_tokens", "256", "--grpo.minibatches", "1",
-            "--training.steps", "3", "--metrics.tensorboard", "false", "--compile.enabled", "true",
-            "--compile.cudagraphs", graphs,
-        ])
+        cfg = _grpo_config(hf, tmp_path / f"run_{graphs}", "--grpo.micro_batch_tokens", "256", "--training.steps", "3",
+                           "--compile.enabled", "true", "--compile.cudagraphs", graphs)
         worker = PolicyWorker()
         worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
         try:

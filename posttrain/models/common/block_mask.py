@@ -4,14 +4,15 @@
 compile can take minutes or hang at some lengths (pytorch/pytorch#182060; on one H200 with torch 2.11 the first
 forward over 16384-position packed rows, which compiled it, took 2.5-4 minutes: BENCHMARKS.md, issue 14), and it
 compiles again whenever grad mode changes (a no-grad scoring pass, then a training step). The eager
-``create_block_mask`` materialises the whole mask at once. Here the ``mask_mod`` is evaluated on broadcast index tensors (as the SDPA backend does) for a band
-of query blocks at a time, at most ``BAND_ELEMENTS`` booleans, and each band is reduced to per-block counts: a
-block with every position allowed is "full" (the kernel skips its mask_mod), one with some is "partial", one with
-none is skipped. Exact for any mask_mod; a few elementwise kernels per band, once per forward.
+``create_block_mask`` materialises the whole mask at once. Here the ``mask_mod`` is evaluated on broadcast index
+tensors (as the SDPA backend does) for a band of query blocks at a time, at most ``BAND_ELEMENTS`` booleans, and
+each band is reduced to per-block counts: a block with every position allowed is "full" (the kernel skips its
+mask_mod), one with some is "partial", one with none is skipped. Exact for any mask_mod; a few elementwise kernels
+per band, once per forward.
 
 Causal attention within documents (the packed rows of SFT and GRPO), in a sliding window or not, needs none of
-that: ``document_block_mask`` reads the blocks from each block's document ids (16384 positions on this 2-core CPU: 5 ms instead of 1.7 s; on
-one H200 the evaluated mask took 14.5 ms a forward, GPU tier run 7).
+that: ``document_block_mask`` reads the blocks from each block's document ids (16384 positions on a 2-core CPU:
+5 ms instead of 1.7 s; on one H200 the evaluated mask took 14.5 ms a forward, GPU tier run 7).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def document_block_mask(
     same_single = single[:, :, None] & single[:, None, :] & (blocks[:, :, :1] == blocks[:, :, 0][:, None, :])
     full = (kv_block < q_block) & same_single
     reachable = kv_block <= q_block
-    if window is not None:  # closest pair q_block * B - (kv_block * B + B - 1), farthest (q_block * B + B - 1) - kv_block * B
+    if window is not None:  # q - kv over a block pair: from (q_block - kv_block) * B - (B - 1) to ... + (B - 1)
         reachable &= (q_block - kv_block) * block_size - (block_size - 1) < window
         full &= (q_block - kv_block) * block_size + (block_size - 1) < window
     partial = reachable & may_share & ~full
