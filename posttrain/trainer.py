@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from posttrain.checkpoint import CheckpointManager, ModelOptimizerState, RNGState
 from posttrain.checkpoint.fingerprint import run_fingerprint
@@ -84,6 +84,19 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "n_targets" in batch:
         return torch.as_tensor(batch["n_targets"])
     return (batch["labels"] != -100).sum()
+
+
+def own_gradients(params: Iterable[torch.nn.Parameter], owned: WeakIdKeyDictionary) -> None:
+    """compile.cudagraphs: a replayed backward's outputs live in the CUDA graphs' memory pool, which the next
+    forward (a new graph step) takes back, and autograd keeps a parameter's first gradient as that output
+    itself. So each gradient, the first time it appears, becomes a copy of its own (``owned`` remembers it, keyed
+    by the parameter's identity: tensors cannot be compared as dictionary keys); it is then zeroed in place after
+    every step (never set to None), and later backwards add into it. A parameter the loss never reaches keeps no
+    gradient, as without graphs (the optimizer skips it)."""
+    for p in params:
+        if p.grad is not None and owned.get(p) is not p.grad:
+            p.grad = p.grad.clone()
+            owned[p] = p.grad
 
 
 def build_training_model(
@@ -493,16 +506,7 @@ class Trainer:
         return metrics
 
     def _own_grads(self) -> None:
-        """compile.cudagraphs: a replayed backward's outputs live in the CUDA graphs' memory pool, which the next
-        forward (a new graph step) takes back, and autograd keeps a parameter's first gradient as that output
-        itself. So each gradient, the first time it appears, becomes a copy of its own; it is then zeroed in place
-        after every step (never set to None), and later backwards add into it. A parameter the loss never reaches
-        keeps no gradient, as without graphs (the optimizer skips it)."""
-        owned = self.__dict__.setdefault("_owned_grads", weakref.WeakKeyDictionary())
-        for p in self.model.parameters():
-            if p.grad is not None and owned.get(p) is not p.grad:
-                p.grad = p.grad.clone()
-                owned[p] = p.grad
+        own_gradients(self.model.parameters(), self.__dict__.setdefault("_owned_grads", WeakIdKeyDictionary()))
 
     def _optimizer_step(self, grad_norm: torch.Tensor, fused: bool) -> None:
         if not self.divergence.enabled:
