@@ -5,8 +5,9 @@ A packed row holds, per position:
 - labels: the NEXT token of the same document where that next token's loss mask is true, else -100. The
   last token of each document is -100, so no position predicts across a document boundary; padding is -100;
 - position_ids: 0, 1, 2, ... restarting at every document (padding counts 0, 1, ... as one more document);
-- document_ids: 0, 1, 2, ... per document in the row; padding is `PAD_DOCUMENT_ID` (-1), so a mask built as
-  "causal AND same document id" never lets a real token attend to padding.
+- document_ids: 0, 1, 2, ... per document in the row; padding is `PAD_DOCUMENT_ID` (-1): the attention mask
+  ("causal AND same document id", `models.common.attention.document_mask_mod`) never lets a real token attend
+  to padding, and lets a padding position attend only to itself.
 
 Best fit (`BestFitBuffer` + `pack_best_fit`): the packer holds up to `pack_buffer` documents; while a row is
 being filled it takes the longest held document that fits the space left (the oldest among equal lengths),

@@ -142,3 +142,28 @@ def test_a_wrapped_window_mask_mod_is_evaluated_not_read_from_blocks():
     built = FlexBackend().build_mask(docs, batch=1, seq_len=512, device=torch.device("cpu"), extra_mask_mod=wider)
     evaluated = block_mask_from_mask_mod(_compose(docs, wider), 1, 512, 512, "cpu")
     assert torch.equal(built.to_dense(), evaluated.to_dense())
+
+
+def test_padding_attends_only_to_itself_and_costs_one_block_per_padded_block():
+    # a row of one short document and a long padding tail (GRPO's last packed row of a minibatch): as one causal
+    # "document" the tail would need ~n^2 / 2 blocks; attending only to itself it needs its diagonal blocks
+    seq_len, real = 2048, 200
+    docs = torch.full((1, seq_len), -1)
+    docs[0, :real] = 0
+    mask_mod = _compose(docs, None)
+    built = document_block_mask(docs, seq_len, mask_mod)
+    evaluated = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, "cpu")
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(built, name), getattr(evaluated, name)), name
+    padded_blocks = list(range(real // 128, seq_len // 128))
+    assert built.full_kv_num_blocks[0, 0, padded_blocks].sum() == 0
+    assert built.kv_num_blocks[0, 0, padded_blocks[1:]].tolist() == [1] * (len(padded_blocks) - 1)
+    idx = torch.arange(seq_len)
+    dense = mask_mod(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros((), dtype=torch.long),
+                     idx.view(1, 1, seq_len, 1), idx.view(1, 1, 1, seq_len))[0, 0]
+    assert torch.equal(dense[real:, real:], torch.eye(seq_len - real, dtype=torch.bool))
+    assert not dense[real:, :real].any() and not dense[:real, real:].any()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, seq_len, 16, generator=g)
+    out = flex_attention(q, k, v, block_mask=built)
+    torch.testing.assert_close(out[:, :, real:], v[:, :, real:])  # a position alone with itself returns its value

@@ -45,10 +45,13 @@ def causal_mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_id
 
 
 def document_mask_mod(document_ids: torch.Tensor) -> MaskMod:
-    """Attend only within the same document; document_ids [B, S]."""
+    """Attend only within the same document; document_ids [B, S]. A position with a negative id (padding) attends
+    only to itself: its output is never used, and as one causal "document" a padded tail of P positions would cost
+    the attention kernels P^2 / 2 pairs (GRPO's last packed row of a minibatch is often mostly padding)."""
 
     def same_document(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+        q_doc = document_ids[b, q_idx]
+        return (q_doc == document_ids[b, kv_idx]) & ((q_doc >= 0) | (q_idx == kv_idx))
 
     return same_document
 

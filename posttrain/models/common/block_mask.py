@@ -80,9 +80,10 @@ def document_block_mask(
     O((S / block_size)^2) work, not O(S^2).
 
     A KV block is skipped when it lies after the query block, entirely beyond the window, or when the two blocks'
-    id ranges cannot share an id (ranges taken apart for negative ids, the padding, and the rest); it is full when
-    it lies before the query block, entirely inside the window, and both blocks hold one and the same id; every
-    other block is partial, where the kernel applies ``mask_mod`` to each position. Packed rows (ids counting up
+    id ranges cannot share an id (ranges taken apart for negative ids, the padding, which attends only to itself,
+    so only within its own block, and the rest); it is full when it lies before the query block, entirely inside
+    the window, and both blocks hold one and the same non-negative id; every other block is partial, where the
+    kernel applies ``mask_mod`` to each position. Packed rows (ids counting up
     along the row, padding -1 at the end) get exactly ``block_mask_from_mask_mod``'s blocks; other layouts get a
     superset of its partial blocks, never a wrong one."""
     batch = document_ids.shape[0]
@@ -100,10 +101,11 @@ def document_block_mask(
     def ranges_meet(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # [B, q block, kv block]
         return (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
 
-    may_share = ranges_meet(*id_range(~negative)) | ranges_meet(*id_range(negative))
     block = torch.arange(n_blocks, device=blocks.device)
     q_block, kv_block = block[:, None], block[None, :]
-    one_id = blocks.amin(-1) == blocks.amax(-1)
+    # padding (negative ids) attends only to itself: it meets only its own block
+    may_share = ranges_meet(*id_range(~negative)) | (ranges_meet(*id_range(negative)) & (q_block == kv_block))
+    one_id = (blocks.amin(-1) == blocks.amax(-1)) & (blocks[:, :, 0] >= 0)
     whole = (block + 1) * block_size <= seq_len
     single = one_id & whole
     same_single = single[:, :, None] & single[:, None, :] & (blocks[:, :, :1] == blocks[:, :, 0][:, None, :])
