@@ -149,7 +149,8 @@ def document_lengths_from_ids(document_ids: Tensor | None, position_ids: Tensor 
 
     A new document starts at the first column of every row, wherever `document_ids` changes, and wherever
     `position_ids` does not continue the previous position by one (a restart at 0). Either may be None, not
-    both. Padding is counted as whatever documents it forms: the attention kernel computes it too.
+    both. Padding (a negative document id) is left out: it attends only to itself
+    (`models.common.attention.document_mask_mod`), and the dense FLOPs count real tokens only too.
     """
     if document_ids is None and position_ids is None:
         raise ValueError("document_lengths_from_ids needs document_ids or position_ids")
@@ -166,7 +167,10 @@ def document_lengths_from_ids(document_ids: Tensor | None, position_ids: Tensor 
         starts[:, 1:] |= position_ids[:, 1:] != position_ids[:, :-1] + 1
     start_idx = starts.reshape(-1).nonzero().squeeze(1)
     ends = torch.cat([start_idx[1:], start_idx.new_tensor([starts.numel()])])
-    return ends - start_idx
+    lengths = ends - start_idx
+    if document_ids is not None:
+        lengths = lengths[document_ids.reshape(-1)[start_idx] >= 0]
+    return lengths
 
 
 def training_flops(

@@ -53,6 +53,10 @@ def test_document_lengths_from_document_ids_and_position_ids():
     # Same document id reused across rows, or two documents sharing an id but restarting positions.
     pos_restart = torch.tensor([[0, 1, 0, 1, 2, 3]])
     assert document_lengths_from_ids(torch.zeros(1, 6, dtype=torch.long), pos_restart).tolist() == [2, 4]
+    # padding (-1) attends only to itself: it adds no document, wherever it sits
+    padded = torch.tensor([[0, 0, 1, -1, -1, -1], [-1, 3, 3, 3, -1, -1]])
+    assert document_lengths_from_ids(padded).tolist() == [2, 1, 3]
+    assert document_lengths_from_ids(padded, torch.tensor([[0, 1, 0, 0, 1, 2], [0, 0, 1, 2, 0, 1]])).tolist() == [2, 1, 3]
     with pytest.raises(ValueError):
         document_lengths_from_ids(None, None)
 
