@@ -65,13 +65,16 @@ def write_model(shape: str, out: Path) -> int:
 
 
 def synthetic_rows(n: int, prompt_len: tuple[int, int], response_len: tuple[int, int], vocab: int,
-                   seed: int) -> list[dict[str, Any]]:
+                   seed: int, group_size: int = 1) -> list[dict[str, Any]]:
+    """`n` completions, `group_size` of each prompt (a GRPO group), the groups interleaved as in a shuffled
+    minibatch."""
     rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_len))]
+               for _ in range(-(-n // group_size))]
     rows = []
-    for _ in range(n):
-        p = rng.randint(*prompt_len)
+    for i in range(n):
         r = rng.randint(*response_len)
-        rows.append({"prompt_ids": [rng.randrange(3, vocab) for _ in range(p)],
+        rows.append({"prompt_ids": list(prompts[i % len(prompts)]),
                      "token_ids": [rng.randrange(3, vocab) for _ in range(r)],
                      "engine_logp": [-1.0] * r, "advantage": rng.gauss(0.0, 1.0)})
     return rows
@@ -139,6 +142,8 @@ def main() -> None:
     p.add_argument("--completions", type=int, default=512, help="rows per GRPO step (prompts x group size)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=(30, 60))
     p.add_argument("--response-len", type=int, nargs=2, default=(16, 128))
+    p.add_argument("--group-size", type=int, default=1,
+                   help="completions per prompt (1: every completion its own prompt, as the earlier rows)")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +173,7 @@ def main() -> None:
         worker = PolicyWorker()
         _, setup_s = timed(device, lambda: worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1",
                                                         master_port=free_port()), "setup")
-        rows = synthetic_rows(a.completions, tuple(a.prompt_len), tuple(a.response_len), vocab, a.seed)
+        rows = synthetic_rows(a.completions, tuple(a.prompt_len), tuple(a.response_len), vocab, a.seed, a.group_size)
         tokens = sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in rows)
         minibatches = cfg.grpo.minibatches
         results: list[dict[str, Any]] = []
@@ -227,7 +232,8 @@ def main() -> None:
         table.append([r["pass"], r["call"], f"{r['s']:.3f}", f"{r['tokens']:,}", rate, ratio, clipped])
     print(RESULTS_MARKER)
     print(f"### GRPO trainer passes: {a.shape}, {a.completions} completions ({tokens:,} positions), "
-          f"micro_batch_tokens {cfg.grpo.micro_batch_tokens}, {minibatches} minibatches, setup {setup_s:.1f} s, "
+          f"group size {a.group_size}, micro_batch_tokens {cfg.grpo.micro_batch_tokens}, share_prompts "
+          f"{cfg.grpo.share_prompts}, {minibatches} minibatches, setup {setup_s:.1f} s, "
           f"peak {peak if peak is not None else '-'} GiB, {device}")
     print(markdown_table(["pass", "call", "s", "tokens / tensors", "tokens/s", "ratio (1st minibatch)",
                           "clipped tokens"], table))

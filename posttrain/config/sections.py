@@ -291,6 +291,9 @@ class GRPOSection:
     micro_batch_tokens: int = opt(0, "> 0: the log-prob passes and the update pack completions into rows of this "
                                      "many positions, one row per forward (document masks, no padding to the "
                                      "longest, one shape every step); 0: training.micro_batch_size padded rows")
+    share_prompts: bool = opt(False, "with micro_batch_tokens: the completions of one prompt follow one copy of it "
+                                     "in a packed row and attend to it (the prompt's positions computed once per "
+                                     "group, not once per completion)")
     epochs: int = opt(1, "passes over each rollout batch")
     minibatches: int = opt(1, "optimizer steps per epoch (the rollout batch split in this many minibatches)")
     filter_zero_variance: bool = opt(True, "drop groups whose completions all got the same reward (no signal)")

@@ -66,6 +66,8 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
     require(g.micro_batch_tokens == 0 or g.micro_batch_tokens >= g.max_new_tokens + 1, "micro_batch_tokens",
             f"({g.micro_batch_tokens}) must be 0 (padded rows) or hold a prompt token and grpo.max_new_tokens "
             f"({g.max_new_tokens}): at least {g.max_new_tokens + 1}")
+    require(not g.share_prompts or g.micro_batch_tokens > 0, "share_prompts",
+            "needs packed rows: set grpo.micro_batch_tokens > 0")
     require(g.epochs >= 1 and g.minibatches >= 1, "epochs", "and grpo.minibatches must be >= 1")
     require(bool(g.rewards), "rewards", "is empty")
     require(not g.reward_weights or len(g.reward_weights) == len(g.rewards), "reward_weights",

@@ -9,7 +9,12 @@ as for packed SFT rows) never crosses completions. The tail after the last compl
 id -1, labels -100, positions counting from 0 again (as `datasets/packing.py` lays out padding).
 
 Which completions share a row: first-fit decreasing by length (fewest rows for the budget). A completion
-with no response token (a `padding_row`) takes no space. The loss normalisation does not change: token-mean
+with no response token (a `padding_row`) takes no space.
+
+`grpo.share_prompts` packs a prompt's completions (a GRPO group, or the part of it in this minibatch) after one
+copy of the prompt (`shared_prompt_batch`): the completions attend to that copy and to themselves
+(`models/common/shared_prompts.py`), so the prompt's positions are computed once per group and row instead of
+once per completion; per completion the inputs, positions, labels and attended keys are the same as above. The loss normalisation does not change: token-mean
 counts labels, sequence-mean counts completions with a response token and `grpo_loss` separates them by
 document id.
 """
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 
+from posttrain.models.common.shared_prompts import shared_document_id
 from posttrain.rl.batches import PER_TOKEN_KEYS, chunk, completion_batch, response_values
 
 
@@ -33,20 +39,23 @@ def completion_positions(row: dict[str, Any]) -> int:
     return len(row["prompt_ids"]) + len(row["token_ids"]) - 1
 
 
-def pack_order(rows: list[dict[str, Any]], row_len: int) -> list[list[int]]:
-    """Indices into `rows`, one list per packed row (first-fit decreasing; rows with no response are left out).
-    A completion longer than `row_len` is refused naming the setting that bounds it."""
-    sizes = [completion_positions(r) for r in rows]
+def _check_fits(row: dict[str, Any], row_len: int) -> None:
+    """A completion longer than `row_len` is refused naming the setting that bounds it."""
+    n = completion_positions(row)
+    if n > row_len:
+        raise ValueError(
+            f"grpo.micro_batch_tokens ({row_len}) is shorter than a completion with its prompt ({n} "
+            f"positions: {len(row['prompt_ids'])} prompt + {len(row['token_ids'])} response tokens - 1); "
+            "raise it to at least the longest prompt + grpo.max_new_tokens"
+        )
+
+
+def _first_fit_decreasing(sizes: list[int], row_len: int) -> list[list[int]]:
+    """Indices into `sizes` (each at most `row_len`, 0 left out), one list per row of `row_len`."""
     order = sorted((i for i, n in enumerate(sizes) if n > 0), key=lambda i: (-sizes[i], i))
     packs: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        if sizes[i] > row_len:
-            raise ValueError(
-                f"grpo.micro_batch_tokens ({row_len}) is shorter than a completion with its prompt ({sizes[i]} "
-                f"positions: {len(rows[i]['prompt_ids'])} prompt + {len(rows[i]['token_ids'])} response tokens - 1); "
-                "raise it to at least the longest prompt + grpo.max_new_tokens"
-            )
         slot = next((p for p, room in enumerate(free) if room >= sizes[i]), None)
         if slot is None:
             packs.append([])
@@ -55,6 +64,14 @@ def pack_order(rows: list[dict[str, Any]], row_len: int) -> list[list[int]]:
         packs[slot].append(i)
         free[slot] -= sizes[i]
     return packs
+
+
+def pack_order(rows: list[dict[str, Any]], row_len: int) -> list[list[int]]:
+    """Indices into `rows`, one list per packed row (first-fit decreasing; rows with no response are left out).
+    A completion longer than `row_len` is refused naming the setting that bounds it."""
+    for r in rows:
+        _check_fits(r, row_len)
+    return _first_fit_decreasing([completion_positions(r) for r in rows], row_len)
 
 
 def packed_batch(
@@ -129,6 +146,104 @@ def packed_response_values(values: torch.Tensor, rows: list[dict[str, Any]]) -> 
     return out
 
 
+def prompt_groups(rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of the rows with a response token, grouped by identical prompt (groups and members in order)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["token_ids"]:
+            groups.setdefault(tuple(r["prompt_ids"]), []).append(i)
+    return list(groups.values())
+
+
+def shared_pack_order(rows: list[dict[str, Any]], row_len: int) -> list[list[list[int]]]:
+    """Per packed row, its prompt groups (indices into `rows` whose completions share one copy of their prompt),
+    first-fit decreasing by a group's positions (its prompt less the last token, then each completion's last
+    prompt token and response less the last token). A group too long for one row is split, longest completions
+    first; each part brings its own copy of the prompt."""
+    parts: list[list[int]] = []
+    sizes: list[int] = []
+    for group in prompt_groups(rows):
+        shared = len(rows[group[0]]["prompt_ids"]) - 1
+        first_part = len(parts)
+        for i in sorted(group, key=lambda i: (-len(rows[i]["token_ids"]), i)):
+            _check_fits(rows[i], row_len)
+            n = len(rows[i]["token_ids"])
+            if len(parts) > first_part and sizes[-1] + n <= row_len:
+                parts[-1].append(i)
+                sizes[-1] += n
+            else:
+                parts.append([i])
+                sizes.append(shared + n)
+    for part in parts:
+        part.sort()
+    return [[parts[p] for p in pack] for pack in _first_fit_decreasing(sizes, row_len)]
+
+
+def shared_prompt_batch(
+    groups: list[list[dict[str, Any]]], *, row_len: int, pad_id: int, sequence_targets: bool = False
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """One micro-batch `[1, row_len]` holding `groups` (each: completions of one prompt, with a response token),
+    and each completion's response span `(start, length)` in the row. Per group: `prompt[:-1]` once (document
+    `shared_document_id(g, 0)`, positions 0..), then per completion `prompt[-1:] + response[:-1]` (document
+    `(g, m)`, positions continuing the prompt's, labels the response), so a completion's inputs, positions and
+    labels are those of `packed_batch` and attention (`document_mask_mod`: its prompt and itself) sees the same
+    keys: the same log-probs, with the prompt computed once per group instead of once per completion."""
+    rows = [r for group in groups for r in group]
+    present = [k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    document_ids: list[int] = []
+    advantages: list[float] = []
+    per_token: dict[str, list[float]] = {k: [] for k in present}
+    spans: list[tuple[int, int]] = []
+
+    def add(tokens: list[int], start: int, doc: int, targets: list[int], advantage: float, values: dict) -> None:
+        input_ids.extend(tokens)
+        position_ids.extend(range(start, start + len(tokens)))
+        document_ids.extend([doc] * len(tokens))
+        labels.extend(targets)
+        advantages.extend([advantage] * len(tokens))
+        for k in present:
+            per_token[k].extend(values.get(k, [0.0] * len(tokens)))
+
+    for g, group in enumerate(groups):
+        prompt = group[0]["prompt_ids"]
+        add(prompt[:-1], 0, shared_document_id(g, 0), [-100] * (len(prompt) - 1), 0.0, {})
+        for m, r in enumerate(group, start=1):
+            response = r["token_ids"]
+            if not response or r["prompt_ids"] != prompt:
+                raise ValueError(f"shared_prompt_batch: group {g} member {m} has no response or another prompt")
+            for k in present:
+                if len(r[k]) != len(response):
+                    raise ValueError(f"shared_prompt_batch: group {g} member {m} has {len(r[k])} {k} values for "
+                                     f"{len(response)} tokens")
+            spans.append((len(input_ids), len(response)))
+            add(prompt[-1:] + response[:-1], len(prompt) - 1, shared_document_id(g, m), list(response),
+                float(r["advantage"]), {k: r[k] for k in present})
+    pad = row_len - len(input_ids)
+    if pad < 0:
+        raise ValueError(f"shared_prompt_batch: {len(input_ids)} positions do not fit in {row_len}")
+    add([pad_id] * pad, 0, -1, [-100] * pad, 0.0, {})
+    batch = {
+        "input_ids": _row(input_ids, "q"),
+        "labels": _row(labels, "q"),
+        "position_ids": _row(position_ids, "q"),
+        "document_ids": _row(document_ids, "q"),
+        "advantages": _row(advantages, "f"),
+        **{k: _row(v, "f") for k, v in per_token.items()},
+    }
+    if sequence_targets:
+        batch["n_targets"] = torch.tensor(len(rows))
+    return batch, spans
+
+
+def values_at(values: torch.Tensor, spans: list[tuple[int, int]]) -> list[list[float]]:
+    """Per-token outputs `[1, row_len]` of `shared_prompt_batch` -> each completion's response values."""
+    flat = values[0].tolist()
+    return [flat[start:start + n] for start, n in spans]
+
+
 def micro_batches(
     rows: list[dict[str, Any]],
     *,
@@ -136,12 +251,14 @@ def micro_batches(
     micro_tokens: int,
     pad_id: int,
     sequence_targets: bool = False,
+    share_prompts: bool = False,
     forwards_over_ranks: Callable[[int], int] = lambda n: n,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], Callable[[torch.Tensor], list[list[float]]]]]:
     """The forwards over `rows`: `(indices into rows, CPU batch, per-token [B, S] -> per-row response lists)`.
 
     `micro_tokens > 0`: packed rows of that many positions, as many forwards as `forwards_over_ranks(n)` (the
-    most any data-parallel rank needs; the extra ones hold only padding). Otherwise one completion per row,
+    most any data-parallel rank needs; the extra ones hold only padding), with `share_prompts` the completions of
+    one prompt after one copy of it (`shared_prompt_batch`). Otherwise one completion per row,
     right-padded, `micro_rows` rows per forward (0: all in one), as `completion_batch` lays them out; the
     caller already gave every rank as many rows (`split_evenly`)."""
     if micro_tokens <= 0:
@@ -151,6 +268,14 @@ def micro_batches(
                    completion_batch(piece, pad_id=pad_id, sequence_targets=sequence_targets),
                    partial(response_values, rows=piece))
             start += len(piece)
+        return
+    if share_prompts:
+        shared = shared_pack_order(rows, micro_tokens)
+        shared += [[] for _ in range(forwards_over_ranks(len(shared)) - len(shared))]
+        for groups in shared:
+            batch, spans = shared_prompt_batch([[rows[i] for i in g] for g in groups], row_len=micro_tokens,
+                                               pad_id=pad_id, sequence_targets=sequence_targets)
+            yield [i for g in groups for i in g], batch, partial(values_at, spans=spans)
         return
     packs = pack_order(rows, micro_tokens)
     packs += [[] for _ in range(forwards_over_ranks(len(packs)) - len(packs))]

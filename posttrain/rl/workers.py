@@ -153,6 +153,7 @@ class PolicyWorker:
         self.chunk_size = cfg.training.loss_chunk_size
         self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
         self.micro_tokens = cfg.grpo.micro_batch_tokens  # > 0: packed rows of this many positions instead
+        self.share_prompts = cfg.grpo.share_prompts
         self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
         self.reference: nn.Module | None = None
         self.reference_is_policy = False
@@ -203,7 +204,8 @@ class PolicyWorker:
         pin = self.trainer.device.type == "cuda"
         for indices, batch, values_of in micro_batches(
             rows, micro_rows=self.micro, micro_tokens=self.micro_tokens, pad_id=self.pad_id,
-            sequence_targets=sequence_targets, forwards_over_ranks=self._most_over_ranks,
+            sequence_targets=sequence_targets, share_prompts=self.share_prompts,
+            forwards_over_ranks=self._most_over_ranks,
         ):
             batch = with_target_index(batch)
             if pin:

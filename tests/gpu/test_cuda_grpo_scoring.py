@@ -117,3 +117,42 @@ def test_cudagraph_passes_equal_compiled_passes(device: torch.device, tmp_path: 
     record_property("rel_err", f"old log-probs after one update {gap:.2e}, losses {losses} vs {losses_ref}")
     assert gap < 1e-4
     assert losses == pytest.approx(losses_ref, rel=1e-4, abs=1e-6)
+
+
+def test_shared_prompts_equal_one_prompt_per_completion(device: torch.device, tmp_path: Path, record_property) -> None:
+    """grpo.share_prompts on FlexAttention (forward and backward, the block mask read from the shared-prompt ids):
+    the scoring pass, one update and the scoring after it give the numbers of one prompt copy per completion."""
+    if device.type != "cuda":
+        pytest.skip("FlexAttention's backward")
+    hf = _random_qwen3(tmp_path / "hf", n_layers=2)
+    rows = _rows(48)
+    for i, r in enumerate(rows):  # groups of 8 completions of one prompt, interleaved as in a shuffled minibatch
+        r["prompt_ids"] = list(rows[i % 6]["prompt_ids"])
+    results = {}
+    for share in ("false", "true"):
+        cfg = _grpo_config(hf, tmp_path / f"run_{share}", "--grpo.micro_batch_tokens", "512", "--training.steps", "2",
+                           "--training.mixed_precision", "fp32", "--grpo.share_prompts", share)
+        worker = PolicyWorker()
+        worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+        try:
+            forwards = len(list(worker._micro_batches(rows)))
+            own = [dict(r) for r in rows]
+            old = worker.log_probs(own, old=True, ref=False, entropy=False)["old_logp"]
+            for row, v in zip(own, old):
+                row["old_logp"] = v
+            stats = worker.train_minibatch(own)
+            after = worker.log_probs(own, old=True, ref=False, entropy=False)["old_logp"]
+            results[share] = (forwards, torch.tensor([x for r in old for x in r]), stats,
+                              torch.tensor([x for r in after for x in r]))
+        finally:
+            worker.close()
+    (n_own, old_own, stats_own, after_own), (n_shared, old_shared, stats_shared, after_shared) = (
+        results["false"], results["true"])
+    gaps = [(a - b).abs().max().item() for a, b in ((old_shared, old_own), (after_shared, after_own))]
+    record_property("rel_err", f"forwards {n_shared} vs {n_own}; old log-probs {gaps[0]:.2e}, after the update "
+                               f"{gaps[1]:.2e}; loss {stats_shared['loss']} vs {stats_own['loss']}")
+    assert n_shared < n_own
+    assert (after_own - old_own).abs().max() > 1e-3  # the update moved the policy: the comparison can fail
+    assert max(gaps) < 1e-4
+    for key in ("loss", "grad_norm", "tokens"):
+        assert stats_shared[key] == pytest.approx(stats_own[key], rel=1e-4, abs=1e-6), key

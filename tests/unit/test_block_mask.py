@@ -9,6 +9,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from posttrain.models.common.attention import FlexBackend, _compose, sliding_window_mask_mod
 from posttrain.models.common.block_mask import block_mask_from_mask_mod, document_block_mask
+from posttrain.models.common.shared_prompts import shared_document_id
 
 
 def _packed_document_ids(batch: int, seq_len: int, n_docs: int, padding: int, seed: int) -> torch.Tensor:
@@ -167,3 +168,40 @@ def test_padding_attends_only_to_itself_and_costs_one_block_per_padded_block():
     q, k, v = torch.randn(3, 1, 2, seq_len, 16, generator=g)
     out = flex_attention(q, k, v, block_mask=built)
     torch.testing.assert_close(out[:, :, real:], v[:, :, real:])  # a position alone with itself returns its value
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_document_block_mask_on_shared_prompt_rows_keeps_the_full_blocks_and_the_output(window):
+    # GRPO's shared-prompt rows: per group a prompt, then its completions, each seeing the prompt and itself
+    g = torch.Generator().manual_seed(4)
+    ids: list[int] = []
+    group = 0
+    while len(ids) < 1900:
+        ids += [shared_document_id(group, 0)] * int(torch.randint(20, 300, (1,), generator=g))
+        for member in range(1, int(torch.randint(2, 6, (1,), generator=g))):
+            ids += [shared_document_id(group, member)] * int(torch.randint(1, 200, (1,), generator=g))
+        group += 1
+    seq_len = 2000
+    docs = torch.tensor((ids + [-1] * seq_len)[:seq_len])[None]
+    extra = None if window is None else sliding_window_mask_mod(window)
+    mask_mod = _compose(docs, extra)
+    evaluated = block_mask_from_mask_mod(mask_mod, 1, seq_len, seq_len, "cpu")
+    built = document_block_mask(docs, seq_len, mask_mod, window=window)
+    (built_partial, built_full), (want_partial, want_full) = (
+        [_block_sets(m, full) for full in (False, True)] for m in (built, evaluated))
+    assert built_full == want_full and want_partial <= built_partial
+    if window is None:
+        assert len(want_full) > 0  # completions' blocks over a whole prompt block
+    q, k, v = torch.randn(3, 1, 2, seq_len, 16, generator=g)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=built), flex_attention(q, k, v, block_mask=evaluated))
+    # a completion sees its prompt and itself, not the group's other completions nor another group
+    idx = torch.arange(seq_len)
+    dense = mask_mod(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros((), dtype=torch.long),
+                     idx.view(1, 1, seq_len, 1), idx.view(1, 1, 1, seq_len))[0, 0]
+    member = docs[0]
+    first, second = shared_document_id(0, 1), shared_document_id(0, 2)
+    q_pos = int((member == second).nonzero()[0])
+    if window is None:
+        assert dense[q_pos, member == shared_document_id(0, 0)].all()
+    assert not dense[q_pos, member == first].any()
+    assert not dense[q_pos, member == shared_document_id(1, 0)].any()

@@ -9,7 +9,15 @@ import torch
 from posttrain.config.sections import GRPOSection
 from posttrain.models.registry import get_model_spec, resolve_scratch_args
 from posttrain.rl.batches import PER_TOKEN_KEYS, padding_row
-from posttrain.rl.packed_batches import micro_batches, pack_order, packed_batch, packed_response_values
+from posttrain.models.common.shared_prompts import shared_document_id
+from posttrain.rl.packed_batches import (
+    micro_batches,
+    pack_order,
+    packed_batch,
+    packed_response_values,
+    shared_pack_order,
+    shared_prompt_batch,
+)
 from posttrain.rl.workers import grpo_loss_fn, response_log_probs, with_target_index
 from posttrain.trainer import count_targets
 
@@ -99,11 +107,12 @@ def tiny_model() -> torch.nn.Module:
     return model.float()
 
 
-def _layout_pass(model, rows, *, micro_tokens: int, agg: str,
-                 target_index: bool = False) -> tuple[list[list[float]], float, list[torch.Tensor]]:
+def _layout_pass(model, rows, *, micro_tokens: int, agg: str, target_index: bool = False,
+                 share_prompts: bool = False) -> tuple[list[list[float]], float, list[torch.Tensor]]:
     """Per-row log-probs (no grad), then the GRPO loss normalised as the trainer does and its gradients."""
     seq = agg == "sequence_mean"
-    forwards = list(micro_batches(rows, micro_rows=3, micro_tokens=micro_tokens, pad_id=0, sequence_targets=seq))
+    forwards = list(micro_batches(rows, micro_rows=3, micro_tokens=micro_tokens, pad_id=0, sequence_targets=seq,
+                                  share_prompts=share_prompts))
     if target_index:  # as PolicyWorker sends them: the label positions selected by an index made on the host
         forwards = [(i, with_target_index(b), v) for i, b, v in forwards]
     logps: list[list[float]] = [[] for _ in rows]
@@ -164,3 +173,70 @@ def test_packed_forwards_compile_once(tiny_model) -> None:
             b._compiled_call_impl = None
         torch._dynamo.reset()
         del originals
+
+
+def _groups(prompts: int, group_size: int, seed: int) -> list[dict]:
+    """GRPO's rows: `group_size` completions of each prompt, the groups interleaved as a shuffled minibatch."""
+    rows = _rows(prompts * group_size, seed)
+    for i, r in enumerate(rows):
+        r["prompt_ids"] = list(rows[i % prompts]["prompt_ids"])
+    return rows
+
+
+def test_shared_prompt_rows_hold_each_prompt_once_per_group_part() -> None:
+    rows = _groups(3, 4, seed=5) + [padding_row()]
+    packs = shared_pack_order(rows, ROW_LEN)
+    parts = [part for pack in packs for part in pack]
+    assert sorted(i for part in parts for i in part) == list(range(12))  # every completion once, padding none
+    for pack in packs:
+        for part in pack:
+            assert len({tuple(rows[i]["prompt_ids"]) for i in part}) == 1
+        used = sum(len(rows[part[0]]["prompt_ids"]) - 1 + sum(len(rows[i]["token_ids"]) for i in part)
+                   for part in pack)
+        assert used <= ROW_LEN
+    # fewer positions than one prompt copy per completion
+    assert sum(len(pack) for pack in packs) < 12
+    group = [rows[i] for i in parts[0]]
+    batch, spans = shared_prompt_batch([group], row_len=ROW_LEN, pad_id=0)
+    prompt = group[0]["prompt_ids"]
+    ids, pos, labels = batch["document_ids"][0].tolist(), batch["position_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert ids[:len(prompt) - 1] == [shared_document_id(0, 0)] * (len(prompt) - 1)
+    assert batch["input_ids"][0, :len(prompt) - 1].tolist() == prompt[:-1]
+    for m, (r, (start, n)) in enumerate(zip(group, spans), start=1):
+        assert n == len(r["token_ids"]) and labels[start:start + n] == r["token_ids"]
+        assert batch["input_ids"][0, start:start + n].tolist() == prompt[-1:] + r["token_ids"][:-1]
+        assert pos[start:start + n] == list(range(len(prompt) - 1, len(prompt) - 1 + n))
+        assert ids[start:start + n] == [shared_document_id(0, m)] * n
+        assert batch["old_logp"][0, start:start + n].tolist() == pytest.approx(r["old_logp"])
+
+
+def test_a_group_longer_than_a_row_is_split_with_a_prompt_copy_per_part() -> None:
+    rows = _groups(1, 8, seed=6)
+    packs = shared_pack_order(rows, 16)
+    parts = [part for pack in packs for part in pack]
+    assert len(parts) > 1 and sorted(i for p in parts for i in p) == list(range(8))
+    with pytest.raises(ValueError, match="grpo.micro_batch_tokens"):
+        shared_pack_order(rows, 8)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "sequence_mean"])
+def test_shared_prompts_give_the_padded_log_probs_loss_and_gradients(tiny_model, agg: str) -> None:
+    rows = _groups(3, 4, seed=7) + [padding_row()]
+    padded_logp, padded_loss, padded_grads = _layout_pass(tiny_model, rows, micro_tokens=0, agg=agg)
+    shared_logp, shared_loss, shared_grads = _layout_pass(tiny_model, rows, micro_tokens=ROW_LEN, agg=agg,
+                                                          target_index=True, share_prompts=True)
+    for a, b in zip(shared_logp, padded_logp):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    assert shared_loss == pytest.approx(padded_loss, rel=1e-5, abs=1e-6)
+    for a, b in zip(shared_grads, padded_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_share_prompts_needs_packed_rows() -> None:
+    from posttrain.config.loader import parse_config
+    from posttrain.rl.controller import check_grpo_config
+
+    base = ["--config", "train_configs/debug_grpo.toml", "--grpo.share_prompts", "true"]
+    check_grpo_config(parse_config([*base, "--grpo.micro_batch_tokens", "512"]))
+    with pytest.raises(SystemExit, match="grpo.share_prompts needs packed rows"):
+        check_grpo_config(parse_config([*base, "--grpo.micro_batch_tokens", "0"]))

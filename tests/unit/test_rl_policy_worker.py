@@ -84,19 +84,26 @@ def test_policy_worker_scores_updates_and_checkpoints(tiny_hf: Path, tmp_path: P
     worker.close()
 
 
-def test_packed_policy_worker_scores_and_updates_like_the_padded_one(tiny_hf: Path, tmp_path: Path) -> None:
-    """grpo.micro_batch_tokens: the same old / reference log-probs, entropies and update as padded rows."""
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_packed_policy_worker_scores_and_updates_like_the_padded_one(tiny_hf: Path, tmp_path: Path,
+                                                                     share_prompts: bool) -> None:
+    """grpo.micro_batch_tokens (and grpo.share_prompts: completions after one copy of their prompt): the same old /
+    reference log-probs, entropies and update as padded rows."""
     results = []
     for micro_tokens in ("0", "24"):
         cfg = parse_config([
             "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / micro_tokens), "--model.hf_path", str(tiny_hf),
             "--grpo.prompts", "unused.jsonl", "--grpo.kl_coef", "0.1", "--grpo.micro_batch_tokens", micro_tokens,
+            "--grpo.share_prompts", str(share_prompts and micro_tokens != "0").lower(),
             "--training.micro_batch_size", "2", "--training.steps", "2", "--optimizer.lr", "1e-2",
             "--metrics.tensorboard", "false", "--grpo.cpu_threads", THREADS, "--model.attn_backend", "sdpa",
         ])
         worker = PolicyWorker()
         worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
         rows = _rows(5)
+        if share_prompts:  # groups of completions of one prompt, as GRPO samples them
+            for i, r in enumerate(rows):
+                r["prompt_ids"] = list(rows[i % 2]["prompt_ids"])
         scored = worker.log_probs(rows, old=True, ref=True, entropy=True)
         for row, old, ref in zip(rows, scored["old_logp"], scored["ref_logp"]):
             row["old_logp"], row["ref_logp"] = old, ref

@@ -31,6 +31,7 @@ from posttrain.models.common.decode_attention import matmul_decode_attention, sd
 
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import apply_rotary_emb
+from posttrain.models.common.shared_prompts import SHARED_FLAG, prompt_of
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # What build_mask returns and every layer receives: None (causal fast path), a dense bool Tensor, or a BlockMask.
@@ -47,11 +48,13 @@ def causal_mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_id
 def document_mask_mod(document_ids: torch.Tensor) -> MaskMod:
     """Attend only within the same document; document_ids [B, S]. A position with a negative id (padding) attends
     only to itself: its output is never used, and as one causal "document" a padded tail of P positions would cost
-    the attention kernels P^2 / 2 pairs (GRPO's last packed row of a minibatch is often mostly padding)."""
+    the attention kernels P^2 / 2 pairs (GRPO's last packed row of a minibatch is often mostly padding). A
+    completion whose prompt is shared (ids from ``shared_prompts.shared_document_id``) also sees its prompt."""
 
     def same_document(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        q_doc = document_ids[b, q_idx]
-        return (q_doc == document_ids[b, kv_idx]) & ((q_doc >= 0) | (q_idx == kv_idx))
+        q_doc, kv_doc = document_ids[b, q_idx], document_ids[b, kv_idx]
+        own = (q_doc == kv_doc) & ((q_doc >= 0) | (q_idx == kv_idx))
+        return own | ((kv_doc >= SHARED_FLAG) & (prompt_of(q_doc) == kv_doc))
 
     return same_document
 

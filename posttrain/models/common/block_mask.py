@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from posttrain.models.common.shared_prompts import prompt_of
+
 BLOCK_SIZE = 128
 BAND_ELEMENTS = 2**27  # booleans of mask evaluated at once (128 MiB)
 
@@ -79,13 +81,15 @@ def document_block_mask(
     ``window`` ``q - kv < window``) from the document ids of each block, without evaluating the ``[S, S]`` mask:
     O((S / block_size)^2) work, not O(S^2).
 
-    A KV block is skipped when it lies after the query block, entirely beyond the window, or when the two blocks'
-    id ranges cannot share an id (ranges taken apart for negative ids, the padding, which attends only to itself,
-    so only within its own block, and the rest); it is full when it lies before the query block, entirely inside
-    the window, and both blocks hold one and the same non-negative id; every other block is partial, where the
-    kernel applies ``mask_mod`` to each position. Packed rows (ids counting up
-    along the row, padding -1 at the end) get exactly ``block_mask_from_mask_mod``'s blocks; other layouts get a
-    superset of its partial blocks, never a wrong one."""
+    A KV block is skipped when it lies after the query block, entirely beyond the window, or when the KV block's
+    id range meets neither the query block's ids nor the shared prompts those ids see (``shared_prompts``; ranges
+    taken apart for negative ids, the padding, which attends only to itself, so only within its own block); it is
+    full when it lies before the query block, entirely inside the window, and holds one non-negative id that every
+    query of the block sees: the query block's single id, or the single shared prompt of all its queries. Every
+    other block is partial, where the kernel applies ``mask_mod`` to each position. Packed rows of ordinary
+    documents (ids counting up along the row, padding -1 at the end) get exactly ``block_mask_from_mask_mod``'s
+    blocks; shared-prompt rows and other layouts get its full blocks and a superset of its partial blocks, never
+    a wrong one."""
     batch = document_ids.shape[0]
     n_blocks = -(-seq_len // block_size)
     ids = document_ids[:, :seq_len]
@@ -94,21 +98,29 @@ def document_block_mask(
     blocks = ids.reshape(batch, n_blocks, block_size)
     top = torch.iinfo(blocks.dtype).max
     negative = blocks < 0
+    prompts = prompt_of(blocks)
 
-    def id_range(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # an empty class: low > high
-        return (torch.where(members, blocks, top).amin(-1), torch.where(members, blocks, -top).amax(-1))
+    def id_range(ids: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # empty: low > high
+        return (torch.where(members, ids, top).amin(-1), torch.where(members, ids, -top).amax(-1))
 
-    def ranges_meet(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:  # [B, q block, kv block]
-        return (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+    def ranges_meet(q: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return (q[0][:, :, None] <= kv[1][:, None, :]) & (kv[0][:, None, :] <= q[1][:, :, None])  # [B, q, kv]
 
     block = torch.arange(n_blocks, device=blocks.device)
     q_block, kv_block = block[:, None], block[None, :]
-    # padding (negative ids) attends only to itself: it meets only its own block
-    may_share = ranges_meet(*id_range(~negative)) | (ranges_meet(*id_range(negative)) & (q_block == kv_block))
-    one_id = (blocks.amin(-1) == blocks.amax(-1)) & (blocks[:, :, 0] >= 0)
+    own, pads = id_range(blocks, ~negative), id_range(blocks, negative)
+    # a query sees its own document, the prompt its document shares (if any), and padding only itself (its block)
+    may_share = (ranges_meet(own, own) | ranges_meet(id_range(prompts, ~negative), own)
+                 | (ranges_meet(pads, pads) & (q_block == kv_block)))
     whole = (block + 1) * block_size <= seq_len
-    single = one_id & whole
-    same_single = single[:, :, None] & single[:, None, :] & (blocks[:, :, :1] == blocks[:, :, 0][:, None, :])
+
+    def single(values: torch.Tensor) -> torch.Tensor:  # one non-negative value over a whole block
+        return (values.amin(-1) == values.amax(-1)) & (values[:, :, 0] >= 0) & whole
+
+    kv_single = single(blocks)
+    kv_id = blocks[:, :, 0][:, None, :]
+    same_single = ((kv_single[:, :, None] & kv_single[:, None, :] & (blocks[:, :, :1] == kv_id))
+                   | (single(prompts)[:, :, None] & kv_single[:, None, :] & (prompts[:, :, :1] == kv_id)))
     full = (kv_block < q_block) & same_single
     reachable = kv_block <= q_block
     if window is not None:  # q - kv over a block pair: from (q_block - kv_block) * B - (B - 1) to ... + (B - 1)
