@@ -232,11 +232,24 @@ def test_shared_prompts_give_the_padded_log_probs_loss_and_gradients(tiny_model,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_share_prompts_needs_packed_rows() -> None:
+def test_share_prompts_needs_packed_rows_and_no_sliding_window(tmp_path) -> None:
+    import json
+
     from posttrain.config.loader import parse_config
     from posttrain.rl.controller import check_grpo_config
 
-    base = ["--config", "train_configs/debug_grpo.toml", "--grpo.share_prompts", "true"]
-    check_grpo_config(parse_config([*base, "--grpo.micro_batch_tokens", "512"]))
+    configs = {"llama": {"model_type": "llama"}, "qwen3": {"model_type": "qwen3", "sliding_window": 4096,
+                                                           "use_sliding_window": False},
+               "gemma3": {"model_type": "gemma3", "text_config": {"sliding_window": 512}},
+               "gpt_oss": {"model_type": "gpt_oss", "sliding_window": 128}}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    base = ["--config", "train_configs/debug_grpo.toml", "--grpo.share_prompts", "true", "--grpo.micro_batch_tokens"]
+    for name in ("llama", "qwen3"):
+        check_grpo_config(parse_config([*base, "512", "--model.hf_path", str(tmp_path / name)]))
     with pytest.raises(SystemExit, match="grpo.share_prompts needs packed rows"):
-        check_grpo_config(parse_config([*base, "--grpo.micro_batch_tokens", "0"]))
+        check_grpo_config(parse_config([*base, "0", "--model.hf_path", str(tmp_path / "llama")]))
+    for name in ("gemma3", "gpt_oss"):  # the window would count the group's other completions
+        with pytest.raises(SystemExit, match="grpo.share_prompts does not support sliding-window attention"):
+            check_grpo_config(parse_config([*base, "512", "--model.hf_path", str(tmp_path / name)]))

@@ -84,12 +84,12 @@ def document_block_mask(
     A KV block is skipped when it lies after the query block, entirely beyond the window, or when the KV block's
     id range meets neither the query block's ids nor the shared prompts those ids see (``shared_prompts``; ranges
     taken apart for negative ids, the padding, which attends only to itself, so only within its own block); it is
-    full when it lies before the query block, entirely inside the window, and holds one non-negative id that every
-    query of the block sees: the query block's single id, or the single shared prompt of all its queries. Every
-    other block is partial, where the kernel applies ``mask_mod`` to each position. Packed rows of ordinary
-    documents (ids counting up along the row, padding -1 at the end) get exactly ``block_mask_from_mask_mod``'s
-    blocks; shared-prompt rows and other layouts get its full blocks and a superset of its partial blocks, never
-    a wrong one."""
+    full when it lies before the query block, entirely inside the window, and holds only ids every query of the
+    block sees: the query block's single id and its shared prompt, or the single shared prompt of all its
+    queries. Every other block is partial, where the kernel applies ``mask_mod`` to each position. Packed rows of
+    ordinary documents (ids counting up along the row, padding -1 at the end) get exactly
+    ``block_mask_from_mask_mod``'s blocks; shared-prompt rows get its full blocks and a superset of its partial
+    blocks (a few more near group boundaries); any layout gets no wrongly full or skipped block."""
     batch = document_ids.shape[0]
     n_blocks = -(-seq_len // block_size)
     ids = document_ids[:, :seq_len]
@@ -117,11 +117,19 @@ def document_block_mask(
     def single(values: torch.Tensor) -> torch.Tensor:  # one non-negative value over a whole block
         return (values.amin(-1) == values.amax(-1)) & (values[:, :, 0] >= 0) & whole
 
-    kv_single = single(blocks)
-    kv_id = blocks[:, :, 0][:, None, :]
-    same_single = ((kv_single[:, :, None] & kv_single[:, None, :] & (blocks[:, :, :1] == kv_id))
-                   | (single(prompts)[:, :, None] & kv_single[:, None, :] & (prompts[:, :, :1] == kv_id)))
-    full = (kv_block < q_block) & same_single
+    # Full: a query block of one document (id a, shared prompt p, p = a when none) over a KV block holding only a
+    # and p (a prompt's end and a completion's start share blocks), or a query block whose every id shares the
+    # prompt p over a KV block of p alone.
+    kv_low, kv_high = blocks.amin(-1), blocks.amax(-1)
+    two_valued = ((blocks == kv_low[..., None]) | (blocks == kv_high[..., None])).all(-1) & (kv_low >= 0) & whole
+    a, p = blocks[:, :, :1], prompts[:, :, :1]  # [B, q block, 1]
+
+    def seen(values: torch.Tensor) -> torch.Tensor:  # [B, q, kv]: the KV block's value is a or p of the q block
+        return (values[:, None, :] == a) | (values[:, None, :] == p)
+
+    own_document = single(blocks)[:, :, None] & two_valued[:, None, :] & seen(kv_low) & seen(kv_high)
+    shared_prompt = single(prompts)[:, :, None] & single(blocks)[:, None, :] & (kv_low[:, None, :] == p)
+    full = (kv_block < q_block) & (own_document | shared_prompt)
     reachable = kv_block <= q_block
     if window is not None:  # q - kv over a block pair: from (q_block - kv_block) * B - (B - 1) to ... + (B - 1)
         reachable &= (q_block - kv_block) * block_size - (block_size - 1) < window
