@@ -188,6 +188,22 @@ def test_two_policy_ranks_train_like_one(tmp_path: Path, warm_start: Path, debug
     assert all(two[step]["time/sync"] > 0 for step in (1, 2))
 
 
+def test_shared_prompts_train_like_padded_rows(tmp_path: Path, warm_start: Path, debug_run: DebugRun) -> None:
+    """grpo.share_prompts through the whole loop (a group's completions after one copy of their prompt in packed
+    rows, old and reference log-probs, 2 minibatches, KL in the loss): the debug run's steps 1 and 2 (padded rows,
+    one prompt per completion), as the two-rank test reads them."""
+    out = tmp_path / "shared"
+    _run(_cmd(warm_start, out, "--training.steps", "2", "--checkpoint.interval", "0",
+              "--checkpoint.save_final", "false", "--grpo.eval_freq", "0", *KL_AND_TWO_MINIBATCHES,
+              "--grpo.micro_batch_tokens", "256", "--grpo.share_prompts", "true"))
+    one, shared = _metrics(debug_run.out), _metrics(out)
+    assert sorted(shared) == [1, 2]
+    for step in (1, 2):
+        assert shared[step]["reward_mean"] == one[step]["reward_mean"], step
+        for key in ("loss", "grad_norm", "kl", "kl_rollout"):
+            assert shared[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (step, key)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")
 def test_grpo_with_vllm_engine(tmp_path: Path, warm_start: Path) -> None:
     out = tmp_path / "vllm"
