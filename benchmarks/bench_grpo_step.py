@@ -173,7 +173,8 @@ def main() -> None:
         worker = PolicyWorker()
         _, setup_s = timed(device, lambda: worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1",
                                                         master_port=free_port()), "setup")
-        rows = synthetic_rows(a.completions, tuple(a.prompt_len), tuple(a.response_len), vocab, a.seed, a.group_size)
+        rows = synthetic_rows(a.completions, tuple(a.prompt_len), tuple(a.response_len), vocab, a.seed,
+                              a.group_size)
         tokens = sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in rows)
         minibatches = cfg.grpo.minibatches
         results: list[dict[str, Any]] = []

@@ -9,14 +9,14 @@ as for packed SFT rows) never crosses completions. The tail after the last compl
 id -1, labels -100, positions counting from 0 again (as `datasets/packing.py` lays out padding).
 
 Which completions share a row: first-fit decreasing by length (fewest rows for the budget). A completion
-with no response token (a `padding_row`) takes no space.
+with no response token (a `padding_row`) takes no space. The loss normalisation does not change: token-mean
+counts labels, sequence-mean counts completions with a response token and `grpo_loss` separates them by
+document id.
 
 `grpo.share_prompts` packs a prompt's completions (a GRPO group, or the part of it in this minibatch) after one
 copy of the prompt (`shared_prompt_batch`): the completions attend to that copy and to themselves
 (`models/common/shared_prompts.py`), so the prompt's positions are computed once per group and row instead of
-once per completion; per completion the inputs, positions, labels and attended keys are the same as above. The loss normalisation does not change: token-mean
-counts labels, sequence-mean counts completions with a response token and `grpo_loss` separates them by
-document id.
+once per completion; per completion the inputs, positions, labels and attended keys are the same as above.
 """
 
 from __future__ import annotations
