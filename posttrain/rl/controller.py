@@ -450,20 +450,41 @@ def score_phase(step: StepRollouts, g: GRPOSection, weights: list[float]) -> Non
     ]
 
 
+def update_order(n_rows: int, g: GRPOSection, order_seed: int) -> list[list[list[int]]]:
+    """Per epoch, its minibatches as indices into the step's rows (shuffled by `order_seed`)."""
+    order = torch.Generator().manual_seed(order_seed)
+    return [chunk(torch.randperm(n_rows, generator=order).tolist(), -(-n_rows // g.minibatches))
+            for _ in range(g.epochs)]
+
+
+def rows_needing_old(minibatches: list[list[list[int]]], *, recompute_old: bool, need_ref: bool) -> list[int]:
+    """Rows whose old log-probs the policy group recomputes before the update: none with one update a step; with
+    several, every row but those of the first minibatch of the first epoch, whose update still runs on the policy
+    that sampled them (its forward's detached log-probs are those numbers, as with one update). With a reference
+    model every row: the KL to the reference is measured from the same old log-probs on every row."""
+    if not recompute_old:
+        return []
+    later = {i for e, epoch in enumerate(minibatches) for m, mb in enumerate(epoch) if (e, m) != (0, 0) for i in mb}
+    if need_ref:
+        later |= {i for epoch in minibatches for mb in epoch for i in mb}
+    return sorted(later)
+
+
 def advantage_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g: GRPOSection, *,
-                    recompute_old: bool, need_ref: bool) -> None:
-    """3. old / reference log-probs from the policy group, the KL to the reference, then group advantages over
-    the kept groups (the KL as a reward penalty when kl_mode = "reward")."""
+                    old_rows: list[int], need_ref: bool) -> None:
+    """3. old log-probs (of `old_rows`) / reference log-probs from the policy group, the KL to the reference, then
+    group advantages over the kept groups (the KL as a reward penalty when kl_mode = "reward")."""
     from posttrain.rl.algorithms import group_advantages, kl_k3
 
     rows = step.rows
     t0 = time.perf_counter()
+    scored_rows = rows if need_ref else [rows[i] for i in old_rows]  # with a reference, old_rows is every row
     scored = {}
-    if rows and (recompute_old or need_ref):
-        scored = policy_log_probs(policy, dp, rows, old=recompute_old, ref=need_ref, entropy=False)
+    if scored_rows:
+        scored = policy_log_probs(policy, dp, scored_rows, old=bool(old_rows), ref=need_ref, entropy=False)
     for key, values in scored.items():
         if key != "entropy":
-            for row, v in zip(rows, values):
+            for row, v in zip(scored_rows, values):
                 row[key] = v
     step.timings["logprobs"] = time.perf_counter() - t0
     if need_ref and rows:
@@ -479,19 +500,18 @@ def advantage_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int],
         row["advantage"] = a
 
 
-def update_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g: GRPOSection, *,
-                 order_seed: int) -> tuple[list[dict[str, float]], int]:
-    """4. the policy update: epochs x minibatches optimizer steps over the rows, shuffled by `order_seed`.
-    Returns each optimizer step's metrics and the tokens trained on."""
+def update_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int],
+                 minibatches: list[list[list[int]]]) -> tuple[list[dict[str, float]], int]:
+    """4. the policy update: one optimizer step per minibatch (`update_order`: epochs x minibatches of row
+    indices). Returns each optimizer step's metrics and the tokens trained on."""
     t0 = time.perf_counter()
     update_metrics: list[dict[str, float]] = []
     train_tokens = 0
     rows = step.rows
     if rows:
-        order = torch.Generator().manual_seed(order_seed)
-        for _ in range(g.epochs):
-            permuted = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
-            for minibatch in chunk(permuted, -(-len(permuted) // g.minibatches)):
+        for epoch in minibatches:
+            for indices in epoch:
+                minibatch = [rows[i] for i in indices]
                 update_metrics.append(train_minibatch(policy, dp, minibatch))
                 train_tokens += sum(len(r["prompt_ids"]) + len(r["token_ids"]) - 1 for r in minibatch)
     step.timings["update"] = time.perf_counter() - t0
@@ -639,8 +659,10 @@ def run(cfg: JobConfig) -> None:
             )
             rollout = rollout_phase(rollouts, tokenizer, batch, [encode(s) for s in batch], sampling, g.group_size)
             score_phase(rollout, g, weights)
-            advantage_phase(rollout, policy, dp, g, recompute_old=recompute_old, need_ref=need_ref)
-            update_metrics, train_tokens = update_phase(rollout, policy, dp, g, order_seed=cfg.job.seed * 31 + step)
+            minibatches = update_order(len(rollout.rows), g, order_seed=cfg.job.seed * 31 + step)
+            old_rows = rows_needing_old(minibatches, recompute_old=recompute_old, need_ref=need_ref)
+            advantage_phase(rollout, policy, dp, g, old_rows=old_rows, need_ref=need_ref)
+            update_metrics, train_tokens = update_phase(rollout, policy, dp, minibatches)
             if not rollout.rows:
                 logger.warning("step %d: every group had the same reward for all completions; no update", step)
             # 5. weight sync to the engines (timed)

@@ -118,3 +118,38 @@ def test_packed_policy_worker_scores_and_updates_like_the_padded_one(tiny_hf: Pa
     for key in ("loss", "grad_norm", "tokens", "kl"):
         assert packed_update[key] == pytest.approx(padded_update[key], rel=1e-4, abs=1e-6), key
     assert _flat(packed_after["old_logp"]) == pytest.approx(_flat(padded_after["old_logp"]), abs=1e-4)
+
+
+def test_the_first_minibatch_needs_no_recomputed_old_log_probs(tiny_hf: Path, tmp_path: Path) -> None:
+    """The controller scores old log-probs only for rows outside the first minibatch of the first epoch (no
+    reference model): that minibatch's update, without them, is the update with them."""
+    from posttrain.config.sections import GRPOSection
+    from posttrain.rl.controller import rows_needing_old, update_order
+
+    g = GRPOSection(epochs=1, minibatches=2)
+    order = update_order(10, g, order_seed=3)
+    assert sorted(order[0][0] + order[0][1]) == list(range(10)) and len(order[0][0]) == 5
+    assert rows_needing_old(order, recompute_old=True, need_ref=False) == sorted(order[0][1])
+    assert rows_needing_old(order, recompute_old=True, need_ref=True) == list(range(10))
+    assert rows_needing_old(order, recompute_old=False, need_ref=False) == []
+    two_epochs = update_order(10, GRPOSection(epochs=2, minibatches=2), order_seed=3)
+    assert rows_needing_old(two_epochs, recompute_old=True, need_ref=False) == list(range(10))  # all seen again
+
+    updates = []
+    for with_old in (True, False):
+        cfg = parse_config([
+            "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / str(with_old)), "--model.hf_path", str(tiny_hf),
+            "--grpo.prompts", "unused.jsonl", "--grpo.minibatches", "2", "--training.micro_batch_size", "2",
+            "--training.steps", "2", "--optimizer.lr", "1e-2", "--metrics.tensorboard", "false",
+            "--grpo.cpu_threads", THREADS, "--model.attn_backend", "sdpa",
+        ])
+        worker = PolicyWorker()
+        worker.setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
+        rows = _rows(4)
+        if with_old:
+            for row, old in zip(rows, worker.log_probs(rows, old=True, ref=False, entropy=False)["old_logp"]):
+                row["old_logp"] = old
+        updates.append(worker.train_minibatch(rows))
+        worker.close()
+    for key in ("loss", "grad_norm", "tokens", "ratio"):
+        assert updates[1][key] == pytest.approx(updates[0][key], rel=1e-5, abs=1e-7), key
