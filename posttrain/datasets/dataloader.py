@@ -32,7 +32,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from posttrain.config.sections import DataSection
-from posttrain.datasets.errors import DataError, data_worker_death
+from posttrain.datasets.errors import DataError, data_worker_death, worker_death_message
 from posttrain.datasets.sft_dataset import PackedEvalDataset, PackedSFTDataset, PipelineConfig
 from posttrain.datasets.sft_format import FORMATS, SFTTokenizer, load_user_format
 from posttrain.datasets.sources import resolve_data_files
@@ -133,6 +133,15 @@ class SFTDataLoader:
                 raise
             self._stop_workers()
             raise DataError(died) from e
+        except (OSError, EOFError) as e:
+            # a worker killed while it hands a batch over (its tensors' shared memory travels as file
+            # descriptors over a socket to the worker): the receive fails before torch notices the death
+            dead = [w.exitcode for w in getattr(self._iterator, "_workers", []) if not w.is_alive()]
+            if not dead:
+                raise
+            self._stop_workers()
+            how = f"exit code {dead[0]} while handing over a batch: {type(e).__name__}"
+            raise DataError(worker_death_message(how, ", ".join(self.dataset.cfg.names))) from e
         shard_stats = dict(batch["stats"])
         self._shard_stats[str(shard_stats.pop("shard"))] = shard_stats
         batch["stats"] = self.stats

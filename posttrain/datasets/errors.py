@@ -23,8 +23,12 @@ def data_worker_death(error: BaseException, data_names: str) -> str | None:
     text = str(error).strip()
     if "DataLoader worker" not in text:
         return None
+    return worker_death_message(text.splitlines()[0], data_names)
+
+
+def worker_death_message(how: str, data_names: str) -> str:
     return (
-        f"a data worker reading {data_names} died ({text.splitlines()[0]}), most likely killed for memory: check "
+        f"a data worker reading {data_names} died ({how}), most likely killed for memory: check "
         "data.max_row_bytes (a row is held many times over while it is tokenized), lower data.num_workers / "
         "data.prefetch, or set data.num_workers = 0 to see any error in the training process"
     )
