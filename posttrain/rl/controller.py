@@ -457,17 +457,20 @@ def update_order(n_rows: int, g: GRPOSection, order_seed: int) -> list[list[list
             for _ in range(g.epochs)]
 
 
-def rows_needing_old(minibatches: list[list[list[int]]], *, recompute_old: bool, need_ref: bool) -> list[int]:
+def rows_needing_old(minibatches: list[list[list[int]]], *, recompute_old: bool, need_ref: bool,
+                     train_forward_differs: bool) -> list[int]:
     """Rows whose old log-probs the policy group recomputes before the update: none with one update a step; with
     several, every row but those of the first minibatch of the first epoch, whose update still runs on the policy
-    that sampled them (its forward's detached log-probs are those numbers, as with one update). With a reference
-    model every row: the KL to the reference is measured from the same old log-probs on every row."""
+    that sampled them (its forward's detached log-probs are those numbers, as with one update). Every row with a
+    reference model (the KL to it is measured from the same old log-probs on every row) and when the training
+    forward differs from the scoring one (LoRA dropout: the first minibatch would see a ratio of exactly 1 where
+    the others see the dropout's)."""
     if not recompute_old:
         return []
-    later = {i for e, epoch in enumerate(minibatches) for m, mb in enumerate(epoch) if (e, m) != (0, 0) for i in mb}
-    if need_ref:
-        later |= {i for epoch in minibatches for mb in epoch for i in mb}
-    return sorted(later)
+    if need_ref or train_forward_differs:
+        return sorted({i for epoch in minibatches for mb in epoch for i in mb})
+    return sorted({i for e, epoch in enumerate(minibatches) for m, mb in enumerate(epoch) if (e, m) != (0, 0)
+                   for i in mb})
 
 
 def advantage_phase(step: StepRollouts, policy: list, dp: tuple[list[int], int], g: GRPOSection, *,
@@ -660,7 +663,8 @@ def run(cfg: JobConfig) -> None:
             rollout = rollout_phase(rollouts, tokenizer, batch, [encode(s) for s in batch], sampling, g.group_size)
             score_phase(rollout, g, weights)
             minibatches = update_order(len(rollout.rows), g, order_seed=cfg.job.seed * 31 + step)
-            old_rows = rows_needing_old(minibatches, recompute_old=recompute_old, need_ref=need_ref)
+            old_rows = rows_needing_old(minibatches, recompute_old=recompute_old, need_ref=need_ref,
+                                        train_forward_differs=cfg.lora.rank > 0 and cfg.lora.dropout > 0)
             advantage_phase(rollout, policy, dp, g, old_rows=old_rows, need_ref=need_ref)
             update_metrics, train_tokens = update_phase(rollout, policy, dp, minibatches)
             if not rollout.rows:

@@ -129,11 +129,15 @@ def test_the_first_minibatch_needs_no_recomputed_old_log_probs(tiny_hf: Path, tm
     g = GRPOSection(epochs=1, minibatches=2)
     order = update_order(10, g, order_seed=3)
     assert sorted(order[0][0] + order[0][1]) == list(range(10)) and len(order[0][0]) == 5
-    assert rows_needing_old(order, recompute_old=True, need_ref=False) == sorted(order[0][1])
-    assert rows_needing_old(order, recompute_old=True, need_ref=True) == list(range(10))
-    assert rows_needing_old(order, recompute_old=False, need_ref=False) == []
+    def needing(order, recompute_old=True, need_ref=False, differs=False):
+        return rows_needing_old(order, recompute_old=recompute_old, need_ref=need_ref, train_forward_differs=differs)
+
+    assert needing(order) == sorted(order[0][1])
+    assert needing(order, need_ref=True) == list(range(10))
+    assert needing(order, differs=True) == list(range(10))  # LoRA dropout: the update's forward is another one
+    assert needing(order, recompute_old=False) == []
     two_epochs = update_order(10, GRPOSection(epochs=2, minibatches=2), order_seed=3)
-    assert rows_needing_old(two_epochs, recompute_old=True, need_ref=False) == list(range(10))  # all seen again
+    assert needing(two_epochs) == list(range(10))  # all seen again after the first update
 
     updates = []
     for with_old in (True, False):
