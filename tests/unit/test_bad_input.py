@@ -172,9 +172,15 @@ def test_a_worker_killed_while_handing_over_a_batch_is_named_in_one_line(tmp_pat
     data = DataSection(path=str(path), num_workers=1, shuffle_buffer=0)
     loader = build_sft_dataloader(data, FakeTokenizer(), seq_len=32, micro_batch_size=1, dp_rank=0, dp_world_size=1,
                                   seed=0, num_epochs=None)
+    import torch
+
     next(loader)
     torch_iterator = loader._iterator
     (worker,) = torch_iterator._workers
+    # the race being reproduced: the receive fails before torch's SIGCHLD handler reports the death (which it
+    # would otherwise raise at any later point of this test, asynchronously)
+    torch._C._remove_worker_pids(id(torch_iterator))
+    torch_iterator._worker_pids_set = False
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(timeout=30)
 
