@@ -74,59 +74,74 @@ def pack_order(rows: list[dict[str, Any]], row_len: int) -> list[list[int]]:
     return _first_fit_decreasing([completion_positions(r) for r in rows], row_len)
 
 
+class _RowLists:
+    """One packed row being built as Python lists, converted once per key at the end: per-completion tensor
+    writes (six small torch calls per completion) took ~18 ms of host time per 256 completions, time the GPU
+    waits for between minibatches."""
+
+    def __init__(self, present: list[str]) -> None:
+        self.present = present  # the per-token keys every completion carries
+        self.input_ids: list[int] = []
+        self.labels: list[int] = []
+        self.position_ids: list[int] = []
+        self.document_ids: list[int] = []
+        self.advantages: list[float] = []
+        self.per_token: dict[str, list[float]] = {k: [] for k in present}
+
+    def add(self, tokens: list[int], start: int, doc: int, targets: list[int], advantage: float = 0.0,
+            values: dict[str, list[float]] | None = None) -> None:
+        """`tokens` at positions `start`, ... of document `doc`, with their labels, advantage and per-token
+        values (zeros without)."""
+        self.input_ids += tokens
+        self.position_ids += range(start, start + len(tokens))
+        self.document_ids += [doc] * len(tokens)
+        self.labels += targets
+        self.advantages += [advantage] * len(tokens)
+        for k in self.present:
+            self.per_token[k] += values[k] if values else [0.0] * len(tokens)
+
+    def batch(self, row_len: int, pad_id: int, n_targets: int | None) -> dict[str, torch.Tensor]:
+        """The row padded to `row_len` (document -1, labels -100, positions from 0) as `[1, row_len]` tensors."""
+        pad = row_len - len(self.input_ids)
+        self.add([pad_id] * pad, 0, -1, [-100] * pad)
+        batch = {
+            "input_ids": _row(self.input_ids, "q"),
+            "labels": _row(self.labels, "q"),
+            "position_ids": _row(self.position_ids, "q"),
+            "document_ids": _row(self.document_ids, "q"),
+            "advantages": _row(self.advantages, "f"),
+            **{k: _row(v, "f") for k, v in self.per_token.items()},
+        }
+        if n_targets is not None:
+            batch["n_targets"] = torch.tensor(n_targets)
+        return batch
+
+
+def _completion_values(r: dict[str, Any], present: list[str], where: str) -> dict[str, list[float]]:
+    """A completion's per-token values, each list as long as its response."""
+    for k in present:
+        if len(r[k]) != len(r["token_ids"]):
+            raise ValueError(f"{where} has {len(r[k])} {k} values for {len(r['token_ids'])} tokens")
+    return {k: r[k] for k in present}
+
+
 def packed_batch(
     rows: list[dict[str, Any]], *, row_len: int, pad_id: int, sequence_targets: bool = False
 ) -> dict[str, torch.Tensor]:
     """One micro-batch `[1, row_len]` holding `rows` (each with a response token) back to back. Keys as
     `completion_batch`: input_ids, labels, position_ids, document_ids, advantages, the per-token values every
-    row carries, and with `sequence_targets` `n_targets` = the number of completions.
-
-    Built as Python lists and converted once per key: per-completion tensor writes (six small torch calls per
-    completion) took ~18 ms of host time per 256 completions, time the GPU waits for between minibatches."""
+    row carries, and with `sequence_targets` `n_targets` = the number of completions."""
     # a row of padding only carries every key (zeros, as completion_batch's padding rows): the loss reads them
-    present = [k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)]
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    document_ids: list[int] = []
-    advantages: list[float] = []
-    per_token: dict[str, list[float]] = {k: [] for k in present}
+    row = _RowLists([k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)])
     for doc, r in enumerate(rows):
         prompt, response = r["prompt_ids"], r["token_ids"]
-        n_in = len(prompt) + len(response) - 1
-        if not response or len(input_ids) + n_in > row_len:
+        if not response or len(row.input_ids) + len(prompt) + len(response) - 1 > row_len:
             raise ValueError(f"packed_batch: completion {doc} is empty or does not fit in {row_len} positions")
-        input_ids += prompt
-        input_ids += response[:-1]
-        position_ids += range(n_in)
-        document_ids += [doc] * n_in
-        before = [-100] * (len(prompt) - 1)  # label j of the response sits at len(prompt) - 1 + j
-        labels += before
-        labels += response
-        advantages += [0.0] * len(before)
-        advantages += [float(r["advantage"])] * len(response)
-        for k in present:
-            if len(r[k]) != len(response):
-                raise ValueError(f"packed_batch: completion {doc} has {len(r[k])} {k} values for {len(response)} tokens")
-            per_token[k] += [0.0] * len(before)
-            per_token[k] += r[k]
-    pad = row_len - len(input_ids)
-    input_ids += [pad_id] * pad
-    labels += [-100] * pad
-    position_ids += range(pad)
-    document_ids += [-1] * pad
-    advantages += [0.0] * pad
-    batch = {
-        "input_ids": _row(input_ids, "q"),
-        "labels": _row(labels, "q"),
-        "position_ids": _row(position_ids, "q"),
-        "document_ids": _row(document_ids, "q"),
-        "advantages": _row(advantages, "f"),
-        **{k: _row(v + [0.0] * pad, "f") for k, v in per_token.items()},
-    }
-    if sequence_targets:
-        batch["n_targets"] = torch.tensor(len(rows))
-    return batch
+        values = _completion_values(r, row.present, f"packed_batch: completion {doc}")
+        # label j of the response sits at len(prompt) - 1 + j
+        row.add(prompt[:-1], 0, doc, [-100] * (len(prompt) - 1))
+        row.add(prompt[-1:] + response[:-1], len(prompt) - 1, doc, list(response), float(r["advantage"]), values)
+    return row.batch(row_len, pad_id, len(rows) if sequence_targets else None)
 
 
 def _row(values: list, typecode: str) -> torch.Tensor:
@@ -189,53 +204,22 @@ def shared_prompt_batch(
     labels are those of `packed_batch` and attention (`document_mask_mod`: its prompt and itself) sees the same
     keys: the same log-probs, with the prompt computed once per group instead of once per completion."""
     rows = [r for group in groups for r in group]
-    present = [k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)]
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    document_ids: list[int] = []
-    advantages: list[float] = []
-    per_token: dict[str, list[float]] = {k: [] for k in present}
+    row = _RowLists([k for k in PER_TOKEN_KEYS if all(r.get(k) is not None for r in rows)])
     spans: list[tuple[int, int]] = []
-
-    def add(tokens: list[int], start: int, doc: int, targets: list[int], advantage: float, values: dict) -> None:
-        input_ids.extend(tokens)
-        position_ids.extend(range(start, start + len(tokens)))
-        document_ids.extend([doc] * len(tokens))
-        labels.extend(targets)
-        advantages.extend([advantage] * len(tokens))
-        for k in present:
-            per_token[k].extend(values.get(k, [0.0] * len(tokens)))
-
     for g, group in enumerate(groups):
         prompt = group[0]["prompt_ids"]
-        add(prompt[:-1], 0, shared_document_id(g, 0), [-100] * (len(prompt) - 1), 0.0, {})
+        row.add(prompt[:-1], 0, shared_document_id(g, 0), [-100] * (len(prompt) - 1))
         for m, r in enumerate(group, start=1):
             response = r["token_ids"]
             if not response or r["prompt_ids"] != prompt:
                 raise ValueError(f"shared_prompt_batch: group {g} member {m} has no response or another prompt")
-            for k in present:
-                if len(r[k]) != len(response):
-                    raise ValueError(f"shared_prompt_batch: group {g} member {m} has {len(r[k])} {k} values for "
-                                     f"{len(response)} tokens")
-            spans.append((len(input_ids), len(response)))
-            add(prompt[-1:] + response[:-1], len(prompt) - 1, shared_document_id(g, m), list(response),
-                float(r["advantage"]), {k: r[k] for k in present})
-    pad = row_len - len(input_ids)
-    if pad < 0:
-        raise ValueError(f"shared_prompt_batch: {len(input_ids)} positions do not fit in {row_len}")
-    add([pad_id] * pad, 0, -1, [-100] * pad, 0.0, {})
-    batch = {
-        "input_ids": _row(input_ids, "q"),
-        "labels": _row(labels, "q"),
-        "position_ids": _row(position_ids, "q"),
-        "document_ids": _row(document_ids, "q"),
-        "advantages": _row(advantages, "f"),
-        **{k: _row(v, "f") for k, v in per_token.items()},
-    }
-    if sequence_targets:
-        batch["n_targets"] = torch.tensor(len(rows))
-    return batch, spans
+            values = _completion_values(r, row.present, f"shared_prompt_batch: group {g} member {m}")
+            spans.append((len(row.input_ids), len(response)))
+            row.add(prompt[-1:] + response[:-1], len(prompt) - 1, shared_document_id(g, m), list(response),
+                    float(r["advantage"]), values)
+    if len(row.input_ids) > row_len:
+        raise ValueError(f"shared_prompt_batch: {len(row.input_ids)} positions do not fit in {row_len}")
+    return row.batch(row_len, pad_id, len(rows) if sequence_targets else None), spans
 
 
 def values_at(values: torch.Tensor, spans: list[tuple[int, int]]) -> list[list[float]]:

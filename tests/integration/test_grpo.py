@@ -97,6 +97,18 @@ def _metrics(out: Path) -> dict[int, dict]:
 # margins hold with them (2026-12-03, 2 cores, 1 and 2 threads alike): seeds 0 / 1 sampled +0.11 / +0.16 over the
 # 0.1 needed, greedy +0.05 / +0.10 (without them, seed 0 on the same machine: +0.14, greedy +0.05).
 KL_AND_TWO_MINIBATCHES = ("--grpo.kl_coef", "0.01", "--grpo.minibatches", "2")
+# a run compared with the debug run's first two steps (its checkpoints and evaluations left out)
+FIRST_TWO_STEPS = ("--training.steps", "2", "--checkpoint.interval", "0", "--checkpoint.save_final", "false",
+                   "--grpo.eval_freq", "0", *KL_AND_TWO_MINIBATCHES)
+
+
+def _assert_first_two_steps_equal(run: dict[int, dict], debug: dict[int, dict]) -> None:
+    """`run` (FIRST_TWO_STEPS) has the debug run's steps 1 and 2: the same rollouts, losses, gradient norms, KL."""
+    assert sorted(run) == [1, 2]
+    for step in (1, 2):
+        assert run[step]["reward_mean"] == debug[step]["reward_mean"], step
+        for key in ("loss", "grad_norm", "kl", "kl_rollout"):
+            assert run[step][key] == pytest.approx(debug[step][key], rel=1e-3, abs=1e-6), (step, key)
 
 
 @dataclass
@@ -175,16 +187,10 @@ def test_two_policy_ranks_train_like_one(tmp_path: Path, warm_start: Path, debug
     training.steps 30 instead of 2 does not change it; its step-0 eval is greedy (no random numbers) on its own
     prompt stream; its checkpoints start after step 4."""
     out = tmp_path / "two_ranks"
-    _run(_cmd(warm_start, out, "--training.steps", "2", "--checkpoint.interval", "0",
-              "--checkpoint.save_final", "false", "--grpo.eval_freq", "0", *KL_AND_TWO_MINIBATCHES,
-              "--grpo.trainer_workers", "2", "--grpo.micro_batch_tokens", "128", "--grpo.placement", "split",
-              "--grpo.weight_sync", "collective"))
-    one, two = _metrics(debug_run.out), _metrics(out)
-    assert sorted(two) == [1, 2]
-    for step in (1, 2):
-        assert two[step]["reward_mean"] == one[step]["reward_mean"], step
-        for key in ("loss", "grad_norm", "kl", "kl_rollout"):
-            assert two[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (step, key)
+    _run(_cmd(warm_start, out, *FIRST_TWO_STEPS, "--grpo.trainer_workers", "2", "--grpo.micro_batch_tokens", "128",
+              "--grpo.placement", "split", "--grpo.weight_sync", "collective"))
+    two = _metrics(out)
+    _assert_first_two_steps_equal(two, _metrics(debug_run.out))
     assert all(two[step]["time/sync"] > 0 for step in (1, 2))
 
 
@@ -193,15 +199,8 @@ def test_shared_prompts_train_like_padded_rows(tmp_path: Path, warm_start: Path,
     rows, old and reference log-probs, 2 minibatches, KL in the loss): the debug run's steps 1 and 2 (padded rows,
     one prompt per completion), as the two-rank test reads them."""
     out = tmp_path / "shared"
-    _run(_cmd(warm_start, out, "--training.steps", "2", "--checkpoint.interval", "0",
-              "--checkpoint.save_final", "false", "--grpo.eval_freq", "0", *KL_AND_TWO_MINIBATCHES,
-              "--grpo.micro_batch_tokens", "256", "--grpo.share_prompts", "true"))
-    one, shared = _metrics(debug_run.out), _metrics(out)
-    assert sorted(shared) == [1, 2]
-    for step in (1, 2):
-        assert shared[step]["reward_mean"] == one[step]["reward_mean"], step
-        for key in ("loss", "grad_norm", "kl", "kl_rollout"):
-            assert shared[step][key] == pytest.approx(one[step][key], rel=1e-3, abs=1e-6), (step, key)
+    _run(_cmd(warm_start, out, *FIRST_TWO_STEPS, "--grpo.micro_batch_tokens", "256", "--grpo.share_prompts", "true"))
+    _assert_first_two_steps_equal(_metrics(out), _metrics(debug_run.out))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 
 import pytest
+import torch
 from sft_data_fakes import FakeTokenizer, write_jsonl
 
 from posttrain.config.sections import DataSection
@@ -159,22 +162,36 @@ def test_a_data_error_from_a_worker_lets_the_program_exit(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def _one_worker_loader(tmp_path):
+    """A loader with one data worker, its first batch taken (the worker is running)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 50)
+    data = DataSection(path=str(path), num_workers=1, shuffle_buffer=0)
+    loader = build_sft_dataloader(data, FakeTokenizer(), seq_len=32, micro_batch_size=1, dp_rank=0, dp_world_size=1,
+                                  seed=0, num_epochs=None)
+    next(loader)
+    return loader
+
+
+class _ReceiveFails:
+    """Stands in for torch's iterator at the failing receive (the fd transfer's peer is gone), with its workers."""
+
+    def __init__(self, torch_iterator) -> None:
+        self.torch_iterator = torch_iterator
+        self._workers = torch_iterator._workers
+
+    def __next__(self):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def _shutdown_workers(self) -> None:
+        self.torch_iterator._shutdown_workers()
+
+
 def test_a_worker_killed_while_handing_over_a_batch_is_named_in_one_line(tmp_path):
     """A data worker killed mid-transfer makes the receive fail (the batch's shared memory travels as file
     descriptors over a socket) before torch sees the death: the same one line as torch's own report, not a
     ConnectionResetError traceback (CI caught it once under load). The failing receive is injected; the killed
     worker is real."""
-    import os
-    import signal
-
-    path = tmp_path / "d.jsonl"
-    write_jsonl(path, [CHAT] * 50)
-    data = DataSection(path=str(path), num_workers=1, shuffle_buffer=0)
-    loader = build_sft_dataloader(data, FakeTokenizer(), seq_len=32, micro_batch_size=1, dp_rank=0, dp_world_size=1,
-                                  seed=0, num_epochs=None)
-    import torch
-
-    next(loader)
+    loader = _one_worker_loader(tmp_path)
     torch_iterator = loader._iterator
     (worker,) = torch_iterator._workers
     # the race being reproduced: the receive fails before torch's SIGCHLD handler reports the death (which it
@@ -183,38 +200,16 @@ def test_a_worker_killed_while_handing_over_a_batch_is_named_in_one_line(tmp_pat
     torch_iterator._worker_pids_set = False
     os.kill(worker.pid, signal.SIGKILL)
     worker.join(timeout=30)
-
-    class ReceiveFails:  # what torch's iterator raises when the fd transfer's peer is gone
-        _workers = torch_iterator._workers
-
-        def __next__(self):
-            raise ConnectionResetError(104, "Connection reset by peer")
-
-        def _shutdown_workers(self):
-            torch_iterator._shutdown_workers()
-
-    loader._iterator = ReceiveFails()
+    loader._iterator = _ReceiveFails(torch_iterator)
     with pytest.raises(DataError, match=r"a data worker reading .* died \(exit code -9 while handing over a batch"):
         next(loader)
     assert loader._iterator is None  # the workers were stopped
 
 
 def test_a_receive_error_with_every_worker_alive_is_not_called_a_death(tmp_path):
-    path = tmp_path / "d.jsonl"
-    write_jsonl(path, [CHAT] * 50)
-    data = DataSection(path=str(path), num_workers=1, shuffle_buffer=0)
-    loader = build_sft_dataloader(data, FakeTokenizer(), seq_len=32, micro_batch_size=1, dp_rank=0, dp_world_size=1,
-                                  seed=0, num_epochs=None)
-    next(loader)
+    loader = _one_worker_loader(tmp_path)
     torch_iterator = loader._iterator
-
-    class ReceiveFails:
-        _workers = torch_iterator._workers
-
-        def __next__(self):
-            raise ConnectionResetError(104, "Connection reset by peer")
-
-    loader._iterator = ReceiveFails()
+    loader._iterator = _ReceiveFails(torch_iterator)
     try:
         with pytest.raises(ConnectionResetError):
             next(loader)
