@@ -20,7 +20,7 @@ which the peers (output_router_logits false) leave out.
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
-  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math` (`model.sdpa_kernel`), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `skip=N`
+  `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math|fa4` (`model.sdpa_kernel`; fa4: FlashAttention-4, needs flash-attn-4), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `skip=N`
   (`activation_checkpoint.skip_last`: the last N blocks not checkpointed), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
@@ -50,6 +50,7 @@ after every run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -94,6 +95,9 @@ from same_init import (  # noqa: E402
 from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
+from posttrain.models.common.attention import SDPA_KERNELS  # noqa: E402
+from posttrain.models.common.flash_attention_4 import activate_fa4, fa4_unavailable_reason  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.protocol import param_active_fraction  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
@@ -265,6 +269,7 @@ class Settings:
     loss_chunk_size: int
     peer_ac: bool
     hf_attn: str
+    peer_sdpa_kernel: str = "auto"
     docs_per_row: int = 1
     initial: InitialWeights = field(default_factory=lambda: InitialWeights(enabled=False))
     profile_dir: Path | None = None
@@ -405,7 +410,7 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.loss = token[5:]
         elif token in ("float8", "float8=all"):
             v.float8, v.float8_small_gemms = True, token == "float8=all"
-        elif token.startswith("kernel=") and token[7:] in ("auto", "cudnn", "flash", "efficient", "math"):
+        elif token.startswith("kernel=") and token[7:] in SDPA_KERNELS:
             v.sdpa_kernel = token[7:]
         elif token in ("recompute=on", "recompute=off"):
             v.recompute_pointwise = token == "recompute=on"
@@ -413,7 +418,7 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.lora_rank = int(token[5:])
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math, ac=MODE, every=N, "
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, "
                 "skip=N, budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK"
             )
     return v
@@ -568,6 +573,17 @@ def hf_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
     )
 
 
+def peer_attention_kernel(s: Settings) -> Callable[[], Any]:
+    """The context the peers' forward and backward run in: torch's own SDPA choice, or one kernel pinned
+    (--peer-sdpa-kernel; fa4 switches the process's flash kernels to FlashAttention-4, as posttrain's fa4 does)."""
+    backend = SDPA_KERNELS[s.peer_sdpa_kernel]
+    if backend is None:
+        return contextlib.nullcontext
+    if s.peer_sdpa_kernel == "fa4":
+        activate_fa4()
+    return partial(sdpa_kernel, [backend])
+
+
 def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     # posttrain's partitioner settings are process-wide: the compiled peers get torch's defaults
     set_activation_memory_budget(1.0)
@@ -584,13 +600,15 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     synchronize(s.device)
     build_s = time.perf_counter() - t0
     data = endless(s.batches.hf)
+    kernel = peer_attention_kernel(s)
 
     def step() -> dict[str, Any]:
         b = next(data)
         ids = b["input_ids"].to(s.device, non_blocking=True)
         labels = b["labels"].to(s.device, non_blocking=True)
-        loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
-        loss.backward()
+        with kernel():
+            loss = forward(input_ids=ids, labels=labels, use_cache=False).loss
+            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -607,7 +625,8 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     result["build_s"] = round(build_s, 2)
     result["init"] = "posttrain's initial weights" if s.initial.tensors is not None else "transformers' own"
     result["config"] = {
-        "compile": compiled, "liger": liger, "attn_implementation": s.hf_attn, "dtype": s.dtype,
+        "compile": compiled, "liger": liger, "attn_implementation": s.hf_attn, "sdpa_kernel": s.peer_sdpa_kernel,
+        "dtype": s.dtype,
         "fused_adamw": s.device.type == "cuda", "gradient_checkpointing": s.peer_ac,
     }
     return result
@@ -778,6 +797,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ac-every-n", type=int, default=2)
     p.add_argument("--peer-ac", action="store_true", help="HF gradient checkpointing for the peers (e.g. 8B)")
     p.add_argument("--hf-attn", default="sdpa", help="attn_implementation of the HF peers")
+    p.add_argument("--peer-sdpa-kernel", default="auto", choices=sorted(SDPA_KERNELS),
+                   help="the SDPA kernel the HF peers run (auto: torch's choice; fa4: FlashAttention-4, as posttrain's "
+                        "kernel=fa4 token)")
     p.add_argument("--docs-per-row", type=int, default=1,
                    help="documents packed per row (posttrain masks per document; HF peers attend the whole row)")
     p.add_argument("--loss-chunk-size", type=int, default=0, help="training.loss_chunk_size (0 = auto)")
@@ -816,6 +838,8 @@ def plan_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
     for text in [t for t in args.posttrain_variants.split(",") if t.strip()]:
         v = parse_variant(text.strip())
         skip = float8_unavailable_reason(device) if v.float8 else None
+        if skip is None and v.sdpa_kernel == "fa4":
+            skip = fa4_unavailable_reason()
         if skip is None and device.type == "cpu" and v.backend == "flex":
             skip = "flex has no backward on CPU"
         elif skip is None and device.type == "cpu" and v.compile and not args.allow_cpu_compile:
@@ -858,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12 if device.type == "cuda" else None, shape=shape, batches=batches,
         deadline=deadline, seed=args.seed, ac=args.ac, ac_every_n=args.ac_every_n,
         loss_chunk_size=args.loss_chunk_size, peer_ac=args.peer_ac, hf_attn=args.hf_attn,
+        peer_sdpa_kernel=args.peer_sdpa_kernel,
         docs_per_row=args.docs_per_row, initial=InitialWeights(enabled=args.same_init),
         profile_dir=Path(args.profile) if args.profile else None, profile_steps=max(1, args.profile_steps),
         profile_peers=args.profile_peers, memory_snapshot_dir=Path(args.memory_snapshot) if args.memory_snapshot else None,

@@ -44,6 +44,7 @@ from posttrain.metrics import (
 )
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
 from posttrain.models import protocol as model_hooks
+from posttrain.models.common.flash_attention_4 import FlashAttention4Unavailable, activate_fa4
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
 from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
@@ -150,6 +151,13 @@ def build_training_model(
     backend = m.attn_backend
     if backend == "auto":
         backend = "flex" if device.type == "cuda" else "sdpa"
+    if m.sdpa_kernel == "fa4":
+        if backend != "sdpa":
+            raise SystemExit(f"model.sdpa_kernel = 'fa4' needs model.attn_backend = 'sdpa' (it is {backend!r})")
+        try:
+            activate_fa4()
+        except FlashAttention4Unavailable as err:
+            raise SystemExit(f"model.sdpa_kernel = 'fa4': {err}") from err
     if backend == "flex" and cfg.compile.enabled and cfg.activation_checkpoint.mode == "op":
         # Dynamo-traced checkpointing around FlexAttention gave wrong gradients (or an inductor error) on an H200
         # with torch 2.11 (benchmarks/results/2026-12-03_h200_diagnose_compile_flex_ac.txt); full/selective are exact.

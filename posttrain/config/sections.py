@@ -39,8 +39,9 @@ class ModelSection:
     attn_backend: str = opt("auto", "attention kernel: flex on GPU, sdpa on CPU", choices=("auto", "flex", "sdpa"))
     sdpa_kernel: str = opt(
         "auto",
-        "with attn_backend sdpa: which SDPA kernel runs (auto: torch's choice; cudnn, flash, efficient, math pin one)",
-        choices=("auto", "cudnn", "flash", "efficient", "math"),
+        "with attn_backend sdpa: which SDPA kernel runs (auto: torch's choice; cudnn, flash, efficient, math pin one; "
+        "fa4: the flash entry run by FlashAttention-4, pip install flash-attn-4, Hopper/Blackwell)",
+        choices=("auto", "cudnn", "flash", "efficient", "math", "fa4"),
     )
     dtype: str = opt("auto", "parameter dtype: bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")

@@ -28,6 +28,7 @@ from torch.nn.attention.flex_attention import (
 
 from posttrain.models.common.block_mask import block_mask_from_mask_mod, document_block_mask
 from posttrain.models.common.decode_attention import matmul_decode_attention, sdpa_decode_attention, uses_matmul
+from posttrain.models.common.flash_attention_4 import activate_fa4
 
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import apply_rotary_emb
@@ -93,11 +94,13 @@ def _compose(document_ids: torch.Tensor | None, extra_mask_mod: MaskMod | None) 
 # ---------------------------------------------------------------------------------------------- backends
 
 
-# model.sdpa_kernel: which of SDPA's kernels to run; "auto" leaves the choice to torch (flash first on CUDA).
+# model.sdpa_kernel: which of SDPA's kernels to run; "auto" leaves the choice to torch. "fa4" is SDPA's flash entry
+# with its kernels switched to FlashAttention-4 (flash_attention_4.py).
 SDPA_KERNELS: dict[str, SDPBackend | None] = {
     "auto": None,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
+    "fa4": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
@@ -113,12 +116,16 @@ class SDPABackend:
     """``F.scaled_dot_product_attention``: is_causal fast path, or a dense [B, 1, S, S] boolean mask.
 
     ``kernel`` (a key of ``SDPA_KERNELS``) pins SDPA to one kernel for the training forward and backward;
-    torch raises "No available kernel" when that kernel cannot take the inputs (dtype, head size, device)."""
+    torch raises "No available kernel" when that kernel cannot take the inputs (dtype, head size, device).
+    "fa4" switches the process's flash kernels to FlashAttention-4 here, when the model is built
+    (``FlashAttention4Unavailable`` says why it cannot)."""
 
     name = "sdpa"
 
     def __init__(self, kernel: str = "auto") -> None:
         self.kernel = sdpa_kernel_for(kernel)
+        if kernel == "fa4":
+            activate_fa4()
 
     def build_mask(
         self,

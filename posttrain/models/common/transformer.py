@@ -52,7 +52,7 @@ class TransformerArgs:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"  # "sdpa" | "flex"
-    sdpa_kernel: str = "auto"  # with attn_backend "sdpa": auto | cudnn | flash | efficient | math
+    sdpa_kernel: str = "auto"  # with attn_backend "sdpa": a key of attention.SDPA_KERNELS
     qk_norm: bool = False
     qkv_bias: bool = False
     attn_out_bias: bool = False

@@ -1,0 +1,52 @@
+"""FlashAttention-4 behind SDPA's flash entry: ``model.sdpa_kernel = "fa4"``.
+
+torch (2.11 on) can route ``F.scaled_dot_product_attention``'s flash kernels to FlashAttention-4, the CuTe-DSL
+kernels of the ``flash-attn-4`` package (Hopper and Blackwell), through its flash-attention registry. The switch is
+process-wide (it re-registers aten's flash ops for CUDA), so it is made once, when a model that asks for it is
+built; SDPA is then pinned to its flash entry (``attention.SDPA_KERNELS``). The package is an opt-in dependency:
+``pip install flash-attn-4`` (it brings nvidia-cutlass-dsl; kernels are compiled on first use).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+PACKAGE_HINT = "pip install flash-attn-4"
+
+
+class FlashAttention4Unavailable(RuntimeError):
+    """FA4 cannot run here; the message says why in one line."""
+
+
+def fa4_unavailable_reason() -> str | None:
+    """Why FA4 cannot be switched on in this process (None when it can); imports nothing heavy."""
+    attention = torch.nn.attention
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        return f"torch {torch.__version__} has no flash-attention registry (torch >= 2.11 has one)"
+    if "FA4" not in attention.list_flash_attention_impls():
+        return f"torch {torch.__version__} does not list FA4 among its flash-attention implementations"
+    if not torch.cuda.is_available():
+        return "FA4 runs on CUDA GPUs only; no GPU is visible"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in (9, 10):
+        return f"FA4 needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x); this one is {major}.{minor}"
+    if importlib.util.find_spec("flash_attn") is None:
+        return f"the flash-attn-4 package is not installed ({PACKAGE_HINT})"
+    return None
+
+
+def activate_fa4() -> None:
+    """Route SDPA's flash kernels to FA4 for the rest of the process (again: nothing to do)."""
+    reason = fa4_unavailable_reason()
+    if reason is not None:
+        raise FlashAttention4Unavailable(reason)
+    attention = torch.nn.attention
+    if getattr(attention, "current_flash_attention_impl", lambda: None)() == "FA4":
+        return
+    try:
+        attention.activate_flash_attention_impl("FA4")
+    except Exception as err:  # the package is there but its import failed (CUDA libraries, versions)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlashAttention4Unavailable(f"switching SDPA to FA4 failed: {first_line} ({PACKAGE_HINT})") from err
