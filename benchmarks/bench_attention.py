@@ -40,7 +40,7 @@ def causal_flops(b: int, h: int, s: int, d: int) -> float:
 def run_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, iters: int, warmup: int):
     backend = SDPA_KERNELS[kernel]
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    grad = torch.randn_like(q)
+    grad = torch.randn(q.shape, device=q.device, dtype=q.dtype, generator=torch.Generator(q.device).manual_seed(1))
 
     def step():
         for t in (q, k, v):

@@ -36,7 +36,8 @@ from posttrain.config.sections import GRPOSection
 from posttrain.datasets.tokenizer import HFTokenizer
 from posttrain.inference.engine import SamplingParams
 from posttrain.metrics import MetricsLogger
-from posttrain.models.hf import read_hf_config, resolve_hf_folder
+from posttrain.models.common.shared_prompts import sliding_window_refusal
+from posttrain.models.hf import read_hf_config
 from posttrain.rl.batches import chunk, split_evenly
 from posttrain.rl.reward_tasks import score_rewards
 from posttrain.rl.workers import PolicyWorker, RolloutWorker
@@ -69,14 +70,12 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
             f"({g.max_new_tokens}): at least {g.max_new_tokens + 1}")
     require(not g.share_prompts or g.micro_batch_tokens > 0, "share_prompts",
             "needs packed rows: set grpo.micro_batch_tokens > 0")
-    if g.share_prompts:
-        hf = read_hf_config(resolve_hf_folder(cfg.model.hf_path))
+    if g.share_prompts and (Path(cfg.model.hf_path).expanduser() / "config.json").is_file():
+        # (a Hub id, or a folder an earlier job writes, is checked by the policy workers once the model is built)
+        hf = read_hf_config(Path(cfg.model.hf_path).expanduser())
         hf = hf.get("text_config", hf)
-        # a sliding window counts row positions (q - kv): after a shared prompt it would also count the group's
-        # earlier completions, so a completion would lose sight of its prompt too early
-        require(not (hf.get("sliding_window") and hf.get("use_sliding_window", True)), "share_prompts",
-                f"does not support sliding-window attention (sliding_window = {hf.get('sliding_window')} in "
-                f"{cfg.model.hf_path}/config.json)")
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        require(not window, "share_prompts", sliding_window_refusal(window, f"{cfg.model.hf_path}/config.json"))
     require(g.epochs >= 1 and g.minibatches >= 1, "epochs", "and grpo.minibatches must be >= 1")
     require(bool(g.rewards), "rewards", "is empty")
     require(not g.reward_weights or len(g.reward_weights) == len(g.rewards), "reward_weights",

@@ -29,6 +29,7 @@ from posttrain.config.sections import GRPOSection
 from posttrain.inference import build_engine
 from posttrain.losses import find_target_index, fused_token_log_probs
 from posttrain.models.common.lora import adapters_disabled, has_lora
+from posttrain.models.common.shared_prompts import sliding_window_refusal
 from posttrain.rl.packed_batches import micro_batches
 from posttrain.rl.weight_group import (
     BucketLayout, WeightGroup, bucket_layout, host_store, join_weight_group, receive_bucket, send_bucket,
@@ -154,6 +155,9 @@ class PolicyWorker:
         self.micro = cfg.training.micro_batch_size  # 0: a rank's whole share in one forward
         self.micro_tokens = cfg.grpo.micro_batch_tokens  # > 0: packed rows of this many positions instead
         self.share_prompts = cfg.grpo.share_prompts
+        window = getattr(self.trainer.model_args, "sliding_window", None)
+        if self.share_prompts and window:
+            raise SystemExit(f"grpo.share_prompts {sliding_window_refusal(window, 'the model')}")
         self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
         self.reference: nn.Module | None = None
         self.reference_is_policy = False

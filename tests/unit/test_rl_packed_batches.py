@@ -253,3 +253,5 @@ def test_share_prompts_needs_packed_rows_and_no_sliding_window(tmp_path) -> None
     for name in ("gemma3", "gpt_oss"):  # the window would count the group's other completions
         with pytest.raises(SystemExit, match="grpo.share_prompts does not support sliding-window attention"):
             check_grpo_config(parse_config([*base, "512", "--model.hf_path", str(tmp_path / name)]))
+    # a Hub id (or a folder an earlier job writes) is not fetched here: the policy workers check the built model
+    check_grpo_config(parse_config([*base, "512", "--model.hf_path", "no-such-owner/no-such-model"]))

@@ -157,3 +157,20 @@ def test_the_first_minibatch_needs_no_recomputed_old_log_probs(tiny_hf: Path, tm
         worker.close()
     for key in ("loss", "grad_norm", "tokens", "ratio"):
         assert updates[1][key] == pytest.approx(updates[0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_sliding_window_model_refuses_shared_prompts_once_built(tmp_path: Path) -> None:
+    """The controller reads config.json only where it already exists; the worker checks the model it built."""
+    spec = get_model_spec("gemma3")
+    args = resolve_scratch_args(spec, "debug", overrides={"dim": 64, "ffn_dim": 128})
+    model = spec.model_cls(args)
+    model.init_weights()
+    save_hf(model, tmp_path / "hf", tokenizer=HFTokenizer(ASSETS / "tokenizer"))
+    cfg = parse_config([
+        "--job.recipe", "grpo", "--job.output_dir", str(tmp_path / "run"), "--model.hf_path", str(tmp_path / "hf"),
+        "--grpo.prompts", "unused.jsonl", "--grpo.micro_batch_tokens", "64", "--grpo.share_prompts", "true",
+        "--metrics.tensorboard", "false", "--grpo.cpu_threads", THREADS, "--model.attn_backend", "sdpa",
+    ])
+    with pytest.raises(SystemExit, match=r"grpo.share_prompts does not support sliding-window attention "
+                                         r"\(sliding_window = \d+ in the model\)"):
+        PolicyWorker().setup(cfg, rank=0, world_size=1, master_addr="127.0.0.1", master_port=0)
