@@ -47,7 +47,7 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-common=(-m gpu -p no:cacheprovider -q -rfEsx -o junit_family=xunit1 --durations=15)
+common=(-m gpu -p no:cacheprovider -rfEsx -o junit_family=xunit1 --durations=15)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then common+=(--timeout "${GPU_TESTS_TIMEOUT:-420}"); fi
 deadline=${GPU_TESTS_DEADLINE:-500}
 parallel=()
@@ -58,8 +58,9 @@ if [ ${#parallel[@]} -gt 0 ]; then reserve=${GPU_TESTS_SERIAL_RESERVE:-90}; fi
 targets=(tests/gpu)
 if [ $# -gt 0 ] && [[ "$1" == tests/* ]]; then targets=(); fi
 "$PY" -m pytest "${targets[@]}" -m gpu -p no:cacheprovider --collect-only -q "$@" > "$OUT/collected.txt" 2>&1
-# SIGINT at the deadline: pytest stops, still writing the junit XML of what ran
-timeout -s INT -k 30 "$(( deadline - reserve ))" "$PY" -m pytest "${targets[@]}" "${common[@]}" "${parallel[@]}" \
+# SIGINT at the deadline: pytest stops, still writing the junit XML of what ran. -v: each outcome is also in the log
+# as it happens, for when pytest never gets to write the XML (a worker that did not exit at teardown, run 9)
+timeout -s INT -k 30 "$(( deadline - reserve ))" "$PY" -m pytest "${targets[@]}" "${common[@]}" "${parallel[@]}" -v \
   --junitxml "$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 

@@ -5,7 +5,8 @@
         the node ids of tests whose xdist worker crashed, one a line (the serial re-run's arguments)
     python scripts/gpu_tests_summary.py summary OUT_DIR COMMIT SECONDS PARALLEL_STATUS SERIAL_STATUS
         summary.txt's text from OUT_DIR/junit.xml and, when there, OUT_DIR/junit_serial.xml: each test counted
-        once with its final outcome (a serially re-run test's outcome replaces its crash, and is marked so);
+        once with its final outcome (a serially re-run test's outcome replaces its crash, and is marked so;
+        a test missing from the XML takes its outcome from OUT_DIR/pytest.log's verbose lines, said so);
         the tests in OUT_DIR/collected.txt (pytest --collect-only -q) with no outcome are counted and named as
         not run (the deadline stopped the run before them); exits 0 when no final outcome is a failure, every
         collected test has one and neither pytest run was cut short, else 1 (or the status of the run that
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -59,6 +61,25 @@ def read_outcomes(path: Path) -> tuple[dict[str, Outcome], str | None]:
     return outcomes, None
 
 
+# `pytest -v` under xdist: "[gw3] [ 12%] PASSED tests/gpu/test_x.py::test_y"
+LOG_LINE = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::\S+)")
+LOG_KINDS = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped", "XFAIL": "xfailed",
+             "XPASS": "passed"}
+
+
+def read_log_outcomes(path: Path) -> dict[str, Outcome]:
+    """Outcomes from the parallel pass's verbose log: what ran when pytest was stopped before writing its junit XML
+    (a worker that did not exit at teardown, then the deadline); a test's last line counts."""
+    if not path.is_file():
+        return {}
+    outcomes = {}
+    for line in path.read_text(errors="replace").splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            outcomes[m.group(2)] = Outcome(LOG_KINDS[m.group(1)], 0.0, "outcome read from pytest.log (no junit entry)")
+    return outcomes
+
+
 def read_collected(path: Path) -> list[str]:
     """Node ids from `pytest --collect-only -q` output (its summary line and blank lines dropped)."""
     if not path.is_file():
@@ -90,6 +111,8 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
     if (out / "junit_serial.xml").is_file():
         rerun, serial_error = read_outcomes(out / "junit_serial.xml")
         error = error or serial_error
+    from_log = {n: o for n, o in read_log_outcomes(out / "pytest.log").items() if n not in outcomes}
+    outcomes.update(from_log)
     outcomes.update(rerun)
     harness_errors = {n: outcomes.pop(n) for n in [n for n in outcomes if is_harness_error(n)]}
     not_run = [n for n in read_collected(out / "collected.txt") if n not in outcomes]
@@ -112,6 +135,9 @@ def summary(out: Path, commit: str, seconds: str, parallel: str, serial: str) ->
     print(f"GPU tier {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}, {gpu}, torch {torch.__version__}")
     print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, {counts['xfailed']} xfailed"
           f"{f', {len(not_run)} NOT RUN' if not_run else ''} in {seconds} s (pytest exit: parallel {parallel}, serial re-run {serial})")
+    if from_log:
+        print(f"{len(from_log)} outcomes read from pytest.log: pytest was stopped before it wrote them to junit.xml "
+              "(the run or its workers' teardown outlived the deadline); no times or recorded numbers for them")
     if rerun:
         passed = sum(o.kind == "passed" for o in rerun.values())
         print(f"re-run serially after their xdist worker crashed: {len(rerun)} ({passed} passed)")

@@ -62,3 +62,19 @@ def test_a_complete_run_passes_and_a_missing_outcome_alone_still_fails(tmp_path:
     (tmp_path / "collected.txt").write_text(COLLECTED.replace("4 tests", "tests/gpu/test_cuda_lora.py::test_new\n4 tests"))
     proc = run_summary(tmp_path, "0")
     assert proc.returncode == 1 and "1 NOT RUN" in proc.stdout, proc.stdout
+
+
+def test_outcomes_missing_from_the_xml_are_read_from_the_verbose_log(tmp_path: Path) -> None:
+    """Run 9: every test ran, a worker did not exit at teardown, the deadline killed pytest before it wrote junit.xml."""
+    (tmp_path / "collected.txt").write_text(COLLECTED)
+    (tmp_path / "pytest.log").write_text(
+        "[gw0] [ 25%] PASSED tests/gpu/test_cuda_lora.py::test_merged_export_equals_the_peft_adapter[qwen3]\n"
+        "[gw1] [ 50%] FAILED tests/gpu/test_cuda_lora.py::test_merged_export_equals_the_peft_adapter[gpt_oss]\n"
+        "[gw0] [ 75%] SKIPPED tests/gpu/test_cuda_native_engine.py::test_greedy_equals_transformers_generate_on_smollm2\n"
+        "RuntimeError: release unlocked lock\n")
+    proc = run_summary(tmp_path, "124")
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("1 passed, 1 failed, 1 skipped, 0 xfailed, 1 NOT RUN in 130 s"), proc.stdout
+    assert lines[2].startswith("3 outcomes read from pytest.log"), proc.stdout
+    assert "NOT RUN  test_cuda_debug_configs::test_debug_grpo" in proc.stdout
+    assert proc.returncode == 124
