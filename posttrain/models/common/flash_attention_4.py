@@ -9,7 +9,12 @@ built; SDPA is then pinned to its flash entry (``attention.SDPA_KERNELS``). The 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
+import os
+import sys
+from typing import Any
 
 import torch
 
@@ -46,7 +51,49 @@ def activate_fa4() -> None:
     if getattr(attention, "current_flash_attention_impl", lambda: None)() == "FA4":
         return
     try:
+        _import_cutlass_dsl()
+        importlib.import_module("flash_attn.cute.interface")
+        _register_through_this_module()
         attention.activate_flash_attention_impl("FA4")
     except Exception as err:  # the package is there but its import failed (CUDA libraries, versions)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FlashAttention4Unavailable(f"switching SDPA to FA4 failed: {first_line} ({PACKAGE_HINT})") from err
+
+
+def _import_cutlass_dsl() -> None:
+    """nvidia-cutlass-dsl puts its ``cutlass`` package on sys.path with a .pth file, which Python reads only in a
+    site-packages folder: an install with ``pip --target`` (a cluster's shared folder) needs the same step here."""
+    if importlib.util.find_spec("cutlass") is not None or importlib.util.find_spec("nvidia_cutlass_dsl") is None:
+        return
+    import nvidia_cutlass_dsl
+
+    for root in nvidia_cutlass_dsl.__path__:
+        packages = os.path.join(root, "dsl_packages")
+        if os.path.isdir(packages) and packages not in sys.path:
+            sys.path.insert(0, packages)
+
+
+def _register_through_this_module() -> None:
+    """torch's FA4 entry unpacks (out, lse) from the package's forward, which later flash-attn-4 releases extend
+    with more values: register the entry with this module's two adapters below as the kernel module."""
+    from torch.nn.attention import _fa4
+
+    if not hasattr(_fa4, "register_flash_attention_fa4"):  # a torch whose entry differs: its own default
+        return
+    torch.nn.attention.register_flash_attention_impl(
+        "FA4", register_fn=functools.partial(_fa4.register_flash_attention_fa4, module_path=__name__)
+    )
+
+
+def _flash_attn_fwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import interface
+
+    result = interface._flash_attn_fwd(*args, **kwargs)
+    return result[0], result[1]
+
+
+def _flash_attn_bwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import interface
+
+    dq, dk, dv = interface._flash_attn_bwd(*args, **kwargs)[:3]
+    return dq, dk, dv
