@@ -74,9 +74,9 @@ def main() -> int:
     args = p.parse_args()
     device = resolve_device("cuda")
     kernels = [x for x in args.kernels.split(",") if x]
-    unknown = [x for x in kernels + args.shapes.split(",") if x not in SDPA_KERNELS and x not in SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown kernel or shape: {unknown}; kernels {sorted(SDPA_KERNELS)}, shapes {sorted(SHAPES)}")
+    for given, known, what in ((kernels, SDPA_KERNELS, "--kernels"), (args.shapes.split(","), SHAPES, "--shapes")):
+        if any(x not in known for x in given):
+            raise SystemExit(f"{what}: unknown {[x for x in given if x not in known]}; choose from {sorted(known)}")
     kernels.sort(key=lambda x: x == "fa4")  # stable: fa4 last
     rows, report = [], {"environment": environment(device), "results": []}
     inputs = {}

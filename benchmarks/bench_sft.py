@@ -81,6 +81,7 @@ from measure import (
 )
 
 import torch  # noqa: E402  (measure puts the repo root on sys.path first)
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from same_init import (  # noqa: E402
     FIRST_LOSS_RTOL,
@@ -97,7 +98,6 @@ from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.common.attention import SDPA_KERNELS  # noqa: E402
 from posttrain.models.common.flash_attention_4 import activate_fa4, fa4_unavailable_reason  # noqa: E402
-from torch.nn.attention import sdpa_kernel  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.protocol import param_active_fraction  # noqa: E402
 from posttrain.models.registry import ModelSpec, get_model_spec, resolve_args  # noqa: E402
@@ -485,7 +485,8 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["lora"] = v.lora_rank > 0
             result["float8"] = v.float8
             result["config"] = {
-                "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel, "ac": cfg.activation_checkpoint.mode,
+                "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
+                "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
                 "recompute_pointwise": v.recompute_pointwise,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
@@ -573,6 +574,12 @@ def hf_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
     )
 
 
+def flash_kernels() -> str:
+    """Whose kernels SDPA's flash entry runs now: once a run switched them to FA4 they stay so for the process."""
+    current = getattr(torch.nn.attention, "current_flash_attention_impl", lambda: None)()
+    return current or "torch's own (FlashAttention-2)"
+
+
 def peer_attention_kernel(s: Settings) -> Callable[[], Any]:
     """The context the peers' forward and backward run in: torch's own SDPA choice, or one kernel pinned
     (--peer-sdpa-kernel; fa4 switches the process's flash kernels to FlashAttention-4, as posttrain's fa4 does)."""
@@ -626,6 +633,7 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
     result["init"] = "posttrain's initial weights" if s.initial.tensors is not None else "transformers' own"
     result["config"] = {
         "compile": compiled, "liger": liger, "attn_implementation": s.hf_attn, "sdpa_kernel": s.peer_sdpa_kernel,
+        "flash_kernels": flash_kernels(),
         "dtype": s.dtype,
         "fused_adamw": s.device.type == "cuda", "gradient_checkpointing": s.peer_ac,
     }
@@ -845,6 +853,10 @@ def plan_runs(args: argparse.Namespace, device: torch.device) -> list[tuple[str,
         elif skip is None and device.type == "cpu" and v.compile and not args.allow_cpu_compile:
             skip = "compile skipped on CPU (--allow-cpu-compile)"
         ours.append(("posttrain", v.name, v, skip, args.min_compile_run_s if v.compile else args.min_run_s))
+    kernels = {v.sdpa_kernel for *_, v, _, _ in ours} | {args.peer_sdpa_kernel}
+    if "fa4" in kernels and "flash" in kernels:  # FA4, once on, replaces the flash kernels for the process
+        raise SystemExit("kernel=flash and fa4 (a variant's or --peer-sdpa-kernel) in one run: the flash runs after "
+                         "the first fa4 one would run FA4; run them in two invocations")
     peers = [t.strip() for t in args.peers.split(",") if t.strip()]
     unknown = [x for x in peers if x not in PEERS]
     if unknown:

@@ -123,6 +123,9 @@ def build_training_model(
             return build_training_model(cfg, parallel_dims=parallel_dims, device=device, mixed_precision=mixed_precision,
                                         tokenizer_vocab_size=tokenizer_vocab_size, added_tokens=added_tokens)
     m = cfg.model
+    if m.backend == "hf" and m.sdpa_kernel != "auto":
+        raise SystemExit(f"model.sdpa_kernel = {m.sdpa_kernel!r} applies to posttrain's own models: with "
+                         "model.backend = 'hf' transformers picks the attention kernel (leave it 'auto')")
     if m.backend == "hf":  # any transformers causal LM, wrapped (posttrain/parallelisms/hf_parallelize.py)
         from posttrain.parallelisms.hf_parallelize import build_parallel_hf_model
 

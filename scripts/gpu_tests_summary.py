@@ -61,8 +61,9 @@ def read_outcomes(path: Path) -> tuple[dict[str, Outcome], str | None]:
     return outcomes, None
 
 
-# `pytest -v` under xdist: "[gw3] [ 12%] PASSED tests/gpu/test_x.py::test_y"
-LOG_LINE = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+::\S+)")
+# `pytest -v` under xdist: "[gw3] [ 12%] PASSED tests/gpu/test_x.py::test_y[a b] " (no "[ 12%]" without progress)
+LOG_LINE = re.compile(r"^\[gw\d+\](?: \[[^\]]*\])? (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S.*?::.+?)\s*$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LOG_KINDS = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped", "XFAIL": "xfailed",
              "XPASS": "passed"}
 
@@ -74,7 +75,7 @@ def read_log_outcomes(path: Path) -> dict[str, Outcome]:
         return {}
     outcomes = {}
     for line in path.read_text(errors="replace").splitlines():
-        m = LOG_LINE.match(line)
+        m = LOG_LINE.match(ANSI.sub("", line))
         if m:
             outcomes[m.group(2)] = Outcome(LOG_KINDS[m.group(1)], 0.0, "outcome read from pytest.log (no junit entry)")
     return outcomes

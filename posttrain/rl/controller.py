@@ -36,11 +36,11 @@ from posttrain.config.sections import GRPOSection
 from posttrain.datasets.tokenizer import HFTokenizer
 from posttrain.inference.engine import SamplingParams
 from posttrain.metrics import MetricsLogger
-from posttrain.models.common.shared_prompts import sliding_window_refusal
 from posttrain.models.hf import read_hf_config
 from posttrain.rl.batches import chunk, split_evenly
 from posttrain.rl.reward_tasks import score_rewards
-from posttrain.rl.workers import PolicyWorker, RolloutWorker
+from posttrain.rl.packed_batches import sliding_window_refusal
+from posttrain.rl.workers import PolicyWorker, RolloutWorker, SetupRefused
 
 logger = logging.getLogger("posttrain")
 
@@ -75,7 +75,8 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
         hf = read_hf_config(Path(cfg.model.hf_path).expanduser())
         hf = hf.get("text_config", hf)
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-        require(not window, "share_prompts", sliding_window_refusal(window, f"{cfg.model.hf_path}/config.json"))
+        if window:
+            raise SystemExit(sliding_window_refusal(window, f"{cfg.model.hf_path}/config.json"))
     require(g.epochs >= 1 and g.minibatches >= 1, "epochs", "and grpo.minibatches must be >= 1")
     require(bool(g.rewards), "rewards", "is empty")
     require(not g.reward_weights or len(g.reward_weights) == len(g.rewards), "reward_weights",
@@ -618,10 +619,13 @@ def run(cfg: JobConfig) -> None:
         # ---- actors: the policy group (rendezvous at rank 0's node), the engines
         _placement_group, policy, rollouts = place_actors(cfg, g)
         master_addr, master_port = ray.get(policy[0].address.remote())
-        infos = ray.get([
-            w.setup.remote(cfg, rank=r, world_size=g.trainer_workers, master_addr=master_addr, master_port=master_port)
-            for r, w in enumerate(policy)
-        ])
+        try:
+            infos = ray.get([
+                w.setup.remote(cfg, rank=r, world_size=g.trainer_workers, master_addr=master_addr, master_port=master_port)
+                for r, w in enumerate(policy)
+            ])
+        except SetupRefused as err:  # Ray's error is also an instance of the actor's exception; its cause has the line
+            raise SystemExit(str(getattr(err, "cause", err))) from None
         dp = ([i["dp_rank"] for i in infos], infos[0]["dp_degree"])
         # the policy's trainer wrote its own view (steps counted in optimizer steps); the run's config is this one
         (output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))

@@ -267,3 +267,10 @@ def micro_batches(
         piece = [rows[i] for i in indices]
         yield (indices, packed_batch(piece, row_len=micro_tokens, pad_id=pad_id, sequence_targets=sequence_targets),
                partial(packed_response_values, rows=piece))
+
+
+def sliding_window_refusal(window: int, where: str) -> str:
+    """Why a sliding-window model cannot share prompts: the window counts row positions (q - kv), so after a shared
+    prompt it would also count the group's earlier completions and a completion would lose sight of its prompt."""
+    return (f"grpo.share_prompts does not support sliding-window attention (sliding_window = {window} in {where}: "
+            "the window would count the group's earlier completions); set grpo.share_prompts = false")

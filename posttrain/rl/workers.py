@@ -29,8 +29,7 @@ from posttrain.config.sections import GRPOSection
 from posttrain.inference import build_engine
 from posttrain.losses import find_target_index, fused_token_log_probs
 from posttrain.models.common.lora import adapters_disabled, has_lora
-from posttrain.models.common.shared_prompts import sliding_window_refusal
-from posttrain.rl.packed_batches import micro_batches
+from posttrain.rl.packed_batches import micro_batches, sliding_window_refusal
 from posttrain.rl.weight_group import (
     BucketLayout, WeightGroup, bucket_layout, host_store, join_weight_group, receive_bucket, send_bucket,
 )
@@ -124,6 +123,11 @@ def grpo_loss_fn(
     return LossOutput(loss_sum=loss_sum, n_targets=torch.as_tensor(n_units), metrics=stats)
 
 
+class SetupRefused(Exception):
+    """A setting the policy worker's trainer refused (its one-line SystemExit), raised as an exception so that Ray
+    hands it to the controller (a SystemExit ends the actor's process: the controller would get ActorDiedError)."""
+
+
 class PolicyWorker:
     """One rank of the policy trainer group (with its share of the reference model)."""
 
@@ -136,6 +140,12 @@ class PolicyWorker:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def setup(self, cfg: JobConfig, *, rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, Any]:
+        try:
+            return self._setup(cfg, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port)
+        except SystemExit as err:
+            raise SetupRefused(str(err.code)) from None
+
+    def _setup(self, cfg: JobConfig, *, rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, Any]:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not torch.cuda.is_available():
@@ -157,7 +167,7 @@ class PolicyWorker:
         self.share_prompts = cfg.grpo.share_prompts
         window = getattr(self.trainer.model_args, "sliding_window", None)
         if self.share_prompts and window:
-            raise SystemExit(f"grpo.share_prompts {sliding_window_refusal(window, 'the model')}")
+            raise SystemExit(sliding_window_refusal(window, "the model"))
         self.pad_id = self.trainer.tokenizer.pad_id if self.trainer.tokenizer is not None else 0
         self.reference: nn.Module | None = None
         self.reference_is_policy = False

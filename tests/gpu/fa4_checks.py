@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from posttrain.models import build_model
-from posttrain.models.common.flash_attention_4 import activate_fa4
+from posttrain.models.common.flash_attention_4 import CALLS, activate_fa4
 from posttrain.parallelisms.compile import apply_compile
 
 SHAPES = ((2, 8, 2, 1000, 64), (1, 16, 4, 2048, 128))  # batch, heads, kv heads, positions, head size
@@ -94,6 +94,7 @@ def main(out_path: str) -> None:
             row["compiled" if compiled else "eager"] = {"loss": fa4_loss, "loss_auto": loss, "grad_rel": rel[worst],
                                                         "worst": worst}
         result["model"][str(head_dim)] = row
+    result["calls"] = dict(CALLS)  # every FA4 forward and backward went through this process's adapters
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
 

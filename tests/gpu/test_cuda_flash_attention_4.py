@@ -36,6 +36,8 @@ def test_fa4_attention_and_training_step_match_torch_kernels(device: torch.devic
     result = json.loads(out.read_text())
     record_property("rel_err", json.dumps(result))
     assert result["active"] == "FA4"
+    # 2 kernel shapes + 2 models x (eager, compiled) x 2 layers: each ran FA4's own forward and backward
+    assert result["calls"]["forward"] >= 10 and result["calls"]["backward"] >= 10, result["calls"]
     for shape, errs in result["kernel"].items():
         for name, auto, fa4 in zip(("out", "dq", "dk", "dv"), errs["auto"], errs["fa4"]):
             assert fa4 <= KERNEL_SLACK * auto + 1e-3, (shape, name, fa4, auto)

@@ -28,6 +28,8 @@ import pytest
 from _cache_lock import cache_lock
 from _process_tags import TAG_VAR, kill_tagged, tagged_pids, wait_until_none_left
 
+from posttrain.models.common.flash_attention_4 import fa4_unavailable_reason
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.integration,
@@ -201,6 +203,24 @@ def test_shared_prompts_train_like_padded_rows(tmp_path: Path, warm_start: Path,
     out = tmp_path / "shared"
     _run(_cmd(warm_start, out, *FIRST_TWO_STEPS, "--grpo.micro_batch_tokens", "256", "--grpo.share_prompts", "true"))
     _assert_first_two_steps_equal(_metrics(out), _metrics(debug_run.out))
+
+
+@pytest.mark.skipif(fa4_unavailable_reason() is None, reason="needs a setting the policy actor refuses: FA4 where it cannot run")
+def test_a_setting_the_policy_actor_refuses_ends_the_run_in_one_line(tmp_path: Path, warm_start: Path) -> None:
+    """A refusal raised while a Ray actor builds the policy reaches the console as its one line, not as Ray's
+    dead-actor report (a SystemExit inside an actor ends the actor's process)."""
+    cmd = _cmd(warm_start, tmp_path / "run", "--training.steps", "1", "--model.attn_backend", "sdpa",
+               "--model.sdpa_kernel", "fa4")
+    tag = uuid.uuid4().hex
+    try:
+        proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, TAG_VAR: tag})
+        assert not wait_until_none_left(tag, timeout=20), "processes left behind by the run"
+    finally:
+        kill_tagged(tag)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"model.sdpa_kernel = 'fa4': {fa4_unavailable_reason()}"
+    assert "Traceback" not in proc.stderr and "ActorDiedError" not in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (optional extra rl-vllm)")

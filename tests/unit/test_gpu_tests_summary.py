@@ -69,8 +69,9 @@ def test_outcomes_missing_from_the_xml_are_read_from_the_verbose_log(tmp_path: P
     (tmp_path / "collected.txt").write_text(COLLECTED)
     (tmp_path / "pytest.log").write_text(
         "[gw0] [ 25%] PASSED tests/gpu/test_cuda_lora.py::test_merged_export_equals_the_peft_adapter[qwen3]\n"
-        "[gw1] [ 50%] FAILED tests/gpu/test_cuda_lora.py::test_merged_export_equals_the_peft_adapter[gpt_oss]\n"
-        "[gw0] [ 75%] SKIPPED tests/gpu/test_cuda_native_engine.py::test_greedy_equals_transformers_generate_on_smollm2\n"
+        "\x1b[31m[gw1] [ 50%] FAILED tests/gpu/test_cuda_lora.py::test_merged_export_equals_the_peft_adapter[gpt_oss]"
+        "\x1b[0m \n"  # colour on, as with PY_COLORS=1
+        "[gw0] SKIPPED tests/gpu/test_cuda_native_engine.py::test_greedy_equals_transformers_generate_on_smollm2\n"
         "RuntimeError: release unlocked lock\n")
     proc = run_summary(tmp_path, "124")
     lines = proc.stdout.splitlines()

@@ -37,8 +37,11 @@ def fa4_unavailable_reason() -> str | None:
     major, minor = torch.cuda.get_device_capability()
     if major not in (9, 10):
         return f"FA4 needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x); this one is {major}.{minor}"
-    if importlib.util.find_spec("flash_attn") is None:
+    package = importlib.util.find_spec("flash_attn")
+    if package is None:
         return f"the flash-attn-4 package is not installed ({PACKAGE_HINT})"
+    if not any(os.path.isdir(os.path.join(root, "cute")) for root in package.submodule_search_locations or []):
+        return f"flash_attn is installed without FA4's cute kernels (flash-attn 2?): {PACKAGE_HINT}"
     return None
 
 
@@ -48,7 +51,7 @@ def activate_fa4() -> None:
     if reason is not None:
         raise FlashAttention4Unavailable(reason)
     attention = torch.nn.attention
-    if getattr(attention, "current_flash_attention_impl", lambda: None)() == "FA4":
+    if getattr(attention, "current_flash_attention_impl", lambda: None)() == "FA4" and _entry_module() == __name__:
         return
     try:
         _import_cutlass_dsl()
@@ -85,9 +88,21 @@ def _register_through_this_module() -> None:
     )
 
 
+def _entry_module() -> str | None:
+    """The kernel module torch's FA4 entry calls (None: not registered, or a torch without that entry)."""
+    from torch.nn.attention import _fa4
+
+    return getattr(_fa4, "_FA4_MODULE_PATH", None)
+
+
+# calls through the adapters: a check that FA4 really ran (torch's entry may hand inputs it cannot take elsewhere)
+CALLS = {"forward": 0, "backward": 0}
+
+
 def _flash_attn_fwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn.cute import interface
 
+    CALLS["forward"] += 1
     result = interface._flash_attn_fwd(*args, **kwargs)
     return result[0], result[1]
 
@@ -95,5 +110,6 @@ def _flash_attn_fwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tens
 def _flash_attn_bwd(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute import interface
 
+    CALLS["backward"] += 1
     dq, dk, dv = interface._flash_attn_bwd(*args, **kwargs)[:3]
     return dq, dk, dv

@@ -34,9 +34,3 @@ def prompt_of(document_ids: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["GROUP_LIMIT", "MEMBER_BITS", "SHARED_FLAG", "prompt_of", "shared_document_id"]
 
-
-def sliding_window_refusal(window: int, where: str) -> str:
-    """Why a sliding-window model cannot share prompts: the window counts row positions (q - kv), so after a shared
-    prompt it would also count the group's earlier completions and a completion would lose sight of its prompt."""
-    return (f"does not support sliding-window attention (sliding_window = {window} in {where}): the window would count "
-            "the group's earlier completions")
