@@ -18,6 +18,8 @@ completions each, temperature 1, no top-k / top-p, and no stop tokens, so every 
   `decode_attention="sdpa"`; by default, "auto", each captured bucket takes the faster of that and the
   batched-matmul kernel, timed at capture: the native rows report how many buckets took which, and the
   timings of the largest bucket), on the peer subset.
+* native_compile: the same engine with `compile_decode=True` (each block compiled for the decode steps, replayed
+  in the CUDA graphs; `grpo.engine_compile`), on all prompts and on the subset; its compile happens in `prepare`.
 * native_eager: the same engine with `cuda_graphs=False` (peer-prompt subset).
 * old_eager: the engine before this change (file given by `--old-engine`: eager decode, a batch of
   `--peer-batch` rows, finished rows dropped when half are done), on the peer subset.
@@ -39,6 +41,7 @@ table is printed last; `--out` gets JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import time
 import traceback
@@ -114,9 +117,13 @@ def kernel_summary(engine: NativeEngine) -> dict[str, Any]:
 
 
 def run_native(model, prompts, samples, new_tokens, device, *, slots: int, graphs: bool,
-               decode_attention: str = "auto", memory: dict[str, Any] | None = None) -> dict[str, Any]:
+               decode_attention: str = "auto", memory: dict[str, Any] | None = None,
+               compile_decode: bool = False) -> dict[str, Any]:
+    if compile_decode:  # the engine compiles the blocks in place: a copy, so later runs stay uncompiled
+        model = copy.deepcopy(model)
+        torch._dynamo.reset()
     engine = NativeEngine(model, max_batch_size=slots, cuda_graphs=graphs, max_seq_len=model.args.max_seq_len,
-                          decode_attention=decode_attention, **(memory or {}))
+                          decode_attention=decode_attention, compile_decode=compile_decode, **(memory or {}))
     group = [p for p in prompts for _ in range(samples)]
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
     _, t_prepare = timed(device, lambda: engine.prepare(len(group), max(map(len, prompts)) + new_tokens, sampling))
@@ -235,7 +242,9 @@ def main() -> None:
                    help="native engine: > 0: the slots' byte budget instead (on any device, the CPU too)")
     p.add_argument("--peer-prompts", type=int, default=32, help="prompts of the side-by-side subset")
     p.add_argument("--peer-batch", type=int, default=256, help="old engine batch")
-    p.add_argument("--runs", default="native,native_eager,old_eager,hf_static,hf_static_compile")
+    p.add_argument("--runs", default="native,native_eager,old_eager,hf_static,hf_static_compile",
+                   help="comma-separated: native, native_compile, native_sdpa, native_eager, old_eager, hf_static, "
+                        "hf_static_compile")
     p.add_argument("--old-engine", default="", help="path of the previous engine's native.py (old_eager)")
     p.add_argument("--check", action="store_true", help="the equality checks first")
     p.add_argument("--device", default="auto")
@@ -267,6 +276,11 @@ def main() -> None:
             plan.append(("native_sdpa (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
                                                                     slots=a.max_batch_size, graphs=None,
                                                                     decode_attention="sdpa", memory=memory)))
+        elif run == "native_compile":
+            for name, chosen in (("native_compile (all prompts)", prompts), ("native_compile (subset)", subset)):
+                plan.append((name, lambda chosen=chosen: run_native(model, chosen, a.samples, a.new_tokens, device,
+                                                                    slots=a.max_batch_size, graphs=None,
+                                                                    memory=memory, compile_decode=True)))
         elif run == "native_eager":
             plan.append(("native_eager (subset)", lambda: run_native(model, subset, a.samples, a.new_tokens, device,
                                                                      slots=a.max_batch_size, graphs=False,

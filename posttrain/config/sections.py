@@ -308,6 +308,8 @@ class GRPOSection:
                             choices=("auto", "float32", "bfloat16"))
     engine_max_batch_size: int = opt(64, "native engine: sequences decoded together (at most: fewer when their KV "
                                          "cache would not fit grpo.gpu_memory_utilization)")
+    engine_compile: bool = opt(False, "native engine: compile its blocks for the decode steps (fused kernels in the "
+                                      "CUDA graphs; one compile per decode bucket at the first rollout)")
     gpu_memory_utilization: float = opt(0.3, "rollout engine: share of device memory its process may hold, weights + "
                                              "KV cache (vLLM: of RAM on CPU; native: no cap on CPU)")
     rollout_workers: int = opt(1, "rollout engine actors; each generates a share of the prompts")

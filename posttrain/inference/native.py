@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from posttrain.inference.compiled_decode import compile_blocks, decoding_compiled, eager
 from posttrain.inference.decode_attention_choice import choose_decode_kernels
 from posttrain.inference.decode_graphs import DecodeGraphs
 from posttrain.inference.decode_step import SlotState, decode_step
@@ -133,7 +134,8 @@ class NativeEngine:
     sequences are done; ``max_prefill_tokens`` bounds one prefill forward (rows x longest prompt);
     ``decode_attention`` is the kernel of the decode steps' attention (``posttrain.models.common.decode_attention``:
     "auto" = batched matmuls on CUDA, SDPA elsewhere; "matmul"; "sdpa"). The model is used in place:
-    ``update_weights`` writes into its parameters (captured graphs stay valid).
+    ``update_weights`` writes into its parameters (captured graphs stay valid); ``compile_decode`` compiles its
+    blocks in place for the decode steps (``compiled_decode.py``: fused kernels, one compile per bucket).
 
     The slots are capped to the memory the engine may use (``slot_memory``): on CUDA, as vLLM's
     ``gpu_memory_utilization``, this process may hold that share of the device's total memory (the model
@@ -156,6 +158,7 @@ class NativeEngine:
         decode_attention: str = "auto",
         gpu_memory_utilization: float = 0.9,
         kv_cache_memory_bytes: int | None = None,
+        compile_decode: bool = False,
     ) -> None:
         model = getattr(model, "_orig_mod", model)
         if not hasattr(model, "args") or not hasattr(model, "layers"):
@@ -183,6 +186,9 @@ class NativeEngine:
         self.decode_attention = check_decode_attention_kind(decode_attention)
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.compile_decode = compile_decode
+        if compile_decode:  # in place: the model's blocks stay compiled (prefill runs them eagerly)
+            compile_blocks(model)
         self._run_key: tuple | None = None
         self._run: _Run | None = None
         # per (slots, length) bucket, the decode attention its graphs use (kept across cache shapes: the timing
@@ -202,7 +208,7 @@ class NativeEngine:
 
     @torch.inference_mode()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        with use_decode_attention(self.decode_attention):
+        with use_decode_attention(self.decode_attention), decoding_compiled(self.compile_decode):
             return self._generate(prompt_token_ids, sampling)
 
     def _generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -242,7 +248,7 @@ class NativeEngine:
     def prepare(self, n_sequences: int, max_len: int, sampling: SamplingParams) -> None:
         """Allocate the cache and capture the decode graphs that a call of ``n_sequences`` sequences of at most
         ``max_len`` tokens (prompt + completion) under ``sampling`` will use, ahead of that call."""
-        with use_decode_attention(self.decode_attention):
+        with use_decode_attention(self.decode_attention), decoding_compiled(self.compile_decode):
             self._prepare(n_sequences, max_len, sampling)
 
     def _prepare(self, n_requests: int, needed_len: int, sampling: SamplingParams) -> _Run:
@@ -420,8 +426,9 @@ class NativeEngine:
         cache = KVCache.for_model(self.model, batch=len(prompts), max_len=longest)
         rows = torch.arange(len(prompts), device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(ids.to(self.device), kv_cache=cache,
-                            output_fn=_last_position_logits(rows, last, self.vocab_size))
+        with eager(self.compile_decode):
+            logits = self.model(ids.to(self.device), kv_cache=cache,
+                                output_fn=_last_position_logits(rows, last, self.vocab_size))
         return cache, logits.float()
 
     def _collect(self, state: SlotState, finished: list[int], slot_request: list[int],

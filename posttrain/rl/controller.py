@@ -90,6 +90,8 @@ def check_grpo_config(cfg: JobConfig) -> GRPOSection:
     require(g.rollout_workers >= 1 and g.trainer_workers >= 1, "rollout_workers", "and grpo.trainer_workers must be >= 1")
     require(g.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
     require(g.engine_max_batch_size >= 1, "engine_max_batch_size", "must be >= 1")
+    require(not g.engine_compile or g.engine == "native", "engine_compile", "applies to the native engine only "
+            "(vLLM compiles its own); set grpo.engine_compile = false")
     require(0 < g.gpu_memory_utilization <= 1, "gpu_memory_utilization",
             f"must be in (0, 1], got {g.gpu_memory_utilization}")
     require(g.weight_sync != "cuda_ipc" or g.placement == "colocated", "weight_sync",
@@ -178,7 +180,8 @@ def place_actors(cfg: JobConfig, g: GRPOSection):
     policy = [ray.remote(PolicyWorker).options(**on(i)).remote() for i in range(g.trainer_workers)]
     engine_dtype = g.engine_dtype if g.engine_dtype != "auto" else ("bfloat16" if gpu else "float32")
     engine_kw: dict[str, Any] = {"gpu_memory_utilization": g.gpu_memory_utilization}
-    engine_kw.update({"max_batch_size": g.engine_max_batch_size} if g.engine == "native" else {"seed": cfg.job.seed})
+    engine_kw.update({"max_batch_size": g.engine_max_batch_size, "compile_decode": g.engine_compile}
+                     if g.engine == "native" else {"seed": cfg.job.seed})
     rollouts = [
         ray.remote(RolloutWorker).options(**on(j if colocated else g.trainer_workers + j)).remote(
             g.engine, cfg.model.hf_path, device="cuda" if gpu else "cpu", dtype=engine_dtype,
