@@ -38,7 +38,7 @@ def build_engine(
     **kw: Any,
 ) -> GenerationEngine:
     """A generation engine of ``kind`` ("native" | "vllm") over the HF checkpoint at ``hf_path``; ``kw`` goes to
-    the engine (native: max_batch_size, max_seq_len, cuda_graphs, gpu_memory_utilization, kv_cache_memory_bytes;
+    the engine (native: max_batch_size, max_seq_len, cuda_graphs, gpu_memory_utilization, kv_cache_memory_bytes, compile_decode;
     vllm: gpu_memory_utilization, max_model_len, ...). ``key`` names the config key that chose ``kind``, for the error message."""
     if kind == "native":
         from posttrain.inference.native import NativeEngine

@@ -5,8 +5,9 @@ A decode step of a small model is launch-bound: each layer runs ~45 small kernel
 cache writes) that cost a few microseconds each however few slots decode, so a GRPO rollout's tail (a few long
 answers at 16 slots) costs nearly as much per step as a full batch. Compiling each block (whole graph, static
 shapes) fuses them; the CUDA graphs then replay the fused kernels. Every (slots, length) bucket, and its decode
-attention kernel, compiles once, shared by all blocks (their parameters are graph inputs); the compile happens in
-the graphs' warm-up. Prefill stays eager: its shapes change with every batch of prompts.
+attention kernel, compiles once per cache length, shared by all blocks (parameters and cache tensors are graph
+inputs: ``LayerKVCache`` holds tensors, not a layer name dynamo would guard on); the compile happens in the graphs'
+warm-up. Prefill stays eager: its shapes change with every batch of prompts.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# recompilations allowed while decoding: a graph per (slots, length) bucket and decode-attention kernel (dynamo's
-# default of 8 would leave the later buckets eager, each re-traced at every step)
+# graphs allowed while decoding: one per (slots, length) bucket, decode-attention kernel and cache length (its
+# strides are guarded), ~24 buckets x 2 kernels per cache length; dynamo's default of 8 would stop a fullgraph
+# compile with an error (FailOnRecompileLimitHit), not fall back to eager
 DECODE_RECOMPILE_LIMIT = 1024
 
 

@@ -27,6 +27,7 @@ class SlotKVCache(KVCache):
         if batch != self.batch:
             raise ValueError(f"the batch has {batch} rows but the KV cache holds {self.batch}")
         self._positions = position_ids
+        self._rows = torch.arange(batch, device=position_ids.device)[:, None]
         self._attend_len = self.max_len
 
     def rows(self, n: int, length: int | None = None) -> SlotKVCache:
@@ -38,7 +39,7 @@ class SlotKVCache(KVCache):
         view.max_len = length
         view.k = {name: t[:n, :, :length] for name, t in self.k.items()}
         view.v = {name: t[:n, :, :length] for name, t in self.v.items()}
-        view._positions, view._attend_len = None, 0
+        view._positions, view._rows, view._attend_len = None, None, 0
         return view
 
     def write_prefix(self, slots: torch.Tensor, k: dict[str, torch.Tensor], v: dict[str, torch.Tensor],

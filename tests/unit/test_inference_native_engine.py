@@ -320,13 +320,23 @@ def test_compiled_decode_steps_generate_what_the_eager_engine_does() -> None:
     want_greedy = [c.token_ids for c in eager.generate(prompts, greedy)]
     want_sampled = eager.generate(prompts, sampled)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = NativeEngine(model, max_batch_size=8, compile_decode=True)
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers.values())
     for _ in range(2):  # the second call replays what the first compiled
         assert [c.token_ids for c in compiled.generate(prompts, greedy)] == want_greedy
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the decode steps ran compiled blocks
     for got, want in zip(compiled.generate(prompts, sampled), want_sampled):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.log_probs), torch.tensor(want.log_probs), rtol=1e-4, atol=1e-5)
+    # the blocks share their graphs: twice the layers compile no more graphs (a guard on the layer, such as a cache
+    # looked up by layer name, compiled one graph per layer and bucket)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    deeper = NativeEngine(tiny_model("llama3", n_layers=4), max_batch_size=8, compile_decode=True)
+    deeper.generate(prompts, greedy)
+    deeper.generate(prompts, greedy)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_grpo_engine_compile_is_for_the_native_engine_only() -> None:
@@ -338,3 +348,15 @@ def test_grpo_engine_compile_is_for_the_native_engine_only() -> None:
     with pytest.raises(SystemExit, match=r"^grpo.engine_compile applies to the native engine only .*"
                                          r"set grpo.engine_compile = false$"):
         check_grpo_config(parse_config([*base, "--grpo.engine", "vllm"]))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_moe", "gpt_oss"])
+def test_compiled_decode_steps_of_every_family_generate_what_the_eager_engine_does(family: str) -> None:
+    """Whole-block graphs for each family's decode step (sliding windows, sinks, experts): the same greedy tokens."""
+    model = tiny_model(family)
+    prompts = random_prompts()
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    want = [c.token_ids for c in NativeEngine(model, max_batch_size=8).generate(prompts, greedy)]
+    torch._dynamo.reset()
+    compiled = NativeEngine(model, max_batch_size=8, compile_decode=True)
+    assert [c.token_ids for c in compiled.generate(prompts, greedy)] == want

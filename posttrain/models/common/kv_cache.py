@@ -47,6 +47,7 @@ class KVCache:
         self.v = {name: torch.zeros(shape, device=device, dtype=dtype) for name in names}
         # set by `begin_forward` for the forward in flight
         self._positions: torch.Tensor | None = None  # [B, S]; None: prefill from slot 0
+        self._rows: torch.Tensor | None = None  # [B, 1]: row indices for writes at per-row positions
         self._attend_len = 0
 
     @classmethod
@@ -65,7 +66,7 @@ class KVCache:
         return next(iter(self.k.values())).shape[0]
 
     def layer(self, name: str) -> LayerKVCache:
-        return LayerKVCache(self, name)
+        return LayerKVCache(self, self.k[name], self.v[name])
 
     def begin_forward(self, batch: int, seq_len: int, position_ids: torch.Tensor | None) -> None:
         """Record where this forward's tokens go (called by the model before its layers run)."""
@@ -78,6 +79,7 @@ class KVCache:
         if attend_len > self.max_len:
             raise ValueError(f"position {attend_len - 1} is past the KV cache's max_len {self.max_len}")
         self._positions = position_ids
+        self._rows = None if position_ids is None else torch.arange(batch, device=position_ids.device)[:, None]
         self._attend_len = attend_len
 
     def attention_mask(self, position_ids: torch.Tensor, extra_mask_mod: MaskMod | None) -> torch.Tensor:
@@ -91,17 +93,18 @@ class KVCache:
         kv_idx = torch.arange(self._attend_len, device=device).view(1, 1, -1)
         return mask_mod(b, h, q_idx, kv_idx).unsqueeze(1)
 
-    def update(self, name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store rotated k, v ``[B, Hkv, S, D]`` of layer ``name``; the k, v the queries attend to."""
-        k_cache, v_cache = self.k[name], self.v[name]
+    def store(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store rotated k, v ``[B, Hkv, S, D]`` into one layer's cache tensors; the k, v the queries attend to."""
         if self._positions is None:
             seq_len = k.shape[2]
             k_cache[:, :, :seq_len] = k
             v_cache[:, :, :seq_len] = v
             return k, v
-        idx = self._positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        k_cache.scatter_(2, idx, k.to(k_cache.dtype))
-        v_cache.scatter_(2, idx, v.to(v_cache.dtype))
+        # indexed assignment (index_put_), not scatter_: compiled, it writes the cache in place, where scatter_
+        # had inductor copy the whole cache of the layer around the write at every decode step
+        k_cache[self._rows, :, self._positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[self._rows, :, self._positions] = v.transpose(1, 2).to(v_cache.dtype)
         return k_cache[:, :, : self._attend_len], v_cache[:, :, : self._attend_len]
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -112,13 +115,15 @@ class KVCache:
 
 
 class LayerKVCache:
-    """One layer's view of a ``KVCache``; what ``Attention.forward`` receives."""
+    """One layer's view of a ``KVCache``; what ``Attention.forward`` receives. It holds the layer's tensors, not its
+    name: a compiled block then guards on tensor shapes alone, so every layer shares one graph per shape."""
 
-    __slots__ = ("cache", "name")
+    __slots__ = ("cache", "k", "v")
 
-    def __init__(self, cache: KVCache, name: str) -> None:
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache = cache
-        self.name = name
+        self.k = k
+        self.v = v
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.update(self.name, k, v)
+        return self.cache.store(self.k, self.v, k, v)
