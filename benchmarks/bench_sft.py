@@ -28,7 +28,8 @@ which the peers (output_router_logits false) leave out.
   `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled
   blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R,
   alpha 2R, on every attention / MLP projection; the issue-formula MFU still counts 6N, the causal MFU is the
-  trainer's, which counts what LoRA computes). MFU stays relative to the
+  trainer's, which counts what LoRA computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
+  CUDA graphs; one device, no activation checkpointing). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -384,6 +385,7 @@ class PosttrainVariant:
     sdpa_kernel: str = "auto"
     recompute_pointwise: bool = True  # compile.recompute_pointwise's default
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
+    cudagraphs: bool = False  # compile.cudagraphs: the compiled blocks replayed as CUDA graphs
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -416,10 +418,13 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.recompute_pointwise = token == "recompute=on"
         elif token.startswith("lora=") and token[5:].isdigit() and int(token[5:]) > 0:
             v.lora_rank = int(token[5:])
+        elif token == "cudagraphs":
+            v.cudagraphs = True
         else:
             raise SystemExit(
-                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, "
-                "skip=N, budget=X, chunk=N, loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK"
+                f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
+                "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
+                "loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK, cudagraphs"
             )
     return v
 
@@ -451,7 +456,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n, "skip_last": v.ac_skip_last,
             "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
         },
-        "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise},
+        "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise, "cudagraphs": v.cudagraphs},
         **({"lora": {"rank": v.lora_rank, "alpha": 2.0 * v.lora_rank}} if v.lora_rank else {}),
         "checkpoint": {"resume": False, "save_final": False, "interval": 0},
         "metrics": {"tensorboard": False, "log_freq": 1_000_000},

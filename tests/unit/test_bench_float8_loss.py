@@ -1,0 +1,96 @@
+"""benchmarks/bench_float8_loss.py and scripts/make_text_tokens.py on the CPU (float8 itself runs on the GPU:
+BENCHMARKS.md): real text becomes a token file, two identical bf16 runs of train.py agree exactly, float8 without
+compile is refused with its one line, and the tail comparison reads a difference the way it should."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_float8_loss  # noqa: E402
+
+
+def make_tokens(tokenizer_dir: Path, out: Path, chunk: int, min_tokens: int = 3000) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_text_tokens.py"), "--tokenizer", str(tokenizer_dir),
+         "--glob", str(REPO / "posttrain" / "datasets" / "*.py"), "--min-tokens", str(min_tokens),
+         "--chunk", str(chunk), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_text_files_become_chunked_documents_ending_with_eos(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from posttrain.datasets.token_files import index_path
+
+    out = tmp_path / "text.uint16.bin"
+    proc = make_tokens(tokenizer_dir, out, chunk=100)
+    assert proc.returncode == 0, proc.stderr
+    tokens = np.fromfile(out, dtype=np.uint16)
+    offsets = np.load(index_path(str(out)))
+    lengths = np.diff(offsets)
+    assert offsets[-1] == len(tokens) >= 3000
+    assert lengths.max() <= 100 and lengths.min() > 0
+    eos = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
+    # every file ends with EOS, so the token stream does too, and EOS never sits anywhere but a document's end
+    assert tokens[-1] == eos
+    assert set(np.flatnonzero(tokens == eos) + 1) <= set(offsets[1:].tolist())
+
+
+def test_make_text_tokens_refuses_a_file_name_without_room_for_the_ids(tokenizer_dir: Path, tmp_path: Path) -> None:
+    proc = make_tokens(tokenizer_dir, tmp_path / "text.uint32.bin", chunk=100)
+    assert proc.returncode != 0
+    assert "needs a NAME.uint16.bin file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_equal_runs_agree_and_float8_without_compile_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "text.uint16.bin"
+    assert make_tokens(tokenizer_dir, tokens, chunk=64).returncode == 0
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_float8_loss.py"), "--tokens", str(tokens),
+         "--model", "qwen3", "--flavor", "debug", "--vocab-size", "1472", "--seq-len", "64", "--batch", "2",
+         "--steps", "4", "--warmup", "1", "--no-compile", "--device", "cpu", "--variants", "bf16,bf16,float8",
+         "--tail", "2", "--work-dir", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO / "benchmarks",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reference, again, float8 = json.loads(out.read_text())["results"]
+    assert reference["status"] == again["status"] == "ok"
+    assert len(reference["losses"]) == 4 and reference["losses"] == again["losses"]
+    assert again["tail_rel_diff"] == 0.0 and again["data_epoch"] == 0
+    assert float8["status"].startswith("failed (exit 2)")
+    assert "training.float8 needs compile.enabled" in float8["status"]
+    table = proc.stdout.split(bench_float8_loss.RESULTS_MARKER)[1]
+    assert "| bf16 |" in table and "within 1%" in table and "needs compile.enabled" in table
+
+
+def test_the_tail_comparison_reads_the_last_common_steps() -> None:
+    reference = {step: 10.0 for step in range(1, 11)}
+    other = {**{step: 10.0 for step in range(1, 9)}, 9: 10.3, 10: 10.1}
+    cmp = bench_float8_loss.compare(reference, other, tail=2)
+    assert cmp["tail_steps"] == 2
+    assert cmp["tail_rel_diff"] == pytest.approx(0.02)
+    assert cmp["max_step_rel_diff"] == pytest.approx(0.03)
+    # a step only one run logged is left out of both means
+    assert bench_float8_loss.compare(reference, {**other, 11: 99.0}, tail=2)["tail_rel_diff"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="no step in common"):
+        bench_float8_loss.compare(reference, {20: 1.0}, tail=2)
+
+
+def test_only_the_float8_keys_differ_between_variants(tmp_path: Path) -> None:
+    args = bench_float8_loss.argparse.Namespace(
+        seed=0, model="qwen3", flavor="1.7B", vocab_size=0, tokens="t.uint16.bin", shuffle_buffer=1000, steps=200,
+        seq_len=4096, batch=2, device="auto", lr=3e-4, warmup=20, compile=True, ac="none")
+    configs = {v: bench_float8_loss.run_config(args, v, tmp_path).splitlines() for v in bench_float8_loss.VARIANTS}
+    differing = {line for v in configs for line in configs[v]} - set(configs["bf16"])
+    assert differing == {"float8 = true", "float8_convert_small_gemms = true"}
+
