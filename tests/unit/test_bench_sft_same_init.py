@@ -87,3 +87,12 @@ def test_no_same_init_keeps_transformers_init_and_gives_no_verdict(
     assert runs["posttrain eager+sdpa"]["loss_first"] != pytest.approx(runs["hf_eager"]["loss_first"], rel=1e-4)
     assert report["ratios"][0]["loss"]["agree"] is None
     assert "not checked (--no-same-init" in table
+
+
+def test_variant_tokens_set_the_config_keys_they_name() -> None:
+    v = bench_sft.parse_variant("compile+sdpa+kernel=fa4+cudagraphs+float8+skip=4")
+    assert (v.compile, v.backend, v.sdpa_kernel, v.cudagraphs, v.float8, v.ac_skip_last) == (
+        True, "sdpa", "fa4", True, True, 4)
+    assert bench_sft.parse_variant("compile+sdpa").cudagraphs is False
+    with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
+        bench_sft.parse_variant("compile+graphs")
