@@ -6,8 +6,8 @@
 Each variant is a real `train.py` run (the SFT recipe on a `data.format = "tokens"` file, e.g. real text made by
 scripts/make_text_tokens.py), from the same random initialisation (`job.seed`), on the same rows in the same
 order, with the same optimizer and schedule; only `training.float8` (and `float8_convert_small_gemms` for
-`float8=all`) differs. Every step's loss is logged (`metrics.log_freq = 1`). Reported per variant: the first
-step's loss, the mean loss of the last `--tail` steps, its relative difference to the first variant's (the
+`float8=all`, `float8_recipe` for `float8=tensorwise`) differs. Every step's loss is logged
+(`metrics.log_freq = 1`). Reported per variant: the first step's loss, the mean loss of the last `--tail` steps, its relative difference to the first variant's (the
 reference, bf16), the largest per-step relative difference over those steps, and the median tokens/s of the steps
 after the first 10 (the per-step loss read costs a host sync: not the training speed `bench_sft.py` measures), and
 the data epoch of the last step (0: no row was trained on twice).
@@ -36,6 +36,7 @@ VARIANTS = {
     "bf16": {},
     "float8": {"float8": True},
     "float8=all": {"float8": True, "float8_convert_small_gemms": True},
+    "float8=tensorwise": {"float8": True, "float8_recipe": "tensorwise"},
 }
 
 

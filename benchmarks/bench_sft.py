@@ -24,11 +24,12 @@ which the peers (output_router_logits false) leave out.
   (`activation_checkpoint.skip_last`: the last N blocks not checkpointed), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
-  rowwise float8 in the blocks' Linear layers; needs compile and torchao) or `float8=all` (also
-  `training.float8_convert_small_gemms`), `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled
-  blocks rebuild norm outputs and the SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R,
-  alpha 2R, on every attention / MLP projection; the issue-formula MFU still counts 6N, the causal MFU is the
-  trainer's, which counts what LoRA computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
+  rowwise float8 in the blocks' Linear layers; needs compile and torchao), `float8=all` (also
+  `training.float8_convert_small_gemms`) or `float8=tensorwise` (`training.float8_recipe = "tensorwise"`),
+  `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled blocks rebuild norm outputs and the
+  SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R, alpha 2R, on every attention / MLP
+  projection; the issue-formula MFU still counts 6N, the causal MFU is the trainer's, which counts what LoRA
+  computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
   CUDA graphs; one device, no activation checkpointing). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
@@ -382,6 +383,7 @@ class PosttrainVariant:
     loss: str = "fused"
     float8: bool = False
     float8_small_gemms: bool = False
+    float8_recipe: str = "rowwise"  # training.float8_recipe
     sdpa_kernel: str = "auto"
     recompute_pointwise: bool = True  # compile.recompute_pointwise's default
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
@@ -412,6 +414,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.loss = token[5:]
         elif token in ("float8", "float8=all"):
             v.float8, v.float8_small_gemms = True, token == "float8=all"
+        elif token == "float8=tensorwise":
+            v.float8, v.float8_recipe = True, "tensorwise"
         elif token.startswith("kernel=") and token[7:] in SDPA_KERNELS:
             v.sdpa_kernel = token[7:]
         elif token in ("recompute=on", "recompute=off"):
@@ -424,7 +428,7 @@ def parse_variant(text: str) -> PosttrainVariant:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
-                "loss=fused|chunked, float8, float8=all, recompute=on|off, lora=RANK, cudagraphs"
+                "loss=fused|chunked, float8, float8=all, float8=tensorwise, recompute=on|off, lora=RANK, cudagraphs"
             )
     return v
 
@@ -449,6 +453,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
             "loss_chunk_size": v.chunk if v.chunk is not None else s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
             "loss_impl": v.loss, "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
+            "float8_recipe": v.float8_recipe,
         },
         "optimizer": {"lr": s.lr, "fused": "auto"},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
@@ -495,7 +500,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "recompute_pointwise": v.recompute_pointwise,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
-                "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
+                "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
                 "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
                 "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
             }

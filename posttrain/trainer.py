@@ -185,7 +185,8 @@ def build_training_model(
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
     if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
         try:
-            apply_float8_training(model, device=device, convert_small_gemms=cfg.training.float8_convert_small_gemms)
+            apply_float8_training(model, device=device, convert_small_gemms=cfg.training.float8_convert_small_gemms,
+                                  recipe=cfg.training.float8_recipe)
         except Float8Unavailable as err:
             raise SystemExit(f"training.float8 = true: {err}") from err
     try:

@@ -133,6 +133,10 @@ class TrainingSection:
     float8_convert_small_gemms: bool = opt(
         False, "float8: also convert Linear layers torchao measured as too small to gain (skipped by default)"
     )
+    float8_recipe: str = opt(
+        "rowwise", "float8 scaling: rowwise (a scale per row; torchao's more accurate recipe) or tensorwise (one "
+        "scale per tensor: fewer, cheaper casts; not with tensor parallelism)", choices=("rowwise", "tensorwise"),
+    )
 
 
 @dataclass

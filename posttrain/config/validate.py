@@ -186,6 +186,11 @@ def _validate_float8(cfg: "JobConfig") -> None:
         "needs bf16 compute; set training.mixed_precision to auto or bf16",
     )
     _require(importlib.util.find_spec("torchao") is not None, key, f"needs torchao, which is not installed: {FLOAT8_INSTALL_HINT}")
+    _require(
+        cfg.training.float8_recipe != "tensorwise" or cfg.parallelism.tp <= 1, "training.float8_recipe",
+        "'tensorwise' with tensor parallelism (parallelism.tp > 1) is not supported here (its scales would need "
+        "float8-aware TP styles); use 'rowwise' or tp = 1",
+    )
 
 
 def _validate_cudagraphs(cfg: "JobConfig") -> None:

@@ -1,15 +1,18 @@
-"""float8 training through torchao (``training.float8 = true``), rowwise scaling.
+"""float8 training through torchao (``training.float8 = true``), rowwise (default) or tensorwise scaling.
 
 Applied the way torchtitan applies its model converters: on the meta-device model, before
 ``parallelize`` (TP -> activation checkpointing -> compile -> FSDP). The ``nn.Linear`` layers of the
 transformer blocks become torchao ``Float8Linear``: same parameter names and dtypes (checkpoints and HF
-export do not change), but their matmuls run as float8 ``_scaled_mm`` with one scale per row. Kept in
+export do not change), but their matmuls run as float8 ``_scaled_mm`` with one scale per row
+(``training.float8_recipe = "rowwise"``) or per tensor (``"tensorwise"``: fewer, cheaper scale computations, a
+coarser quantisation). Kept in
 high precision: everything outside ``model.layers`` (embeddings, the output head), MoE routers (small and
 precision-sensitive), layers with a dimension not divisible by 16 (a float8 kernel requirement) and, unless
-asked, the small gemms torchao measured as slower in float8 than in bf16 (its rowwise size heuristic).
+asked, the small gemms torchao measured as slower in float8 than in bf16 (its size heuristic for the recipe).
 
-FSDP2's float8 all-gather (``enable_fsdp_float8_all_gather``) is a tensorwise-scaling feature in torchao: with
-rowwise scaling the weights are all-gathered in bf16, so it is never turned on here. Without torch.compile
+FSDP2's float8 all-gather (``enable_fsdp_float8_all_gather``, tensorwise only in torchao) is not turned on: the
+weights are all-gathered in bf16 with either recipe. Tensorwise with tensor parallelism is refused by the config
+(torchtitan gives it float8-aware TP styles, which this project does not have). Without torch.compile
 the float8 casts run as many small eager kernels and the step is slower than bf16: the config refuses
 ``training.float8`` without ``compile.enabled``.
 """
@@ -29,6 +32,7 @@ logger = logging.getLogger("posttrain")
 
 MIN_CUDA_CAPABILITY = (8, 9)  # Ada (sm_89), Hopper (sm_90) and newer have float8 tensor cores
 ROUTER_NAMES = frozenset({"router", "gate"})
+RECIPES = ("rowwise", "tensorwise")
 
 
 class Float8Unavailable(RuntimeError):
@@ -64,6 +68,7 @@ def float8_unavailable_reason(device: torch.device) -> str | None:
 class Float8Conversion:
     """What ``convert_to_float8`` did, by module name."""
 
+    recipe: str = "rowwise"
     converted: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # name -> why it stays in high precision
 
@@ -72,17 +77,18 @@ class Float8Conversion:
         for reason in self.kept.values():
             reasons[reason] = reasons.get(reason, 0) + 1
         kept = "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
-        return f"float8 (rowwise): {len(self.converted)} Linear layers converted; kept in high precision: {kept}"
+        return f"float8 ({self.recipe}): {len(self.converted)} Linear layers converted; kept in high precision: {kept}"
 
 
-def _small_gemm_filter():
-    """torchao's rowwise heuristic: True for a Linear whose gemms are large enough to gain from float8."""
+def _small_gemm_filter(recipe: str):
+    """torchao's size heuristic for ``recipe``: True for a Linear whose gemms are large enough to gain."""
     from torchao.float8 import _auto_filter_for_recipe
 
-    return _auto_filter_for_recipe("rowwise", filter_fqns=[])
+    return _auto_filter_for_recipe(recipe, filter_fqns=[])
 
 
-def high_precision_reason(name: str, linear: nn.Linear, *, convert_small_gemms: bool) -> str | None:
+def high_precision_reason(name: str, linear: nn.Linear, *, convert_small_gemms: bool,
+                          recipe: str = "rowwise") -> str | None:
     """Why the Linear called ``name`` (a path from the model root) stays in high precision, or None."""
     if type(linear) is not nn.Linear:
         return f"a {type(linear).__name__} (already converted, or not a plain Linear)"
@@ -93,13 +99,14 @@ def high_precision_reason(name: str, linear: nn.Linear, *, convert_small_gemms: 
     out_features, in_features = linear.weight.shape
     if out_features % 16 or in_features % 16:
         return "with a dimension not divisible by 16"
-    if not convert_small_gemms and not _small_gemm_filter()(linear, name):
-        return "too small to gain (torchao's rowwise size heuristic)"
+    if not convert_small_gemms and not _small_gemm_filter(recipe)(linear, name):
+        return f"too small to gain (torchao's {recipe} size heuristic)"
     return None
 
 
-def convert_to_float8(model: nn.Module, *, convert_small_gemms: bool = False, emulate: bool = False) -> Float8Conversion:
-    """Swap the eligible ``nn.Linear`` layers of ``model`` for torchao ``Float8Linear`` (rowwise), in place.
+def convert_to_float8(model: nn.Module, *, convert_small_gemms: bool = False, emulate: bool = False,
+                      recipe: str = "rowwise") -> Float8Conversion:
+    """Swap the eligible ``nn.Linear`` layers of ``model`` for torchao ``Float8Linear`` (``recipe`` scaling), in place.
 
     Call on the unparallelized model (meta device is fine). ``emulate`` runs the float8 matmuls in high
     precision (torchao's emulation; for tests on a CPU, never for training).
@@ -110,15 +117,17 @@ def convert_to_float8(model: nn.Module, *, convert_small_gemms: bool = False, em
     from posttrain.models.common.lora import has_lora
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    if recipe not in RECIPES:
+        raise ValueError(f"float8 recipe {recipe!r}: one of {', '.join(RECIPES)}")
     if has_lora(model):
         raise Float8Unavailable("LoRA adapters are attached; float8 training converts full fine-tuning's Linear layers only")
-    config = Float8LinearConfig.from_recipe_name("rowwise")
+    config = Float8LinearConfig.from_recipe_name(recipe)
     if emulate:
         config = dataclasses.replace(config, emulate=True)
-    report = Float8Conversion()
+    report = Float8Conversion(recipe=recipe)
 
     def convert(module: nn.Module, name: str) -> bool:
-        reason = high_precision_reason(name, module, convert_small_gemms=convert_small_gemms)
+        reason = high_precision_reason(name, module, convert_small_gemms=convert_small_gemms, recipe=recipe)
         if reason is None:
             report.converted.append(name)
         else:
@@ -129,12 +138,13 @@ def convert_to_float8(model: nn.Module, *, convert_small_gemms: bool = False, em
     return report
 
 
-def apply_float8_training(model: nn.Module, *, device: torch.device, convert_small_gemms: bool = False) -> Float8Conversion:
+def apply_float8_training(model: nn.Module, *, device: torch.device, convert_small_gemms: bool = False,
+                          recipe: str = "rowwise") -> Float8Conversion:
     """Check the hardware, convert, log what was converted and what was kept (see the module docstring)."""
     reason = float8_unavailable_reason(device)
     if reason is not None:
         raise Float8Unavailable(reason)
-    report = convert_to_float8(model, convert_small_gemms=convert_small_gemms)
+    report = convert_to_float8(model, convert_small_gemms=convert_small_gemms, recipe=recipe)
     logger.info(report.summary())
     if not report.converted:
         logger.warning("float8: no Linear layer qualified; the run is plain bf16 (see training.float8_convert_small_gemms)")

@@ -92,5 +92,5 @@ def test_only_the_float8_keys_differ_between_variants(tmp_path: Path) -> None:
         seq_len=4096, batch=2, device="auto", lr=3e-4, warmup=20, compile=True, ac="none")
     configs = {v: bench_float8_loss.run_config(args, v, tmp_path).splitlines() for v in bench_float8_loss.VARIANTS}
     differing = {line for v in configs for line in configs[v]} - set(configs["bf16"])
-    assert differing == {"float8 = true", "float8_convert_small_gemms = true"}
+    assert differing == {"float8 = true", "float8_convert_small_gemms = true", 'float8_recipe = "tensorwise"'}
 

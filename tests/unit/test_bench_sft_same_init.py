@@ -94,5 +94,7 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert (v.compile, v.backend, v.sdpa_kernel, v.cudagraphs, v.float8, v.ac_skip_last) == (
         True, "sdpa", "fa4", True, True, 4)
     assert bench_sft.parse_variant("compile+sdpa").cudagraphs is False
+    tensorwise = bench_sft.parse_variant("compile+sdpa+float8=tensorwise")
+    assert (tensorwise.float8, tensorwise.float8_recipe, tensorwise.float8_small_gemms) == (True, "tensorwise", False)
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")

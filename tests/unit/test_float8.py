@@ -67,6 +67,19 @@ def test_float8_off_by_default_and_accepted_when_complete():
     assert config_from_dict({}).training.float8 is False
     cfg = float8_config()
     assert cfg.training.float8 and not cfg.training.float8_convert_small_gemms
+    assert cfg.training.float8_recipe == "rowwise"
+    assert float8_config(training={"float8_recipe": "tensorwise"}).training.float8_recipe == "tensorwise"
+
+
+def test_float8_recipe_refusals_name_the_key():
+    pytest.importorskip("torchao")
+    with pytest.raises(ConfigError, match="training.float8_recipe") as err:
+        float8_config(training={"float8_recipe": "blockwise"})
+    assert "rowwise" in str(err.value) and "tensorwise" in str(err.value)
+    with pytest.raises(ConfigError, match="tensor parallelism") as err:
+        float8_config(training={"float8_recipe": "tensorwise"}, parallelism={"tp": 2})
+    assert err.value.key == "training.float8_recipe"
+    assert float8_config(training={"float8_recipe": "rowwise"}, parallelism={"tp": 2}).parallelism.tp == 2
 
 
 def test_cpu_is_refused_as_hardware_without_float8():
@@ -138,6 +151,28 @@ def test_small_gemms_are_kept_unless_asked_qwen3_1_7b():
     assert len(everything.converted) == 28 * 7
 
 
+def test_tensorwise_heuristic_converts_attention_and_mlp_projections_qwen3_1_7b():
+    """torchao's tensorwise heuristic rates more of the hidden-2048 gemms as worth it than the rowwise one: every
+    block Linear but wk / wv (1024 x 2048), and the layers carry the tensorwise scaling."""
+    pytest.importorskip("torchao")
+    from torchao.float8.config import ScalingGranularity
+
+    model = meta_model("qwen3", "1.7B")
+    report = convert_to_float8(model, recipe="tensorwise")
+    assert {name.split(".", 2)[2] for name in report.converted} == {
+        "attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}
+    assert report.kept["layers.0.attention.wk"] == "too small to gain (torchao's tensorwise size heuristic)"
+    assert report.summary().startswith("float8 (tensorwise): 140 Linear layers converted")
+    config = model.layers["0"].feed_forward.w1.config
+    assert config.cast_config_input.scaling_granularity is ScalingGranularity.TENSORWISE
+    rowwise = meta_model("qwen3")
+    convert_to_float8(rowwise, convert_small_gemms=True)
+    granularity = rowwise.layers["0"].feed_forward.w1.config.cast_config_input.scaling_granularity
+    assert granularity is ScalingGranularity.AXISWISE
+    with pytest.raises(ValueError, match="float8 recipe 'blockwise'"):
+        convert_to_float8(meta_model("qwen3"), recipe="blockwise")
+
+
 def test_lora_model_is_refused():
     pytest.importorskip("torchao")
     model = meta_model("qwen3")
@@ -149,14 +184,15 @@ def test_lora_model_is_refused():
 # --- a converted model still computes the same function ----------------------------------------
 
 
-def test_converted_model_trains_close_to_bf16_emulated_on_cpu():
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_converted_model_trains_close_to_bf16_emulated_on_cpu(recipe: str):
     pytest.importorskip("torchao")
     spec = get_model_spec("qwen3")
     torch.manual_seed(0)
     model = spec.model_cls(resolve_scratch_args(spec, "debug"))
     model.init_weights()
     reference = copy.deepcopy(model).to(torch.bfloat16)
-    convert_to_float8(model, convert_small_gemms=True, emulate=True)
+    convert_to_float8(model, convert_small_gemms=True, emulate=True, recipe=recipe)
     model.to(torch.bfloat16)
     tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(1))
 
