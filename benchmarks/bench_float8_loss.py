@@ -7,11 +7,14 @@ Each variant is a real `train.py` run (the SFT recipe on a `data.format = "token
 scripts/make_text_tokens.py), from the same random initialisation (`job.seed`), on the same rows in the same
 order, with the same optimizer and schedule; only `training.float8` (and `float8_convert_small_gemms` for
 `float8=all`, `float8_recipe` for `float8=tensorwise`) differs. Every step's loss is logged
-(`metrics.log_freq = 1`). Reported per variant: the first step's loss, the mean loss of the last `--tail` steps, its relative difference to the first variant's (the
-reference, bf16), the largest per-step relative difference over those steps, and the median tokens/s of the steps
-after the first 10 (the per-step loss read costs a host sync: not the training speed `bench_sft.py` measures), and
-the data epoch of the last step (0: no row was trained on twice).
-Verdict: within `--tolerance` (1%: issue 15's float8 target) of the reference's tail mean.
+(`metrics.log_freq = 1`). Reported per variant: the first step's loss, the mean loss of the last `--tail` steps,
+its relative difference to the first variant's (the reference, bf16), the largest per-step relative difference
+over those steps, the updates skipped as non-finite, the median tokens/s of the steps after the first 10 (the
+per-step loss read costs a host sync: not the training speed `bench_sft.py` measures), and the data epoch of the
+last step (0: no row was trained on twice).
+Verdict: within `--tolerance` (1%: issue 15's float8 target) of the reference's tail mean, and no step skipped as
+non-finite in either run (the divergence guard logs such a step without a loss). The exit code is 1 when a variant
+failed, was not run, or is not within.
 
 The markdown table is printed last; `--out` gets JSON with every step's loss.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,20 +79,28 @@ def run_config(args: argparse.Namespace, variant: str, output_dir: Path) -> str:
 
 
 def read_metrics(metrics_path: Path) -> dict[str, Any]:
-    """Per-step loss, the tokens/s of each logged step, and the data epoch the last step read (0: no row seen
-    twice), from a run's metrics.jsonl."""
+    """Per-step loss, the tokens/s of each logged step, the data epoch the last step read (0: no row seen
+    twice) and the updates the divergence guard skipped (a non-finite loss, logged as null, or gradient norm), from
+    a run's metrics.jsonl."""
     losses: dict[int, float] = {}
     speeds: list[float] = []
     epoch = None
+    no_loss: list[int] = []
+    skipped_updates = 0
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("loss") is None or "step" not in row:
+        if "step" not in row or any(key.startswith("eval_") for key in row):
+            continue
+        if row.get("loss") is None:
+            no_loss.append(int(row["step"]))
             continue
         losses[int(row["step"])] = float(row["loss"])
         if row.get("tokens_per_s") is not None:
             speeds.append(float(row["tokens_per_s"]))
         epoch = row.get("data/epoch", epoch)
-    return {"losses": losses, "speeds": speeds, "data_epoch": epoch}
+        skipped_updates = max(skipped_updates, int(row.get("skipped_steps") or 0))
+    return {"losses": losses, "speeds": speeds, "data_epoch": epoch,
+            "skipped_steps": max(skipped_updates, len(no_loss))}
 
 
 def compare(reference: dict[int, float], other: dict[int, float], tail: int) -> dict[str, float]:
@@ -105,15 +118,25 @@ def compare(reference: dict[int, float], other: dict[int, float], tail: int) -> 
     }
 
 
-def run_variant(args: argparse.Namespace, variant: str, work: Path, deadline: Deadline) -> dict[str, Any]:
-    output_dir = work / variant.replace("=", "_")
-    config = work / f"{variant.replace('=', '_')}.toml"
+def run_variant(args: argparse.Namespace, index: int, variant: str, work: Path, deadline: Deadline) -> dict[str, Any]:
+    name = f"{index}_{variant.replace('=', '_')}"  # the same variant twice gets two folders
+    output_dir = work / name
+    # metrics.jsonl is appended to, and a run without checkpoints leaves nothing for checkpoint.overwrite to clear
+    shutil.rmtree(output_dir, ignore_errors=True)
+    config = work / f"{name}.toml"
     config.write_text(run_config(args, variant, output_dir))
-    log = work / f"{variant.replace('=', '_')}.log"
+    log = work / f"{name}.log"
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(config)], cwd=REPO,
-                              stdout=out, stderr=subprocess.STDOUT, timeout=max(deadline.remaining(), 1))
+        # its own process group: at the time budget, train.py's data and compile workers go with it
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=max(deadline.remaining(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -121,11 +144,11 @@ def run_variant(args: argparse.Namespace, variant: str, work: Path, deadline: De
     metrics = read_metrics(output_dir / "metrics.jsonl")
     speeds = metrics["speeds"]
     return {"variant": variant, "status": "ok", "seconds": seconds, "losses": metrics["losses"],
-            "data_epoch": metrics["data_epoch"],
+            "data_epoch": metrics["data_epoch"], "skipped_steps": metrics["skipped_steps"],
             "tokens_per_s": statistics.median(speeds[10:] or speeds) if speeds else None}
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", required=True, help="a data.format = 'tokens' file (scripts/make_text_tokens.py)")
     p.add_argument("--model", default="qwen3")
@@ -153,52 +176,62 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or len(variants) < 2:
         raise SystemExit(f"--variants {args.variants!r}: two or more of {', '.join(VARIANTS)}")
+    if args.tail < 1:
+        raise SystemExit(f"--tail {args.tail}: at least 1 step")
     if not Path(args.tokens).exists():
         raise SystemExit(f"--tokens {args.tokens}: no such file (scripts/make_text_tokens.py makes one)")
     args.tokens = str(Path(args.tokens).resolve())
 
     deadline = Deadline(args.time_budget_s)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_float8_loss_"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_float8_loss_")).resolve()  # train.py runs in REPO
     work.mkdir(parents=True, exist_ok=True)
     results = []
-    for variant in variants:
+    for index, variant in enumerate(variants):
         if deadline.expired():
             results.append({"variant": variant, "status": "not run: time budget spent"})
             continue
         print(f"[{variant}] running ({deadline.remaining():.0f} s of budget left)", flush=True)
         try:
-            results.append(run_variant(args, variant, work, deadline))
+            results.append(run_variant(args, index, variant, work, deadline))
         except subprocess.TimeoutExpired:
             results.append({"variant": variant, "status": "stopped: time budget spent"})
         print(f"[{variant}] {results[-1]['status']}", flush=True)
 
     reference = results[0]
     rows = []
+    verdicts_ok = True
     for result in results:
         losses = result.get("losses")
         if not losses:
-            rows.append([result["variant"], "-", "-", "-", "-", "-", "-", result["status"]])
+            verdicts_ok = False
+            rows.append([result["variant"], "-", "-", "-", "-", "-", "-", "-", result["status"]])
             continue
         first = losses[min(losses)]
+        skipped = result["skipped_steps"]
         if reference.get("losses"):
             cmp = compare(reference["losses"], losses, args.tail)
             result.update(cmp)
-            within = abs(cmp["tail_rel_diff"]) <= args.tolerance
+            within = abs(cmp["tail_rel_diff"]) <= args.tolerance and not skipped and not reference["skipped_steps"]
             verdict = "reference" if result is reference else ("within" if within else "NOT within") + \
                 f" {args.tolerance:.0%}"
+            if skipped:
+                verdict += f" ({skipped} steps skipped as non-finite)"
+            verdicts_ok &= result is reference or within
             rows.append([result["variant"], fmt(first, ".4f"), fmt(cmp["tail_mean"], ".4f"),
-                         f"{cmp['tail_rel_diff']:+.2%}", f"{cmp['max_step_rel_diff']:.2%}",
+                         f"{cmp['tail_rel_diff']:+.2%}", f"{cmp['max_step_rel_diff']:.2%}", skipped,
                          fmt(result["tokens_per_s"], ",.0f"), fmt(result["data_epoch"], ".0f"), verdict])
         else:
-            rows.append([result["variant"], fmt(first, ".4f"), "-", "-", "-", fmt(result["tokens_per_s"], ",.0f"),
-                         fmt(result["data_epoch"], ".0f"), "no reference"])
+            verdicts_ok = False
+            rows.append([result["variant"], fmt(first, ".4f"), "-", "-", "-", skipped,
+                         fmt(result["tokens_per_s"], ",.0f"), fmt(result["data_epoch"], ".0f"), "no reference"])
     write_json(args.out, {"args": vars(args), "results": results, "host": os.uname().nodename})
     print(RESULTS_MARKER)
     print(f"{args.model} {args.flavor}, seq {args.seq_len} x batch {args.batch}, {args.steps} steps, lr {args.lr}, "
           f"tokens {Path(args.tokens).name}; tail = the last {args.tail} steps")
     print(markdown_table(["variant", "loss step 1", "tail mean", "vs reference", "max step diff (tail)",
-                          "tokens/s (median)", "data epoch", "verdict"], rows))
+                          "skipped steps", "tokens/s (median)", "data epoch", "verdict"], rows))
+    return 0 if verdicts_ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """Real text as a token file for `data.format = "tokens"`: text files tokenized with a Hugging Face tokenizer.
 
 For runs that must see real text on a machine without network or datasets (the float8 loss check on the GPU):
-each file becomes one document (its ids, then the tokenizer's EOS; cut into pieces of at most --chunk tokens, so
-that none is truncated by a packed row shorter than the file), written as NAME.uint16.bin (or .uint32.bin
+each file becomes one document (its ids, then the tokenizer's EOS), cut into pieces of at most --chunk tokens (set it
+to the run's seq_len: a longer document would be truncated by its packed row) that overlap by one token, so that
+every token of the file but its first is a trained target exactly once; written as NAME.uint16.bin (or .uint32.bin
 when the vocabulary needs it) plus the sidecar index posttrain's token loader reads.
 
     python scripts/make_text_tokens.py --tokenizer outputs/smollm2-135m-instruct \
@@ -30,8 +31,8 @@ def main() -> None:
     p.add_argument("--glob", action="append", required=True, help="files to read (recursive **; repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="skip paths containing this text (repeatable)")
     p.add_argument("--min-tokens", type=int, default=2_000_000, help="stop once this many tokens are written")
-    p.add_argument("--chunk", type=int, default=0,
-                   help="cut documents into pieces of at most this many tokens (0: whole files)")
+    p.add_argument("--chunk", type=int, default=4096,
+                   help="pieces of at most this many tokens, overlapping by one (the run's seq_len; 0: whole files)")
     p.add_argument("--out", required=True, help="NAME.uint16.bin or NAME.uint32.bin")
     args = p.parse_args()
 
@@ -40,6 +41,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"--tokenizer {args.tokenizer}: the tokenizer has no EOS token to end each document with")
+    if args.chunk == 1 or args.chunk < 0:
+        raise SystemExit(f"--chunk {args.chunk}: 0 (whole files) or at least 2 tokens")
     dtype = "uint16" if len(tokenizer) <= 2**16 else "uint32"
     if not args.out.endswith(f".{dtype}.bin"):
         raise SystemExit(f"--out {args.out}: a vocabulary of {len(tokenizer):,} ids needs a NAME.{dtype}.bin file")
@@ -57,8 +60,10 @@ def main() -> None:
         if not text.strip():
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        step = args.chunk if args.chunk > 0 else len(ids)
-        documents.extend(ids[start:start + step] for start in range(0, len(ids), step))
+        if args.chunk == 0 or len(ids) <= args.chunk:
+            documents.append(ids)
+        else:  # a piece's first token is only context: it repeats the previous piece's last one
+            documents.extend(ids[start:start + args.chunk] for start in range(0, len(ids) - 1, args.chunk - 1))
         total += len(ids)
         if total >= args.min_tokens:
             break

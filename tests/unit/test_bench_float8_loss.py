@@ -42,7 +42,11 @@ def test_text_files_become_chunked_documents_ending_with_eos(tokenizer_dir: Path
     eos = AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id
     # every file ends with EOS, so the token stream does too, and EOS never sits anywhere but a document's end
     assert tokens[-1] == eos
-    assert set(np.flatnonzero(tokens == eos) + 1) <= set(offsets[1:].tolist())
+    file_ends = set((np.flatnonzero(tokens == eos) + 1).tolist())
+    assert file_ends <= set(offsets[1:].tolist())
+    # pieces of one file overlap by one token (a piece's first token is only context), so every token is a target once
+    inner = [end for end in offsets[1:-1].tolist() if end not in file_ends]
+    assert inner and all(tokens[end] == tokens[end - 1] for end in inner)
 
 
 def test_make_text_tokens_refuses_a_file_name_without_room_for_the_ids(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -55,22 +59,40 @@ def test_two_equal_runs_agree_and_float8_without_compile_is_refused(tokenizer_di
     tokens = tmp_path / "text.uint16.bin"
     assert make_tokens(tokenizer_dir, tokens, chunk=64).returncode == 0
     out = tmp_path / "result.json"
+    # relative --tokens and --work-dir (train.py runs in the repository, not here), the same variant twice
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_float8_loss.py"), "--tokens", str(tokens),
+        [sys.executable, str(REPO / "benchmarks" / "bench_float8_loss.py"), "--tokens", tokens.name,
          "--model", "qwen3", "--flavor", "debug", "--vocab-size", "1472", "--seq-len", "64", "--batch", "2",
          "--steps", "4", "--warmup", "1", "--no-compile", "--device", "cpu", "--variants", "bf16,bf16,float8",
-         "--tail", "2", "--work-dir", str(tmp_path / "runs"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO / "benchmarks",
+         "--tail", "2", "--work-dir", "runs", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # a variant failed: not a pass
     reference, again, float8 = json.loads(out.read_text())["results"]
     assert reference["status"] == again["status"] == "ok"
     assert len(reference["losses"]) == 4 and reference["losses"] == again["losses"]
-    assert again["tail_rel_diff"] == 0.0 and again["data_epoch"] == 0
+    assert again["tail_rel_diff"] == 0.0 and again["data_epoch"] == 0 and again["skipped_steps"] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.log")) == ["0_bf16.log", "1_bf16.log", "2_float8.log"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["0_bf16", "1_bf16"]
     assert float8["status"].startswith("failed (exit 2)")
     assert "training.float8 needs compile.enabled" in float8["status"]
     table = proc.stdout.split(bench_float8_loss.RESULTS_MARKER)[1]
     assert "| bf16 |" in table and "within 1%" in table and "needs compile.enabled" in table
+
+
+def test_metrics_reading_counts_skipped_updates_and_leaves_eval_rows_out(tmp_path: Path) -> None:
+    rows = [
+        {"step": 1, "loss": 5.0, "tokens_per_s": 10.0, "skipped_steps": 0, "data/epoch": 0},
+        {"step": 2, "loss": None, "tokens_per_s": 11.0, "skipped_steps": 1, "data/epoch": 0},  # non-finite loss
+        {"step": 2, "loss": None, "eval_loss": 4.0},  # an eval row: not a skipped step
+        {"step": 3, "loss": 4.5, "tokens_per_s": 12.0, "skipped_steps": 2, "data/epoch": 1},  # a non-finite grad norm
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    metrics = bench_float8_loss.read_metrics(path)
+    assert metrics["losses"] == {1: 5.0, 3: 4.5}
+    assert metrics["skipped_steps"] == 2 and metrics["data_epoch"] == 1
+    assert metrics["speeds"] == [10.0, 12.0]
 
 
 def test_the_tail_comparison_reads_the_last_common_steps() -> None:
