@@ -127,8 +127,8 @@ class TrainingSection:
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
     float8: bool = opt(
-        False, "float8 matmuls (torchao; scaling: training.float8_recipe) in the transformer blocks' Linear layers; needs torchao, "
-        "compile.enabled and a GPU of compute capability >= 8.9"
+        False, "float8 matmuls (torchao; scaling: training.float8_recipe) in the transformer blocks' Linear layers; "
+        "needs torchao, compile.enabled and a GPU of compute capability >= 8.9"
     )
     float8_convert_small_gemms: bool = opt(
         False, "float8: also convert Linear layers torchao measured as too small to gain (skipped by default)"
