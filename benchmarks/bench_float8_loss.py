@@ -85,14 +85,14 @@ def read_metrics(metrics_path: Path) -> dict[str, Any]:
     losses: dict[int, float] = {}
     speeds: list[float] = []
     epoch = None
-    no_loss: list[int] = []
+    no_loss = 0
     skipped_updates = 0
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
         if "step" not in row or any(key.startswith("eval_") for key in row):
             continue
         if row.get("loss") is None:
-            no_loss.append(int(row["step"]))
+            no_loss += 1
             continue
         losses[int(row["step"])] = float(row["loss"])
         if row.get("tokens_per_s") is not None:
@@ -100,7 +100,7 @@ def read_metrics(metrics_path: Path) -> dict[str, Any]:
         epoch = row.get("data/epoch", epoch)
         skipped_updates = max(skipped_updates, int(row.get("skipped_steps") or 0))
     return {"losses": losses, "speeds": speeds, "data_epoch": epoch,
-            "skipped_steps": max(skipped_updates, len(no_loss))}
+            "skipped_steps": max(skipped_updates, no_loss)}
 
 
 def compare(reference: dict[int, float], other: dict[int, float], tail: int) -> dict[str, float]:

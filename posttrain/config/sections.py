@@ -101,6 +101,9 @@ class DataSection:
     )
 
 
+FLOAT8_RECIPES = ("rowwise", "tensorwise")  # torchao's recipe names that training.float8_recipe takes
+
+
 @dataclass
 class TrainingSection:
     steps: int = opt(100, "optimizer steps to run")
@@ -135,7 +138,7 @@ class TrainingSection:
     )
     float8_recipe: str = opt(
         "rowwise", "float8 scaling: rowwise (a scale per row; torchao's more accurate recipe) or tensorwise (one "
-        "scale per tensor: fewer, cheaper casts; not with tensor parallelism)", choices=("rowwise", "tensorwise"),
+        "scale per tensor: fewer, cheaper casts; not with tensor parallelism)", choices=FLOAT8_RECIPES,
     )
 
 

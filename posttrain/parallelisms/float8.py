@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from posttrain.config.sections import FLOAT8_RECIPES
 from posttrain.config.validate import FLOAT8_INSTALL_HINT
 
 logger = logging.getLogger("posttrain")
 
 MIN_CUDA_CAPABILITY = (8, 9)  # Ada (sm_89), Hopper (sm_90) and newer have float8 tensor cores
 ROUTER_NAMES = frozenset({"router", "gate"})
-RECIPES = ("rowwise", "tensorwise")
 
 
 class Float8Unavailable(RuntimeError):
@@ -117,8 +117,8 @@ def convert_to_float8(model: nn.Module, *, convert_small_gemms: bool = False, em
     from posttrain.models.common.lora import has_lora
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    if recipe not in RECIPES:
-        raise ValueError(f"float8 recipe {recipe!r}: one of {', '.join(RECIPES)}")
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"float8 recipe {recipe!r}: one of {', '.join(FLOAT8_RECIPES)}")
     if has_lora(model):
         raise Float8Unavailable("LoRA adapters are attached; float8 training converts full fine-tuning's Linear layers only")
     config = Float8LinearConfig.from_recipe_name(recipe)
