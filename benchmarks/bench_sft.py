@@ -30,7 +30,8 @@ which the peers (output_router_logits false) leave out.
   SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R, alpha 2R, on every attention / MLP
   projection; the issue-formula MFU still counts 6N, the causal MFU is the trainer's, which counts what LoRA
   computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
-  CUDA graphs; one device, no activation checkpointing). MFU stays relative to the
+  CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
+  project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -388,6 +389,11 @@ class PosttrainVariant:
     recompute_pointwise: bool = True  # compile.recompute_pointwise's default
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
     cudagraphs: bool = False  # compile.cudagraphs: the compiled blocks replayed as CUDA graphs
+    adamw: str = "auto"  # optimizer.fused
+
+
+# adamw= token -> optimizer.fused
+ADAMW_TOKENS = {"auto": "auto", "triton": "triton", "torch": "true", "foreach": "false"}
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -424,11 +430,14 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.lora_rank = int(token[5:])
         elif token == "cudagraphs":
             v.cudagraphs = True
+        elif token.startswith("adamw=") and token[6:] in ADAMW_TOKENS:
+            v.adamw = ADAMW_TOKENS[token[6:]]
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
-                "loss=fused|chunked, float8, float8=all, float8=tensorwise, recompute=on|off, lora=RANK, cudagraphs"
+                "loss=fused|chunked, float8, float8=all, float8=tensorwise, recompute=on|off, lora=RANK, cudagraphs, "
+                "adamw=triton|torch|foreach"
             )
     return v
 
@@ -455,7 +464,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "loss_impl": v.loss, "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
             "float8_recipe": v.float8_recipe,
         },
-        "optimizer": {"lr": s.lr, "fused": "auto"},
+        "optimizer": {"lr": s.lr, "fused": v.adamw},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
         "activation_checkpoint": {
             "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n, "skip_last": v.ac_skip_last,
@@ -501,7 +510,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
-                "fused_adamw": _fused(trainer.optimizer), "sft_loss": SFT_LOSS_SOURCE,
+                "fused_adamw": _fused(trainer.optimizer), "adamw": type(trainer.optimizer).__name__, "sft_loss": SFT_LOSS_SOURCE,
                 "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
             }
             return result
@@ -806,8 +815,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
-                        "loss=fused|chunked, float8, float8=all "
-                        "('' for none)")
+                        "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach (the module docstring "
+                        "lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

@@ -6,7 +6,10 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
+
+from posttrain.triton_adamw import TritonAdamW, triton_adamw_available
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -26,15 +29,30 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         {"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
         {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
-    fused = {"auto": device.type == "cuda", "true": True, "false": False}[cfg.fused]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=fused,
-        foreach=None if fused else True,
-    )
+    kernel = adamw_kernel(cfg.fused, device, [p for g in groups for p in g["params"]])
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    groups = [g for g in groups if g["params"]]
+    if kernel == "triton":
+        return TritonAdamW(groups, **kwargs)
+    fused = kernel == "torch_fused"
+    return torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True, **kwargs)
+
+
+def adamw_kernel(fused: str, device: torch.device, params: list[nn.Parameter]) -> str:
+    """`optimizer.fused` -> "triton" (posttrain.triton_adamw: one launch per group), "torch_fused" or "foreach".
+    auto: Triton on CUDA for plain (unsharded) parameters, torch's fused kernel for DTensors (FSDP / TP shards,
+    not run through the Triton kernel on several GPUs here), foreach on CPU."""
+    if fused == "triton":
+        if not triton_adamw_available(device):
+            raise ValueError(f"optimizer.fused = \"triton\" needs a CUDA device and Triton installed (device: "
+                             f"{device.type})")
+        return "triton"
+    if fused == "auto":
+        if device.type != "cuda":
+            return "foreach"
+        sharded = any(isinstance(p, DTensor) for p in params)
+        return "triton" if triton_adamw_available(device) and not sharded else "torch_fused"
+    return {"true": "torch_fused", "false": "foreach"}[fused]
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:

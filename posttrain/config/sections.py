@@ -150,7 +150,11 @@ class OptimizerSection:
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.95, "Adam beta2")
     eps: float = opt(1e-8, "Adam epsilon")
-    fused: str = opt("auto", "fused AdamW kernel where the device has one", choices=("auto", "true", "false"))
+    fused: str = opt(
+        "auto", "AdamW kernel: triton (posttrain's, one launch per parameter group; CUDA), true (torch's fused), "
+        "false (torch's foreach); auto = triton on CUDA for unsharded parameters, else torch's fused, foreach on CPU",
+        choices=("auto", "triton", "true", "false"),
+    )
 
 
 @dataclass
