@@ -14,7 +14,10 @@ per-step loss read costs a host sync: not the training speed `bench_sft.py` meas
 last step (0: no row was trained on twice).
 Verdict: within `--tolerance` (1%: issue 15's float8 target) of the reference's tail mean, and no step skipped as
 non-finite in either run (the divergence guard logs such a step without a loss). The exit code is 1 when a variant
-failed, was not run, or is not within.
+failed, was not run, or is not within. Name the reference twice (`--variants bf16,bf16,float8`) to measure its own
+run-to-run spread: the same bf16 config is not bit-identical run to run on a GPU (atomics in the attention and
+embedding backward), and 200 steps at lr 3e-4 from random init amplify a 2e-5 difference at step 2 to ~3% at step
+200 (H200, session 14). The repeated run is not judged; a variant's verdict says when it lies inside that spread.
 
 The markdown table is printed last; `--out` gets JSON with every step's loss.
 """
@@ -198,6 +201,12 @@ def main() -> int:
         print(f"[{variant}] {results[-1]['status']}", flush=True)
 
     reference = results[0]
+    # The reference's variant run again: the same config differs run to run (non-deterministic kernels, amplified
+    # by training), and a float8 difference inside that spread cannot be told from it.
+    repeats = [r for r in results[1:] if r["variant"] == reference["variant"] and r.get("losses")]
+    spread = None
+    if reference.get("losses") and repeats:
+        spread = max(abs(compare(reference["losses"], r["losses"], args.tail)["tail_rel_diff"]) for r in repeats)
     rows = []
     verdicts_ok = True
     for result in results:
@@ -212,11 +221,18 @@ def main() -> int:
             cmp = compare(reference["losses"], losses, args.tail)
             result.update(cmp)
             within = abs(cmp["tail_rel_diff"]) <= args.tolerance and not skipped and not reference["skipped_steps"]
-            verdict = "reference" if result is reference else ("within" if within else "NOT within") + \
-                f" {args.tolerance:.0%}"
+            judged = result is not reference and result["variant"] != reference["variant"]
+            if result is reference:
+                verdict = "reference"
+            elif not judged:
+                verdict = "reference again: run-to-run spread"
+            else:
+                verdict = ("within" if within else "NOT within") + f" {args.tolerance:.0%}"
+                if spread is not None and abs(cmp["tail_rel_diff"]) <= spread:
+                    verdict += f" (inside the reference's own spread, {spread:.2%})"
             if skipped:
                 verdict += f" ({skipped} steps skipped as non-finite)"
-            verdicts_ok &= result is reference or within
+            verdicts_ok &= not judged or within
             rows.append([result["variant"], fmt(first, ".4f"), fmt(cmp["tail_mean"], ".4f"),
                          f"{cmp['tail_rel_diff']:+.2%}", f"{cmp['max_step_rel_diff']:.2%}", skipped,
                          fmt(result["tokens_per_s"], ",.0f"), fmt(result["data_epoch"], ".0f"), verdict])
@@ -224,12 +240,16 @@ def main() -> int:
             verdicts_ok = False
             rows.append([result["variant"], fmt(first, ".4f"), "-", "-", "-", skipped,
                          fmt(result["tokens_per_s"], ",.0f"), fmt(result["data_epoch"], ".0f"), "no reference"])
-    write_json(args.out, {"args": vars(args), "results": results, "host": os.uname().nodename})
+    write_json(args.out, {"args": vars(args), "results": results, "reference_spread": spread,
+                          "host": os.uname().nodename})
     print(RESULTS_MARKER)
     print(f"{args.model} {args.flavor}, seq {args.seq_len} x batch {args.batch}, {args.steps} steps, lr {args.lr}, "
           f"tokens {Path(args.tokens).name}; tail = the last {args.tail} steps")
     print(markdown_table(["variant", "loss step 1", "tail mean", "vs reference", "max step diff (tail)",
                           "skipped steps", "tokens/s (median)", "data epoch", "verdict"], rows))
+    if spread is not None:
+        print(f"run-to-run spread of {reference['variant']} (the same config run {len(repeats) + 1} times): "
+              f"{spread:.2%} in the tail mean")
     return 0 if verdicts_ok else 1
 
 

@@ -77,7 +77,9 @@ def test_two_equal_runs_agree_and_float8_without_compile_is_refused(tokenizer_di
     assert float8["status"].startswith("failed (exit 2)")
     assert "training.float8 needs compile.enabled" in float8["status"]
     table = proc.stdout.split(bench_float8_loss.RESULTS_MARKER)[1]
-    assert "| bf16 |" in table and "within 1%" in table and "needs compile.enabled" in table
+    assert "| bf16 |" in table and "reference again: run-to-run spread" in table and "needs compile.enabled" in table
+    assert "run-to-run spread of bf16 (the same config run 2 times): 0.00%" in table
+    assert json.loads(out.read_text())["reference_spread"] == 0.0
 
 
 def test_metrics_reading_counts_skipped_updates_and_leaves_eval_rows_out(tmp_path: Path) -> None:
