@@ -15,7 +15,7 @@ kernel does; nothing here reads a gradient after the step).
 
 The optimizer is a `torch.optim.AdamW(fused=True)`: same param groups, state and checkpoints, and anything its
 kernel does not take (sparse, complex or misaligned tensors, dtypes that differ within a parameter, a tensor lr,
-amsgrad, maximize, a numel not a multiple of 16) goes to torch's fused step for that call.
+amsgrad, maximize, a beta of 0, a numel not a multiple of 16) goes to torch's fused step for that call.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ class TritonAdamW(torch.optim.AdamW):
     def _kernel_takes(self, group: dict, tensors: list[tuple[Tensor, ...]]) -> bool:
         if group["amsgrad"] or group["maximize"] or group["differentiable"] or isinstance(group["lr"], Tensor):
             return False
+        if not all(0.0 < beta < 1.0 for beta in group["betas"]):  # the kernel takes log2(beta)
+            return False
         for p, g, m, v, step in tensors:
             if (p.device.type not in _DEVICE_TYPES or p.dtype not in _DTYPES or g.is_sparse or isinstance(p, DTensor)
                     or isinstance(g, DTensor) or step.device != p.device or step.dtype != torch.float32):
@@ -156,7 +158,8 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
         if not all(self._kernel_takes(group, tensors) for group, tensors in groups if tensors):
-            return super().step()  # torch's fused kernel: its own state init already happened above
+            super().step()  # torch's fused kernel (the state made above is the one it would make)
+            return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for i, (group, tensors) in enumerate(groups):

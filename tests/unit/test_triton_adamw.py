@@ -117,6 +117,13 @@ def test_what_the_kernel_does_not_take_goes_to_torch_and_checkpoints_are_torchs(
     assert not mine._tables
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # beta1 = 0 (the kernel takes log2 of each beta): torch's step too
+    a, b = make((4096, 64)), make((4096, 64))
+    kw0 = dict(kw, betas=(0.0, 0.95))
+    mine, ref = TritonAdamW(groups(a), **kw0), torch.optim.AdamW(groups(b), fused=True, **kw0)
+    set_grads(zip(a, b), 0)
+    mine.step(); ref.step()
+    assert not mine._tables and all(torch.equal(x, y) for x, y in zip(a, b))
     # a checkpoint written by the Triton AdamW resumes in torch's foreach AdamW and the other way round
     a, b, c = make((4096, 64)), make((4096, 64)), make((4096, 64))
     mine = TritonAdamW(groups(a), **kw)
