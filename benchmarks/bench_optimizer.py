@@ -8,7 +8,8 @@ parameter drawn from the same seed, and one set of gradients (same seed) is kept
 `Trainer.train_step` does after backward: the total gradient norm, the clipping divisor passed as `grad_scale`,
 the optimizer step. Timed with CUDA events over `--steps` steps after `--warmup`; "bandwidth" counts the
 traffic AdamW needs (read parameter, gradient and both moments, write parameter and both moments: 7 x the
-parameter bytes) over the optimizer step alone. After the same steps every kernel's parameters are compared with
+parameter bytes) over the optimizer step alone; torch's fused kernel also writes the divided gradients back (8 x),
+which the column does not count. After the same steps every kernel's parameters are compared with
 the first kernel's: the largest difference relative to the largest parameter, and the share of elements that
 differ (both kernels round fp32 math to bf16; a different order of fp32 operations moves some by one ulp).
 """
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.max_grad_norm <= 0:
+        raise SystemExit(f"--max-grad-norm {args.max_grad_norm}: must be > 0 (the default never clips)")
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench_optimizer times CUDA kernels: run it on a GPU (--device cuda)")

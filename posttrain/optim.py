@@ -88,9 +88,12 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) 
 
 def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg) -> None:
     """After loading a checkpoint: the `[optimizer]` section `cfg` (peak lr, betas, eps, weight decay) replaces
-    the saved hyper-parameters, and the lr follows this run's schedule from the resumed step on. With an
+    the saved hyper-parameters, the optimizer keeps this run's kernel (fused / foreach), and the lr follows this run's
+    schedule from the resumed step on. With an
     unchanged config this reproduces the saved values exactly (the same `base_lr * multiplier(step)`)."""
     for group in optimizer.param_groups:
+        # load_state_dict took the saved run's kernel flags: this run's optimizer keeps its own kernel
+        group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
         group["initial_lr"] = cfg.lr
         group["betas"] = (cfg.beta1, cfg.beta2)
         group["eps"] = cfg.eps

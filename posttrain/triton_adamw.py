@@ -2,8 +2,9 @@
 
 torch's fused AdamW walks the parameters through `multi_tensor_apply`: launches of at most 320 blocks of 512
 threads each, one after the other, which on an H200 keep ~60% of the threads a bandwidth-bound kernel wants in
-flight. The session-10 profile measured it at 7.4 ms for Llama-3.2-1B's 1.24B bf16 parameters (~2.3 TB/s, half
-of the HBM's), 5% of the SFT step. Here every `BLOCK` elements of every parameter in a group is one program of a
+flight. The session-10 profile measured it at 7.4 ms for Llama-3.2-1B's 1.24B bf16 parameters (~2.3 TB/s of the
+traffic AdamW needs, 2.7 counting its write-back of the divided gradients: about half of the HBM's), 5% of the SFT
+step; this kernel takes 4.3 ms (4.0 TB/s; BENCHMARKS.md, session 14). Here every `BLOCK` elements of every parameter in a group is one program of a
 single launch; the programs find their tensor through a table of device addresses (param, grad, exp_avg,
 exp_avg_sq, step), rebuilt only when an address changes.
 
@@ -13,13 +14,19 @@ bias corrections from each parameter's own step, `grad_scale` (clipping: the gra
 fused kernel reads them. One difference: the gradients are not written back divided by `grad_scale` (torch's
 kernel does; nothing here reads a gradient after the step).
 
+The bias corrections are computed in fp32 (torch's in double): `1 - beta2**step` loses digits near beta2 = 1 (about
+1e-4 of the update at beta2 = 0.999 and step 1, 1e-6 at posttrain's 0.95), far below a bf16 parameter's ulp.
+
 The optimizer is a `torch.optim.AdamW(fused=True)`: same param groups, state and checkpoints, and anything its
-kernel does not take (sparse, complex or misaligned tensors, dtypes that differ within a parameter, a tensor lr,
-amsgrad, maximize, a beta of 0, a numel not a multiple of 16) goes to torch's fused step for that call.
+kernel does not take (sparse, complex or misaligned tensors, dtypes or devices that differ within a group, a
+tensor lr, amsgrad, maximize, a beta of 0, a numel not a multiple of 16) goes to torch's fused step for that call.
+Should the kernel fail to build on its first launch (a Triton without some feature, no C compiler for its
+launcher), torch's fused step takes over for good, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -34,6 +41,8 @@ except ImportError:  # CPU-only installs
     triton = None
 
 __all__ = ["TritonAdamW", "triton_adamw_available"]
+
+logger = logging.getLogger("posttrain")
 
 _BLOCK = 4096
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: how the CPU tests check its math.
@@ -121,19 +130,26 @@ class TritonAdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs) -> None:
         super().__init__(params, fused=True, foreach=False, **kwargs)
         self._tables: dict[int, _GroupTables] = {}
+        self._kernel_failed: str | None = None  # why the kernel could not be built; torch's step from then on
+        self._kernel_ran = False
 
-    def _kernel_takes(self, group: dict, tensors: list[tuple[Tensor, ...]]) -> bool:
+    @staticmethod
+    def _group_takes(group: dict) -> bool:
         if group["amsgrad"] or group["maximize"] or group["differentiable"] or isinstance(group["lr"], Tensor):
             return False
-        if not all(0.0 < beta < 1.0 for beta in group["betas"]):  # the kernel takes log2(beta)
-            return False
+        return all(0.0 < beta < 1.0 for beta in group["betas"])  # the kernel takes log2(beta)
+
+    @staticmethod
+    def _tensors_take(tensors: list[tuple[Tensor, ...]]) -> bool:
+        first = tensors[0][0]
         for p, g, m, v, step in tensors:
-            if (p.device.type not in _DEVICE_TYPES or p.dtype not in _DTYPES or g.is_sparse or isinstance(p, DTensor)
-                    or isinstance(g, DTensor) or step.device != p.device or step.dtype != torch.float32):
+            if (p.device != first.device or p.device.type not in _DEVICE_TYPES or p.dtype not in _DTYPES
+                    or g.is_sparse or isinstance(p, DTensor) or isinstance(g, DTensor) or step.device != p.device
+                    or step.dtype != torch.float32):
                 return False
             for x in (p, g, m, v):
-                if (x.dtype != p.dtype or x.numel() != p.numel() or x.numel() % 16 or not x.is_contiguous()
-                        or x.data_ptr() % 16):
+                if (x.dtype != first.dtype or x.device != first.device or x.numel() != p.numel() or x.numel() % 16
+                        or not x.is_contiguous() or x.data_ptr() % 16):
                     return False
         return True
 
@@ -156,34 +172,56 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch's fused kernel for what this one does not take (checked before any state exists: amsgrad's
+        # state has a key this class does not make; the state made below is the one torch's step would make)
+        if self._kernel_failed is not None or not all(self._group_takes(group) for group in self.param_groups):
+            super().step()
+            return loss
         groups = [(group, self._group_tensors(group)) for group in self.param_groups]
-        if not all(self._kernel_takes(group, tensors) for group, tensors in groups if tensors):
-            super().step()  # torch's fused kernel (the state made above is the one it would make)
+        if not all(self._tensors_take(tensors) for _, tensors in groups if tensors):
+            super().step()
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for i, (group, tensors) in enumerate(groups):
-            if tensors:
+            if not tensors:
+                continue
+            try:
                 self._launch(i, group, tensors, grad_scale, found_inf)
+            except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel touches a tensor
+                if self._kernel_ran:
+                    raise
+                self._kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
+                logger.warning("Triton AdamW unavailable (%s); using torch's fused AdamW", self._kernel_failed)
+                super().step()
+                return loss
+            self._kernel_ran = True
         return loss
 
     def _launch(self, index: int, group: dict, tensors: list[tuple[Tensor, ...]], grad_scale, found_inf) -> None:
         device = tensors[0][0].device
+        # where torch's fused step puts them too (a no-op when they are on the parameters' device already)
+        grad_scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
+        found_inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
         steps = [step for *_, step in tensors]
         torch._foreach_add_(steps, 1.0)
         addresses = [x.data_ptr() for column in zip(*tensors) for x in column]
         tables = self._tables.setdefault(index, _GroupTables())
         tables.update([p.numel() for p, *_ in tensors], addresses, len(tensors), device)
         beta1, beta2 = group["betas"]
-        _adamw_blocks[(tables.n_blocks,)](
-            tables.tensor_of_block, tables.first_block, tables.numels,
-            tables.params, tables.grads, tables.avgs, tables.avg_sqs, tables.steps,
-            grad_scale if grad_scale is not None else tables.numels,
-            found_inf if found_inf is not None else tables.numels,
-            float(group["lr"]), float(beta1), float(beta2), math.log2(beta1), math.log2(beta2),
-            float(group["eps"]), float(group["weight_decay"]),
-            tensors[0][0], HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=_BLOCK, num_warps=8,
-        )
+        try:
+            _adamw_blocks[(tables.n_blocks,)](
+                tables.tensor_of_block, tables.first_block, tables.numels,
+                tables.params, tables.grads, tables.avgs, tables.avg_sqs, tables.steps,
+                grad_scale if grad_scale is not None else tables.numels,
+                found_inf if found_inf is not None else tables.numels,
+                float(group["lr"]), float(beta1), float(beta2), math.log2(beta1), math.log2(beta2),
+                float(group["eps"]), float(group["weight_decay"]),
+                tensors[0][0], HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None, BLOCK=_BLOCK, num_warps=8,
+            )
+        except Exception:
+            torch._foreach_sub_(steps, 1.0)  # the update did not happen
+            raise
         if found_inf is not None:
             torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from posttrain.config.sections import OptimizerSection
-from posttrain.optim import adamw_kernel, build_optimizer
+from posttrain.optim import adamw_kernel, apply_optimizer_config, build_lr_scheduler, build_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,6 +117,19 @@ def test_what_the_kernel_does_not_take_goes_to_torch_and_checkpoints_are_torchs(
     assert not mine._tables
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # a group mixing bf16 and fp32 parameters, and amsgrad (a state key this class does not make): torch's step
+    a = make((4096,)) + make((64,), torch.bfloat16)
+    b = make((4096,)) + make((64,), torch.bfloat16)
+    mine, ref = TritonAdamW([{"params": a}], **kw), torch.optim.AdamW([{"params": b}], fused=True, **kw)
+    set_grads(zip(a, b), 0)
+    mine.step(); ref.step()
+    assert not mine._tables and all(torch.equal(x, y) for x, y in zip(a, b))
+    a, b = make((4096, 64)), make((4096, 64))
+    mine, ref = TritonAdamW(groups(a), amsgrad=True, **kw), torch.optim.AdamW(groups(b), fused=True, amsgrad=True, **kw)
+    for step in range(2):
+        set_grads(zip(a, b), step)
+        mine.step(); ref.step()
+    assert not mine._tables and all(torch.equal(x, y) for x, y in zip(a, b))
     # beta1 = 0 (the kernel takes log2 of each beta): torch's step too
     a, b = make((4096, 64)), make((4096, 64))
     kw0 = dict(kw, betas=(0.0, 0.95))
@@ -144,6 +157,33 @@ def test_what_the_kernel_does_not_take_goes_to_torch_and_checkpoints_are_torchs(
     assert sorted(resumed_mine._tables) == [0, 1]
     for z, y in zip(c, b):
         torch.testing.assert_close(z, y, rtol=1e-5, atol=1e-6)
+    print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_a_kernel_that_fails_to_build_hands_over_to_torch_once_with_a_warning() -> None:
+    out = _interpret(prelude=_PARAMS, code="""
+    import logging
+    import posttrain.triton_adamw as module
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no C compiler for the launcher")
+            return launch
+    module._adamw_blocks = Unbuildable()
+    warnings = []
+    logging.getLogger("posttrain").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    a, b = make((4096, 64)), make((4096, 64))
+    mine, ref = TritonAdamW(groups(a), **kw), torch.optim.AdamW(groups(b), fused=True, **kw)
+    for step in range(3):
+        set_grads(zip(a, b), step)
+        mine.grad_scale = ref.grad_scale = torch.tensor(2.0)
+        mine.step(); ref.step()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(mine.state[x]["step"].item() == 3 for x in a)  # the failed launch's step count was taken back
+    assert len(warnings) == 1 and "no C compiler" in warnings[0] and "torch's fused AdamW" in warnings[0], warnings
     print("ok")
     """)
     assert out.strip().endswith("ok")
@@ -185,3 +225,25 @@ def test_adamw_kernel_choice_and_refusal() -> None:
         with pytest.raises(ValueError, match='optimizer.fused = "triton" needs a CUDA device'):
             build_optimizer(model, OptimizerSection(fused="triton"), cpu)
     assert type(build_optimizer(model, OptimizerSection(fused="auto"), cpu)) is torch.optim.AdamW
+
+
+def test_a_resumed_optimizer_keeps_its_own_kernel() -> None:
+    """A checkpoint saved by the foreach AdamW (CPU, or optimizer.fused = false) resumed where the fused kernel runs:
+    load_state_dict copies the saved groups' fused / foreach flags; apply_optimizer_config puts this run's back (else
+    torch's step refuses the Trainer's grad_scale)."""
+    model = torch.nn.Linear(16, 16)
+    saved = build_optimizer(model, OptimizerSection(fused="false"), torch.device("cpu"))
+    model(torch.randn(4, 16)).sum().backward()
+    saved.step()
+    resumed = build_optimizer(model, OptimizerSection(fused="true"), torch.device("cpu"))
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["fused"] is False  # what the saved groups said
+    cfg = OptimizerSection(fused="true")
+    apply_optimizer_config(resumed, build_lr_scheduler(resumed, _Schedule(), 10), cfg)
+    assert all(g["fused"] is True and not g["foreach"] for g in resumed.param_groups)
+    resumed.grad_scale = torch.tensor(2.0)
+    resumed.step()  # torch's fused step with grad_scale: refused when the flags say foreach
+
+
+class _Schedule:
+    warmup_steps, decay, min_lr_ratio = 0, "constant", 0.0
