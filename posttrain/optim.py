@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from posttrain.config.errors import ConfigError
 from posttrain.triton_adamw import TritonAdamW, triton_adamw_available
 
 
@@ -44,8 +45,8 @@ def adamw_kernel(fused: str, device: torch.device, params: list[nn.Parameter]) -
     not run through the Triton kernel on several GPUs here), foreach on CPU."""
     if fused == "triton":
         if not triton_adamw_available(device):
-            raise ValueError(f"optimizer.fused = \"triton\" needs a CUDA device and Triton installed (device: "
-                             f"{device.type})")
+            raise ConfigError(f"optimizer.fused = \"triton\" needs a CUDA device and Triton installed (device: "
+                              f"{device.type}); use auto", key="optimizer.fused")
         return "triton"
     if fused == "auto":
         if device.type != "cuda":

@@ -227,6 +227,15 @@ def test_adamw_kernel_choice_and_refusal() -> None:
     assert type(build_optimizer(model, OptimizerSection(fused="auto"), cpu)) is torch.optim.AdamW
 
 
+def test_train_py_refuses_the_triton_kernel_on_a_cpu_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "train.py", "--config", "train_configs/debug_sft.toml", "--optimizer.fused",
+                           "triton", "--training.steps", "1", "--job.output_dir", str(tmp_path / "run")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert 'optimizer.fused = "triton" needs a CUDA device' in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_resumed_optimizer_keeps_its_own_kernel() -> None:
     """A checkpoint saved by the foreach AdamW (CPU, or optimizer.fused = false) resumed where the fused kernel runs:
     load_state_dict copies the saved groups' fused / foreach flags; apply_optimizer_config puts this run's back (else
