@@ -4,9 +4,9 @@ torch's fused AdamW walks the parameters through `multi_tensor_apply`: launches 
 threads each, one after the other, which on an H200 keep ~60% of the threads a bandwidth-bound kernel wants in
 flight. The session-10 profile measured it at 7.4 ms for Llama-3.2-1B's 1.24B bf16 parameters (~2.3 TB/s of the
 traffic AdamW needs, 2.7 counting its write-back of the divided gradients: about half of the HBM's), 5% of the SFT
-step; this kernel takes 4.3 ms (4.0 TB/s; BENCHMARKS.md, session 14). Here every `BLOCK` elements of every parameter in a group is one program of a
-single launch; the programs find their tensor through a table of device addresses (param, grad, exp_avg,
-exp_avg_sq, step), rebuilt only when an address changes.
+step. Here every `BLOCK` elements of every parameter in a group is one program of a single launch; the programs
+find their tensor through a table of device addresses (param, grad, exp_avg, exp_avg_sq, step), rebuilt only when
+an address changes: 4.3 ms for the same parameters (4.0 TB/s; BENCHMARKS.md, session 14).
 
 The math is torch's fused AdamW (fp32 in registers, rounded once to the state's dtype): decoupled weight decay,
 bias corrections from each parameter's own step, `grad_scale` (clipping: the gradients are divided by it) and
@@ -26,6 +26,7 @@ launcher), torch's fused step takes over for good, with one warning.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -104,12 +105,10 @@ class _GroupTables:
         self.numels_key: tuple[int, ...] | None = None
         self.addresses_key: tuple[int, ...] | None = None
 
-    def update(self, numels: list[int], addresses: list[int], n_tensors: int, device: torch.device) -> None:
+    def update(self, numels: list[int], addresses: list[int], device: torch.device) -> None:
         if tuple(numels) != self.numels_key:
             blocks = [math.ceil(n / _BLOCK) for n in numels]
-            first = [0]
-            for b in blocks[:-1]:
-                first.append(first[-1] + b)
+            first = [0, *itertools.accumulate(blocks[:-1])]
             self.n_blocks = sum(blocks)
             self.tensor_of_block = torch.repeat_interleave(
                 torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks)).to(device)
@@ -120,7 +119,7 @@ class _GroupTables:
             table = torch.tensor(addresses, dtype=torch.int64)
             if device.type == "cuda":
                 table = table.pin_memory().to(device, non_blocking=True)
-            self.params, self.grads, self.avgs, self.avg_sqs, self.steps = table.view(5, n_tensors)
+            self.params, self.grads, self.avgs, self.avg_sqs, self.steps = table.view(5, len(numels))
             self.addresses_key = tuple(addresses)
 
 
@@ -140,7 +139,9 @@ class TritonAdamW(torch.optim.AdamW):
         return all(0.0 < beta < 1.0 for beta in group["betas"])  # the kernel takes log2(beta)
 
     @staticmethod
-    def _tensors_take(tensors: list[tuple[Tensor, ...]]) -> bool:
+    def _tensors_take(tensors: list[tuple[Tensor, ...]], addresses: list[int]) -> bool:
+        if any(address % 16 for address in addresses):
+            return False
         first = tensors[0][0]
         for p, g, m, v, step in tensors:
             if (p.device != first.device or p.device.type not in _DEVICE_TYPES or p.dtype not in _DTYPES
@@ -149,7 +150,7 @@ class TritonAdamW(torch.optim.AdamW):
                 return False
             for x in (p, g, m, v):
                 if (x.dtype != first.dtype or x.device != first.device or x.numel() != p.numel() or x.numel() % 16
-                        or not x.is_contiguous() or x.data_ptr() % 16):
+                        or not x.is_contiguous()):
                     return False
         return True
 
@@ -177,17 +178,21 @@ class TritonAdamW(torch.optim.AdamW):
         if self._kernel_failed is not None or not all(self._group_takes(group) for group in self.param_groups):
             super().step()
             return loss
-        groups = [(group, self._group_tensors(group)) for group in self.param_groups]
-        if not all(self._tensors_take(tensors) for _, tensors in groups if tensors):
+        groups = []
+        for group in self.param_groups:
+            tensors = self._group_tensors(group)
+            # param, grad, exp_avg, exp_avg_sq and step addresses, each column in parameter order
+            groups.append((group, tensors, [x.data_ptr() for column in zip(*tensors) for x in column]))
+        if not all(self._tensors_take(tensors, addresses) for _, tensors, addresses in groups if tensors):
             super().step()
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for i, (group, tensors) in enumerate(groups):
+        for i, (group, tensors, addresses) in enumerate(groups):
             if not tensors:
                 continue
             try:
-                self._launch(i, group, tensors, grad_scale, found_inf)
+                self._launch(i, group, tensors, addresses, grad_scale, found_inf)
             except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel touches a tensor
                 if self._kernel_ran:
                     raise
@@ -198,16 +203,16 @@ class TritonAdamW(torch.optim.AdamW):
             self._kernel_ran = True
         return loss
 
-    def _launch(self, index: int, group: dict, tensors: list[tuple[Tensor, ...]], grad_scale, found_inf) -> None:
+    def _launch(self, index: int, group: dict, tensors: list[tuple[Tensor, ...]], addresses: list[int], grad_scale,
+                found_inf) -> None:
         device = tensors[0][0].device
         # where torch's fused step puts them too (a no-op when they are on the parameters' device already)
         grad_scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         found_inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
         steps = [step for *_, step in tensors]
         torch._foreach_add_(steps, 1.0)
-        addresses = [x.data_ptr() for column in zip(*tensors) for x in column]
         tables = self._tables.setdefault(index, _GroupTables())
-        tables.update([p.numel() for p, *_ in tensors], addresses, len(tensors), device)
+        tables.update([p.numel() for p, *_ in tensors], addresses, device)
         beta1, beta2 = group["betas"]
         try:
             _adamw_blocks[(tables.n_blocks,)](
