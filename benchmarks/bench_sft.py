@@ -98,6 +98,7 @@ from same_init import (  # noqa: E402
 
 from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
+from posttrain.losses.targets import find_target_index  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.common.attention import SDPA_KERNELS  # noqa: E402
 from posttrain.models.common.flash_attention_4 import activate_fa4, fa4_unavailable_reason  # noqa: E402
@@ -124,6 +125,8 @@ except ImportError as _err:  # e.g. torchdata missing on the benchmark machine: 
         output_fn = partial(
             cross_entropy_for(loss_impl), labels=batch["labels"], vocab_size=model.args.vocab_size, chunk_size=chunk_size
         )
+        if loss_impl == "fused" and batch.get("target_index") is not None:
+            output_fn = partial(output_fn, target_index=batch["target_index"])
         loss_sum, n_targets = model(
             batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"],
             output_fn=output_fn,
@@ -201,7 +204,7 @@ def causal_flops_per_step(shape: Shape, doc_lengths: list[int]) -> float:
 
 @dataclass
 class Batches:
-    posttrain: list[dict[str, torch.Tensor]]  # input_ids, labels (shifted), position_ids, document_ids
+    posttrain: list[dict[str, torch.Tensor]]  # input_ids, labels (shifted), position_ids, document_ids, target_index
     hf: list[dict[str, torch.Tensor]]  # input_ids, labels (unshifted: HF shifts inside the loss)
     doc_lengths: list[int]  # per batch (all batches share the layout)
 
@@ -234,7 +237,9 @@ def make_batches(n: int, batch: int, seq_len: int, vocab: int, docs_per_row: int
         for end in bounds[1:-1]:  # the last token of a document predicts nothing
             labels[:, end - 1] = -100
             hf_labels[:, end] = -100
-        pt = {"input_ids": ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+        # the trained positions made with the batch, as posttrain's SFT collate does (no device sync in the loss)
+        pt = {"input_ids": ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids,
+              "target_index": find_target_index(labels)}
         hf = {"input_ids": ids, "labels": hf_labels}
         if pin:
             pt = {k: v.pin_memory() for k, v in pt.items()}

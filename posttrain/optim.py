@@ -56,6 +56,12 @@ def adamw_kernel(fused: str, device: torch.device, params: list[nn.Parameter]) -
     return {"true": "torch_fused", "false": "foreach"}[fused]
 
 
+def own_grad_norm(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.Tensor | None:
+    """The 2-norm of `params`' gradients from the optimizer's own tables (`TritonAdamW.grad_norm`: one launch per
+    group), or None where it has none: the caller computes the norm."""
+    return optimizer.grad_norm(params) if isinstance(optimizer, TritonAdamW) else None
+
+
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
     """Factor on the peak lr for optimizer step `step` (0-based): linear warmup, then decay to `min_lr_ratio`."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -22,6 +22,10 @@ kernel does not take (sparse, complex or misaligned tensors, dtypes or devices t
 tensor lr, amsgrad, maximize, a beta of 0, a numel not a multiple of 16) goes to torch's fused step for that call.
 Should the kernel fail to build on its first launch (a Triton without some feature, no C compiler for its
 launcher), torch's fused step takes over for good, with one warning.
+
+`grad_norm` reads the same tables for the gradients' 2-norm that clipping needs before the step: one launch per
+group instead of `torch._foreach_norm`'s multi-tensor launches (1.1 ms per Llama-3.2-1B step on the H200). The step
+counts advance in one small launch per group (instead of `_foreach_add_` / `_foreach_sub_` over every step tensor).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = ["TritonAdamW", "triton_adamw_available"]
 logger = logging.getLogger("posttrain")
 
 _BLOCK = 4096
+_STEPS_BLOCK = 256
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: how the CPU tests check its math.
 _DEVICE_TYPES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -96,6 +101,30 @@ if triton is not None:
         tl.store(v_ptr + offsets, v.to(DTYPE), mask=mask)
 
 
+    @triton.jit
+    def _grad_squares_blocks(tensor_of_block, first_block, numels, grad_addrs, partials, like, BLOCK: tl.constexpr):
+        """partials[block] = the sum of the squares of one block of one gradient (fp32)."""
+        DTYPE = like.dtype.element_ty
+        block = tl.program_id(0)
+        t = tl.load(tensor_of_block + block)
+        offsets = (block - tl.load(first_block + t)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < tl.multiple_of(tl.load(numels + t), 16)
+        g_ptr = tl.multiple_of(tl.load(grad_addrs + t).to(tl.pointer_type(DTYPE)), 16)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(partials + block, tl.sum(g * g, 0))
+
+    @triton.jit
+    def _advance_steps(step_addrs, n, found_inf, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+        """Every step tensor of a group += 1, or += 0 on a skipped (non-finite) step."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_group = i < n
+        steps = tl.load(step_addrs + i, mask=in_group, other=0).to(tl.pointer_type(tl.float32))
+        increment = 1.0
+        if HAS_FOUND_INF:
+            increment = tl.where(tl.load(found_inf) == 0.0, 1.0, 0.0)
+        tl.store(steps, tl.load(steps, mask=in_group) + increment, mask=in_group)
+
+
 class _GroupTables:
     """The device tables one group's launch reads: which tensor each block belongs to (fixed by the numels) and
     the five addresses of each tensor (rebuilt when one moves: a new gradient each step under set_to_none, mostly
@@ -131,6 +160,7 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables: dict[int, _GroupTables] = {}
         self._kernel_failed: str | None = None  # why the kernel could not be built; torch's step from then on
         self._kernel_ran = False
+        self._norm_ran = False
 
     @staticmethod
     def _group_takes(group: dict) -> bool:
@@ -154,18 +184,77 @@ class TritonAdamW(torch.optim.AdamW):
                     return False
         return True
 
-    def _group_tensors(self, group: dict) -> list[tuple[Tensor, ...]]:
+    def _group_tensors(self, group: dict, make_state: bool) -> list[tuple[Tensor, ...]] | None:
         tensors = []
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
+                if not make_state:
+                    return None
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             tensors.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"]))
         return tensors
+
+    def _prepared(self, make_state: bool) -> list[tuple[int, dict, list[tuple[Tensor, ...]], list[int]]] | None:
+        """(index, group, tensors, addresses) of each group with gradients, or None when the kernel does not take
+        them all (checked before any state is made: amsgrad's state has a key this class does not make) or, without
+        `make_state`, when a parameter has no state yet."""
+        if self._kernel_failed is not None or not all(self._group_takes(group) for group in self.param_groups):
+            return None
+        prepared = []
+        for index, group in enumerate(self.param_groups):
+            tensors = self._group_tensors(group, make_state)
+            if tensors is None:
+                return None
+            if tensors:
+                # param, grad, exp_avg, exp_avg_sq and step addresses, each column in parameter order
+                prepared.append((index, group, tensors, [x.data_ptr() for column in zip(*tensors) for x in column]))
+        if not all(self._tensors_take(tensors, addresses) for _, _, tensors, addresses in prepared):
+            return None
+        return prepared
+
+    def _group_tables(self, index: int, tensors: list[tuple[Tensor, ...]], addresses: list[int]) -> _GroupTables:
+        tables = self._tables.setdefault(index, _GroupTables())
+        tables.update([p.numel() for p, *_ in tensors], addresses, tensors[0][0].device)
+        return tables
+
+    def _give_up(self, err: Exception) -> None:
+        self._kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
+        logger.warning("Triton AdamW unavailable (%s); using torch's fused AdamW", self._kernel_failed)
+
+    @torch.no_grad()
+    def grad_norm(self, parameters) -> Tensor | None:
+        """The 2-norm of the gradients of `parameters` (0-d fp32, non-finite when a gradient is), one launch per
+        group; None when they are not exactly the parameters with gradients this optimizer steps, or its kernel
+        would not take them (or has no state for them yet: the first step): the caller computes the norm."""
+        with_grads = [p for p in parameters if p.grad is not None]
+        prepared = self._prepared(make_state=False) if with_grads else None
+        if prepared is None:
+            return None
+        mine = {id(p) for _, _, tensors, _ in prepared for p, *_ in tensors}
+        if len(mine) != len(with_grads) or any(id(p) not in mine for p in with_grads):
+            return None
+        sums = []
+        for index, _, tensors, addresses in prepared:
+            tables = self._group_tables(index, tensors, addresses)
+            partials = torch.empty(tables.n_blocks, dtype=torch.float32, device=tensors[0][0].device)
+            try:
+                _grad_squares_blocks[(tables.n_blocks,)](
+                    tables.tensor_of_block, tables.first_block, tables.numels, tables.grads, partials, tensors[0][1],
+                    BLOCK=_BLOCK, num_warps=8,
+                )
+            except Exception as err:  # noqa: BLE001 - a build error; the kernel only reads
+                if self._norm_ran:
+                    raise
+                self._give_up(err)
+                return None
+            self._norm_ran = True
+            sums.append(partials.sum())
+        return torch.stack([x.to(sums[0].device) for x in sums]).sum().sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -173,31 +262,19 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # torch's fused kernel for what this one does not take (checked before any state exists: amsgrad's
-        # state has a key this class does not make; the state made below is the one torch's step would make)
-        if self._kernel_failed is not None or not all(self._group_takes(group) for group in self.param_groups):
-            super().step()
-            return loss
-        groups = []
-        for group in self.param_groups:
-            tensors = self._group_tensors(group)
-            # param, grad, exp_avg, exp_avg_sq and step addresses, each column in parameter order
-            groups.append((group, tensors, [x.data_ptr() for column in zip(*tensors) for x in column]))
-        if not all(self._tensors_take(tensors, addresses) for _, tensors, addresses in groups if tensors):
+        prepared = self._prepared(make_state=True)
+        if prepared is None:  # torch's fused kernel for what this one does not take
             super().step()
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for i, (group, tensors, addresses) in enumerate(groups):
-            if not tensors:
-                continue
+        for index, group, tensors, addresses in prepared:
             try:
-                self._launch(i, group, tensors, addresses, grad_scale, found_inf)
+                self._launch(index, group, tensors, addresses, grad_scale, found_inf)
             except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel touches a tensor
                 if self._kernel_ran:
                     raise
-                self._kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
-                logger.warning("Triton AdamW unavailable (%s); using torch's fused AdamW", self._kernel_failed)
+                self._give_up(err)
                 super().step()
                 return loss
             self._kernel_ran = True
@@ -209,10 +286,11 @@ class TritonAdamW(torch.optim.AdamW):
         # where torch's fused step puts them too (a no-op when they are on the parameters' device already)
         grad_scale = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         found_inf = found_inf.to(device, non_blocking=True) if found_inf is not None else None
-        steps = [step for *_, step in tensors]
-        torch._foreach_add_(steps, 1.0)
-        tables = self._tables.setdefault(index, _GroupTables())
-        tables.update([p.numel() for p, *_ in tensors], addresses, device)
+        tables = self._group_tables(index, tensors, addresses)
+        _advance_steps[(triton.cdiv(len(tensors), _STEPS_BLOCK),)](
+            tables.steps, len(tensors), found_inf if found_inf is not None else tables.numels,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=_STEPS_BLOCK,
+        )
         beta1, beta2 = group["betas"]
         try:
             _adamw_blocks[(tables.n_blocks,)](
@@ -226,7 +304,8 @@ class TritonAdamW(torch.optim.AdamW):
                 HAS_FOUND_INF=found_inf is not None, BLOCK=_BLOCK, num_warps=8,
             )
         except Exception:
+            steps = [step for *_, step in tensors]
             torch._foreach_sub_(steps, 1.0)  # the update did not happen
+            if found_inf is not None:
+                torch._foreach_add_(steps, [found_inf] * len(steps))
             raise
-        if found_inf is not None:
-            torch._foreach_sub_(steps, [found_inf] * len(steps))

@@ -50,3 +50,26 @@ def test_triton_adamw_matches_torch_fused_adamw(device: torch.device, dtype: tor
         total += x.numel()
     if dtype == torch.bfloat16:  # most bf16 elements round to the same value
         assert differing / total < 1e-3, differing / total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_grad_norm_matches_torch_foreach_norm(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda" or not triton_adamw_available(device):
+        pytest.skip("the Triton AdamW runs on CUDA")
+    from posttrain.parallelisms.grad_clip import get_total_grad_norm
+
+    g = torch.Generator(device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=g).to(dtype)) for s in SHAPES]
+    opt = TritonAdamW([{"params": params[:-2]}, {"params": params[-2:], "weight_decay": 0.0}], lr=1e-3)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=g).to(dtype)
+    assert opt.grad_norm(params) is None  # no state before the first step
+    opt.step()
+    for scale in (1e-3, 1.0, 1e3):
+        for p in params:
+            p.grad = torch.randn(p.shape, device=device, generator=g).mul_(scale).to(dtype)
+        got, want = opt.grad_norm(params), get_total_grad_norm(params)
+        assert got is not None and got.device == want.device
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    params[0].grad[3, 5] = float("inf")
+    assert torch.isinf(opt.grad_norm(params))

@@ -83,6 +83,36 @@ def test_kernel_matches_torch_adamw_with_clipping_and_a_skipped_step() -> None:
     assert out.strip().endswith("ok")
 
 
+def test_grad_norm_from_the_tables_matches_torch_and_declines_what_it_cannot_see() -> None:
+    out = _interpret(prelude=_PARAMS, code="""
+    import math
+    from posttrain.parallelisms.grad_clip import get_total_grad_norm
+    for dtype in (torch.float32, torch.bfloat16):
+        a = make((5008, 4096, 32, 9008), dtype)
+        opt = TritonAdamW(groups(a), lr=1e-2)
+        set_grads(zip(a, a), 0)
+        assert opt.grad_norm(a) is None, "no state yet (the first step): the caller's norm"
+        opt.step()
+        set_grads(zip(a, a), 1, scale=3.0)
+        want = get_total_grad_norm(a)
+        got = opt.grad_norm(a)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        assert opt.grad_norm(a[:-1]) is None, "not exactly the optimizer's parameters with gradients"
+        stranger = torch.nn.Parameter(torch.ones(16, dtype=dtype))
+        stranger.grad = torch.ones_like(stranger)
+        assert opt.grad_norm([*a, stranger]) is None
+        a[1].grad = None  # a parameter without a gradient this step: left out on both sides
+        torch.testing.assert_close(opt.grad_norm(a), get_total_grad_norm(a), rtol=1e-5, atol=0)
+        a[0].grad[7] = float("inf")
+        assert math.isinf(opt.grad_norm(a).item())
+        a[0].grad[8] = float("nan")
+        assert math.isnan(opt.grad_norm(a).item())
+    print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_bf16_parameters_and_states_stay_bf16_within_an_ulp_of_torch_fused_adamw() -> None:
     """bf16 parameters and states: fp32 math, one rounding to bf16 per step. Triton's interpreter truncates where
     the GPU rounds to nearest (so one step, one ulp); the GPU test checks the rounding itself."""
