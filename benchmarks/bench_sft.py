@@ -567,6 +567,10 @@ def build_hf_model(s: Settings, liger: bool) -> torch.nn.Module:
     import transformers
 
     config = transformers_config(s.shape.hf_config)
+    if getattr(config, "router_aux_loss_coef", 0) and hasattr(config, "output_router_logits"):
+        # posttrain's SFT loss adds router_aux_loss_coef x the load-balancing loss for MoE models; transformers adds
+        # it only with output_router_logits (False in Qwen3-MoE's configs): on, both sides train the same objective
+        config.output_router_logits = True
     if liger:
         apply_liger(config.model_type)
     dtype = torch.bfloat16 if s.dtype == "bfloat16" else torch.float32

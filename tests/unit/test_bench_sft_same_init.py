@@ -75,6 +75,19 @@ def test_peers_that_run_first_get_an_untrained_posttrain_init(tmp_path: Path, ca
     assert report["ratios"][0]["loss"]["agree"] is True
 
 
+def test_moe_peers_train_the_load_balancing_loss_posttrain_adds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """posttrain's SFT loss adds router_aux_loss_coef x the load-balancing loss; transformers only with
+    output_router_logits, which the bench turns on. The two average the layers' loss differently (per layer here,
+    over all layers' tokens there): close, not equal; without the term on the peer they differed by 2.7e-4."""
+    report, _ = run_bench(tmp_path, capsys, "--model", "qwen3_moe", "--flavor", "debug", "--posttrain-variants",
+                          "eager+sdpa")
+    runs = by_name(report)
+    ours, peer = runs["posttrain eager+sdpa"], runs["hf_eager"]
+    for key in ("loss_first", "loss_last"):
+        assert ours[key] == pytest.approx(peer[key], rel=5e-5), key
+    assert report["ratios"][0]["loss"]["agree"] is True
+
+
 def test_no_same_init_keeps_transformers_init_and_gives_no_verdict(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -98,3 +111,12 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert (tensorwise.float8, tensorwise.float8_recipe, tensorwise.float8_small_gemms) == (True, "tensorwise", False)
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")
+
+
+def test_posttrain_batches_carry_the_host_made_target_index() -> None:
+    """As the SFT collate does: without it the fused loss finds the targets with a device nonzero (a sync per step)."""
+    batches = bench_sft.make_batches(2, batch=2, seq_len=32, vocab=100, docs_per_row=3, seed=0, pin=False)
+    for b in batches.posttrain:
+        flat = b["labels"].reshape(-1)
+        assert b["target_index"].tolist() == [i for i, y in enumerate(flat.tolist()) if y != -100]
+        assert len(b["target_index"]) < flat.numel()  # document ends and the row's last token predict nothing
