@@ -31,7 +31,8 @@ which the peers (output_router_logits false) leave out.
   projection; the issue-formula MFU still counts 6N, the causal MFU is the trainer's, which counts what LoRA
   computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
-  project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device). MFU stays relative to the
+  project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
+  (`training.sparse_embedding_grad`, default sparse: a tied embedding's lookup gradient as rows). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -395,6 +396,7 @@ class PosttrainVariant:
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
     cudagraphs: bool = False  # compile.cudagraphs: the compiled blocks replayed as CUDA graphs
     adamw: str = "auto"  # optimizer.fused
+    sparse_embedding_grad: bool = True  # training.sparse_embedding_grad
 
 
 # adamw= token -> optimizer.fused
@@ -437,12 +439,14 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.cudagraphs = True
         elif token.startswith("adamw=") and token[6:] in ADAMW_TOKENS:
             v.adamw = ADAMW_TOKENS[token[6:]]
+        elif token in ("embgrad=sparse", "embgrad=dense"):
+            v.sparse_embedding_grad = token == "embgrad=sparse"
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, recompute=on|off, lora=RANK, cudagraphs, "
-                "adamw=triton|torch|foreach"
+                "adamw=triton|torch|foreach, embgrad=sparse|dense"
             )
     return v
 
@@ -467,7 +471,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
             "loss_chunk_size": v.chunk if v.chunk is not None else s.loss_chunk_size, "max_grad_norm": s.max_grad_norm,
             "loss_impl": v.loss, "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms,
-            "float8_recipe": v.float8_recipe,
+            "float8_recipe": v.float8_recipe, "sparse_embedding_grad": v.sparse_embedding_grad,
         },
         "optimizer": {"lr": s.lr, "fused": v.adamw},
         "lr_scheduler": {"warmup_steps": 0, "decay": "constant"},
@@ -517,6 +521,8 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
                 "fused_adamw": _fused(trainer.optimizer), "adamw": type(trainer.optimizer).__name__, "sft_loss": SFT_LOSS_SOURCE,
                 "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
+                # applied: a tied, trained, unsharded embedding on CUDA (training.sparse_embedding_grad)
+                "sparse_embedding_grad": bool(getattr(getattr(trainer.model, "tok_embeddings", None), "sparse", False)),
             }
             return result
         finally:
@@ -824,7 +830,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
-                        "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach (the module docstring "
+                        "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense (the module docstring "
                         "lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")

@@ -61,6 +61,7 @@ from posttrain.parallelisms import (
 from posttrain.parallelisms.compile import partitioner_settings_kept
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
 from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
+from posttrain.parallelisms.sparse_embedding_grad import use_sparse_embedding_grad
 from posttrain.preemption import PreemptionFlag
 from posttrain.profiling import StepProfiler
 
@@ -209,6 +210,8 @@ def build_training_model(
     else:
         init_weights_sharded(model, seed=cfg.job.seed, buffer_device=device)
     init_config_modules(model, cfg, hf_folder=folder, spec=spec, grown_from_vocab=old_vocab if grown else None)
+    if cfg.training.sparse_embedding_grad and device.type == "cuda" and not cfg.training.deterministic:
+        use_sparse_embedding_grad(model)  # after the heads and LoRA are in place: only a trained tied head qualifies
     return model
 
 

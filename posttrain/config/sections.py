@@ -129,6 +129,10 @@ class TrainingSection:
         5, "a non-finite loss/grad skips the step; this many in a row stop the run (0 = no check, no host sync)"
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
+    sparse_embedding_grad: bool = opt(
+        True, "on one CUDA device, a tied embedding's lookup gradient as the looked-up rows, added into the head's "
+        "dense gradient (no [vocab, dim] buffer); off in deterministic mode (the add uses atomics)"
+    )
     float8: bool = opt(
         False, "float8 matmuls (torchao; scaling: training.float8_recipe) in the transformer blocks' Linear layers; "
         "needs torchao, compile.enabled and a GPU of compute capability >= 8.9"

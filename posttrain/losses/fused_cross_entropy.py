@@ -22,6 +22,7 @@ from posttrain.losses.fused_head import (
     accumulate_grad_weight,
     chunk_rows,
     gathered,
+    grad_weight_buffer,
     hand_over_grads,
     matmul_dtype,
     no_autocast,
@@ -51,7 +52,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dtype = matmul_dtype(hidden, weight)
         rows = chunk_rows(chunk_size, vocab_size, torch.finfo(dtype).bits // 8)
         grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_grad_weight else None  # padded rows stay zero
+        grad_weight = grad_weight_buffer(weight, vocab_size, positions.numel()) if need_grad_weight else None
         loss_sum = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         with_grads = need_grad_hidden or need_grad_weight
         math = chunk_math(ce_grad_ if with_grads else ce_rows, hidden.device)
@@ -70,7 +71,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:  # logits now hold d loss / d logits
                     grad_hidden.index_copy_(0, pos, (logits @ w).to(grad_hidden.dtype))
                 if grad_weight is not None:
-                    accumulate_grad_weight(grad_weight[:vocab_size], logits, h)
+                    accumulate_grad_weight(grad_weight[:vocab_size], logits, h, overwrite=start == 0)
                 del logits
         ctx.grads = (grad_hidden, grad_weight)
         return loss_sum

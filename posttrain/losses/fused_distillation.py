@@ -17,6 +17,7 @@ from posttrain.losses.fused_head import (
     accumulate_grad_weight,
     chunk_rows,
     gathered,
+    grad_weight_buffer,
     hand_over_grads,
     matmul_dtype,
     no_autocast,
@@ -49,7 +50,7 @@ class _FusedDistillation(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)
         sums = torch.zeros(3, dtype=acc, device=student_hidden.device)  # divergence, ce, forward KL at T=1
         grad_hidden = torch.zeros_like(student_hidden) if need_grad_hidden else None
-        grad_weight = torch.zeros_like(student_weight) if need_grad_weight else None
+        grad_weight = grad_weight_buffer(student_weight, vocab_size, positions.numel()) if need_grad_weight else None
         with_grads = need_grad_hidden or need_grad_weight
         math = chunk_math(distill_grad_ if with_grads else distill_rows, student_hidden.device)
         extra = (ce_weight,) if with_grads else ()
@@ -68,7 +69,7 @@ class _FusedDistillation(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden.index_copy_(0, pos, (student_logits @ ws).to(grad_hidden.dtype))
                 if grad_weight is not None:
-                    accumulate_grad_weight(grad_weight[:vocab_size], student_logits, h)
+                    accumulate_grad_weight(grad_weight[:vocab_size], student_logits, h, overwrite=start == 0)
                 del student_logits
         ctx.grads = (grad_hidden, grad_weight)
         div_sum, ce_sum, kl_sum = (s.clone() for s in sums.unbind())

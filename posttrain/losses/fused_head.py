@@ -2,8 +2,8 @@
 
 A fused head loss projects `c` hidden states at a time through the output weight, turns the `[c, V]` logits
 into loss terms and (in place) their gradient, then multiplies that gradient into the hidden states' and the
-weight's gradients. The weight's gradient is one buffer in the weight's own dtype, filled by
-`grad_weight += grad_logits^T @ h` per chunk (the matmul accumulates in fp32 and rounds once per chunk).
+weight's gradients. The weight's gradient is one buffer in the weight's own dtype, written by the first chunk's `grad_logits^T @ h` and
+`grad_weight += grad_logits^T @ h` per later chunk (the matmul accumulates in fp32 and rounds once per chunk).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_BYTES", "accumulate_grad_weight", "chunk_rows", "gathered", "matmul_dtype", "no_autocast"]
+__all__ = [
+    "CHUNK_BYTES", "accumulate_grad_weight", "chunk_rows", "gathered", "grad_weight_buffer", "matmul_dtype", "no_autocast",
+]
 
 CHUNK_BYTES = 320 * 2**20  # one chunk's logits (bf16 at vocab 151,936: 1,024 rows)
 _MIN_ROWS = 128
@@ -48,19 +50,34 @@ def no_autocast(device: torch.device):
 _addmm_out_dtype_works = True
 
 
-def accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, h: Tensor) -> None:
-    """acc += grad_logits.T @ h in acc's dtype, without a `[vocab, D]` temporary where the device allows it."""
+def grad_weight_buffer(weight: Tensor, vocab_size: int, n_rows: int) -> Tensor:
+    """The head's gradient: left uninitialised where the first chunk writes it (`accumulate_grad_weight(...,
+    overwrite=True)`: no fill of the whole `[V, D]`), zero in the padded rows, all zero when no row is projected."""
+    grad = torch.empty_like(weight)
+    grad[vocab_size:].zero_()
+    if n_rows == 0:
+        grad.zero_()
+    return grad
+
+
+def accumulate_grad_weight(acc: Tensor, grad_logits: Tensor, h: Tensor, *, overwrite: bool = False) -> None:
+    """acc += grad_logits.T @ h (acc = ... with `overwrite`: acc's old contents, even NaN, are ignored) in acc's
+    dtype, without a `[vocab, D]` temporary where the device allows it."""
     global _addmm_out_dtype_works
+    beta = 0.0 if overwrite else 1.0
     if acc.dtype == grad_logits.dtype:
-        acc.addmm_(grad_logits.T, h)
+        acc.addmm_(grad_logits.T, h, beta=beta)
         return
     if _addmm_out_dtype_works and acc.is_cuda:
         try:
-            torch.addmm(acc, grad_logits.T, h, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, grad_logits.T, h, beta=beta, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
             _addmm_out_dtype_works = False
-    acc.add_(grad_logits.T @ h)
+    if overwrite:
+        acc.copy_(grad_logits.T @ h)
+    else:
+        acc.add_(grad_logits.T @ h)
 
 
 def hand_over_grads(ctx, grad_output: Tensor | None, loss_name: str) -> tuple[Tensor | None, ...]:

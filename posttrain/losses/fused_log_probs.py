@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posttrain.losses.fused_head import accumulate_grad_weight, chunk_rows, gathered, matmul_dtype, no_autocast
+from posttrain.losses.fused_head import (
+    accumulate_grad_weight,
+    chunk_rows,
+    gathered,
+    grad_weight_buffer,
+    matmul_dtype,
+    no_autocast,
+)
 from posttrain.losses.logit_math import chunk_math, log_prob_grad_, log_prob_rows
 
 __all__ = ["fused_token_log_probs"]
@@ -62,9 +69,10 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         vocab_size, rows, dtype, temperature, softcap = ctx.settings
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
         if grad_logp is None or not (need_hidden or need_weight):
+            grad_weight = torch.zeros_like(weight) if need_weight else None
             return grad_hidden, grad_weight, None, None, None, None, None, None
+        grad_weight = grad_weight_buffer(weight, vocab_size, targets.numel()) if need_weight else None
         math = chunk_math(log_prob_grad_, hidden.device)
         with no_autocast(hidden.device):
             w = weight[:vocab_size].to(dtype)
@@ -76,7 +84,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start:end] = logits @ w
                 if grad_weight is not None:
-                    accumulate_grad_weight(grad_weight[:vocab_size], logits, h)
+                    accumulate_grad_weight(grad_weight[:vocab_size], logits, h, overwrite=start == 0)
                 del logits
         return grad_hidden, grad_weight, None, None, None, None, None, None
 

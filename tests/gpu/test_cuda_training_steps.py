@@ -115,3 +115,30 @@ def test_cudagraph_blocks_equal_compiled_blocks(
     assert logits_rel < 1e-5
     assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL)
     assert grad_rel < GRAD_RTOL, worst
+
+
+def test_row_sparse_tied_embedding_grad_equals_the_dense_one(device: torch.device) -> None:
+    """The tied head's gradient with the lookup's rows added in place on the device (index_add's atomics): the
+    dense embedding backward's, to fp32 summation order."""
+    from functools import partial
+
+    from posttrain.losses import cross_entropy_for
+    from posttrain.models.registry import build_model
+    from posttrain.parallelisms.sparse_embedding_grad import use_sparse_embedding_grad
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model("llama3", "debug", device, tie_embeddings=True, vocab_size=1000))
+    assert use_sparse_embedding_grad(models[1])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(0, 1000, (2, 64), generator=g).to(device)
+        labels = torch.roll(ids, -1, dims=1)
+        for model in models:
+            fn = partial(cross_entropy_for("fused"), labels=labels, vocab_size=1000, chunk_size=0)
+            model(ids, output_fn=fn)[0].backward()
+    grads = [{n: p.grad for n, p in m.named_parameters()} for m in models]
+    rel, worst = max_rel_diff(grads[1], grads[0])
+    assert not grads[1]["tok_embeddings.weight"].is_sparse
+    assert rel < 1e-5, worst

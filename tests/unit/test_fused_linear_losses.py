@@ -256,3 +256,28 @@ def test_sft_loss_with_the_batch_target_index_equals_finding_it():
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ignored", [0.3, 1.0])
+def test_the_head_gradient_buffer_is_written_not_assumed_zero(monkeypatch, ignored):
+    """The buffer starts uninitialised (no fill of [V, D]): NaN stands in for that memory; the first chunk overwrites
+    its rows, the padded rows and a batch without targets are zeroed."""
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: real_empty_like(x, **kw).fill_(float("nan")))
+    hidden, weight, labels = _inputs(ignore_frac=ignored)
+    teacher = dict(teacher_hidden=hidden * 0.5, teacher_weight=weight.flip(0))
+    cases = {
+        "cross_entropy": (lambda h, w, y: fused_linear_cross_entropy(h, w, y, vocab_size=VOCAB, chunk_size=4)[0],
+                          _naive_ce),
+        "log_probs": (lambda h, w, y: fused_token_log_probs(h, w, y.clamp_min(0), vocab_size=VOCAB, chunk_size=4).sum(),
+                      lambda h, w, y: torch.log_softmax(h @ w[:VOCAB].T, -1).gather(-1, y.clamp_min(0)[..., None]).sum()),
+        "distillation": (lambda h, w, y: fused_distillation_loss(h, w, labels=y, vocab_size=VOCAB, chunk_size=4,
+                                                                 **teacher)[0], None),
+    }
+    for name, (fn, ref_fn) in cases.items():
+        _, _, gw = _grads(fn, hidden, weight, labels)
+        assert torch.isfinite(gw).all() and gw[VOCAB:].abs().max() == 0, name
+        if ref_fn is not None:
+            torch.testing.assert_close(gw, _grads(ref_fn, hidden, weight, labels)[2], rtol=1e-10, atol=1e-12, msg=name)
+        elif ignored == 1.0:
+            assert gw.abs().max() == 0, name
