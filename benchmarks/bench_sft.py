@@ -25,7 +25,8 @@ which the peers (output_router_logits false) leave out.
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao), `float8=all` (also
-  `training.float8_convert_small_gemms`) or `float8=tensorwise` (`training.float8_recipe = "tensorwise"`),
+  `training.float8_convert_small_gemms`), `float8=tensorwise` (`training.float8_recipe = "tensorwise"`) or
+  `float8=tensorwise-all` (both),
   `recompute=on|off` (`compile.recompute_pointwise`, default on: compiled blocks rebuild norm outputs and the
   SwiGLU product in backward instead of saving them), `lora=R` (LoRA of rank R, alpha 2R, on every attention / MLP
   projection; the issue-formula MFU still counts 6N, the causal MFU is the trainer's, which counts what LoRA
@@ -427,8 +428,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.loss = token[5:]
         elif token in ("float8", "float8=all"):
             v.float8, v.float8_small_gemms = True, token == "float8=all"
-        elif token == "float8=tensorwise":
-            v.float8, v.float8_recipe = True, "tensorwise"
+        elif token in ("float8=tensorwise", "float8=tensorwise-all"):
+            v.float8, v.float8_recipe, v.float8_small_gemms = True, "tensorwise", token.endswith("-all")
         elif token.startswith("kernel=") and token[7:] in SDPA_KERNELS:
             v.sdpa_kernel = token[7:]
         elif token in ("recompute=on", "recompute=off"):
@@ -445,7 +446,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
-                "loss=fused|chunked, float8, float8=all, float8=tensorwise, recompute=on|off, lora=RANK, cudagraphs, "
+                "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
+                "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense"
             )
     return v

@@ -109,6 +109,10 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert bench_sft.parse_variant("compile+sdpa").cudagraphs is False
     tensorwise = bench_sft.parse_variant("compile+sdpa+float8=tensorwise")
     assert (tensorwise.float8, tensorwise.float8_recipe, tensorwise.float8_small_gemms) == (True, "tensorwise", False)
+    every = bench_sft.parse_variant("compile+sdpa+float8=tensorwise-all")
+    assert (every.float8, every.float8_recipe, every.float8_small_gemms) == (True, "tensorwise", True)
+    dense = bench_sft.parse_variant("compile+sdpa+embgrad=dense")
+    assert not dense.sparse_embedding_grad and bench_sft.parse_variant("compile+sdpa").sparse_embedding_grad
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")
 
