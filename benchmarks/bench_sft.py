@@ -33,7 +33,8 @@ which the peers (output_router_logits false) leave out.
   computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
-  (`training.sparse_embedding_grad`, default sparse: a tied embedding's lookup gradient as rows). MFU stays relative to the
+  (`training.sparse_embedding_grad`, default sparse: a tied embedding's lookup gradient as rows), `norm=triton|autograd`
+  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -398,6 +399,7 @@ class PosttrainVariant:
     cudagraphs: bool = False  # compile.cudagraphs: the compiled blocks replayed as CUDA graphs
     adamw: str = "auto"  # optimizer.fused
     sparse_embedding_grad: bool = True  # training.sparse_embedding_grad
+    rms_norm_backward: str = "autograd"  # model.rms_norm_backward
 
 
 # adamw= token -> optimizer.fused
@@ -442,13 +444,15 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.adamw = ADAMW_TOKENS[token[6:]]
         elif token in ("embgrad=sparse", "embgrad=dense"):
             v.sparse_embedding_grad = token == "embgrad=sparse"
+        elif token in ("norm=triton", "norm=autograd"):
+            v.rms_norm_backward = token[5:]
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
-                "adamw=triton|torch|foreach, embgrad=sparse|dense"
+                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd"
             )
     return v
 
@@ -467,7 +471,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
     return config_from_dict({
         "job": {"output_dir": output_dir, "seed": s.seed},
         "model": {"name": s.shape.spec.name, "flavor": s.shape.flavor, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
-                  "dtype": s.dtype},
+                  "dtype": s.dtype, "rms_norm_backward": v.rms_norm_backward},
         "training": {
             "steps": s.warmup + s.steps, "seq_len": s.seq_len, "batch_size": s.batch, "micro_batch_size": s.batch,
             "device": s.device.type, "mixed_precision": "bf16" if cuda else "fp32",
@@ -832,7 +836,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per run (compile happens here)")
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
-                        "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense (the module docstring "
+                        "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd (the module docstring "
                         "lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")

@@ -45,6 +45,7 @@ from posttrain.metrics import (
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
 from posttrain.models import protocol as model_hooks
 from posttrain.models.common.flash_attention_4 import FlashAttention4Unavailable, activate_fa4
+from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
 from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
@@ -183,6 +184,10 @@ def build_training_model(
         args.vocab_size = grown
     with torch.device("meta"):
         model = spec.model_cls(args)
+    if m.rms_norm_backward == "triton":  # before compile traces the blocks
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.own_backward = True
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
     if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
         try:

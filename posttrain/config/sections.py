@@ -44,6 +44,12 @@ class ModelSection:
         choices=("auto", "cudnn", "flash", "efficient", "math", "fa4"),
     )
     dtype: str = opt("auto", "parameter dtype: bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
+    rms_norm_backward: str = opt(
+        "autograd",
+        "RMSNorm's backward: autograd's (inductor's kernels when compiled), or triton: one pass over the rows with "
+        "the forward's rms saved (a Triton kernel on CUDA, the same math in torch ops elsewhere)",
+        choices=("autograd", "triton"),
+    )
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")
     overrides: dict = opt({}, "from scratch: architecture fields over the flavor, e.g. {dim = 256, n_layers = 4}")
     backend: str = opt(

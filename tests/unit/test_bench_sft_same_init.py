@@ -113,6 +113,8 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert (every.float8, every.float8_recipe, every.float8_small_gemms) == (True, "tensorwise", True)
     dense = bench_sft.parse_variant("compile+sdpa+embgrad=dense")
     assert not dense.sparse_embedding_grad and bench_sft.parse_variant("compile+sdpa").sparse_embedding_grad
+    assert bench_sft.parse_variant("compile+sdpa+norm=triton").rms_norm_backward == "triton"
+    assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")
 

@@ -1,0 +1,128 @@
+"""RMSNorm with its own backward (`model.rms_norm_backward = "triton"`): the same forward, bit for bit; the
+gradients of autograd's backward (fp32 to rounding, bf16 within an ulp), in eager, under torch.compile and through
+the Trainer; the Triton kernel against the same math in torch ops through Triton's interpreter (TRITON_INTERPRET=1,
+in a subprocess). On the GPU: tests/gpu/test_cuda_training_steps.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import load_config
+from posttrain.models.common.rms_norm import RMSNorm
+from posttrain.models.registry import build_model
+from posttrain.parallelisms.compile import apply_compile
+from posttrain.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pair(dim: int, zero_centered: bool, dtype: torch.dtype) -> tuple[RMSNorm, RMSNorm]:
+    norms = (RMSNorm(dim, zero_centered=zero_centered), RMSNorm(dim, zero_centered=zero_centered))
+    with torch.no_grad():
+        norms[0].weight.normal_(generator=torch.Generator().manual_seed(0))
+        norms[1].weight.copy_(norms[0].weight)
+    norms[1].own_backward = True
+    return tuple(n.to(dtype) for n in norms)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_own_backward_equals_autograds(zero_centered: bool, dtype: torch.dtype) -> None:
+    ref, own = _pair(96, zero_centered, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 96, generator=g).to(dtype)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [ref(xs[0]), own(xs[1])]
+    assert torch.equal(outs[0], outs[1])  # the forward is the same ops
+    dy = torch.randn(outs[0].shape, generator=g).to(outs[0].dtype)
+    for out in outs:
+        out.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, **tol)
+    torch.testing.assert_close(own.weight.grad, ref.weight.grad, **tol)
+    assert xs[1].grad.dtype == dtype and own.weight.grad.dtype == dtype
+
+
+def test_compiled_blocks_with_own_backward_equal_autograds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import posttrain.models.common.rms_norm_backward as own_backward
+
+    calls = []
+    reference = own_backward.rms_norm_backward_reference
+    monkeypatch.setattr(own_backward, "rms_norm_backward_reference", lambda *a: calls.append(1) or reference(*a))
+    grads = []
+    for own in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model("qwen3", "debug", "cpu")  # per-head q/k norms too
+        norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+        assert len(norms) > 4
+        for m in norms:
+            m.own_backward = own
+        apply_compile(model, device_type="cpu")
+        ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == len(norms), "every norm's backward ran through the op (compiled as an opaque call)"
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None:
+    losses = {}
+    for mode in ("autograd", "triton"):
+        cfg = load_config(["--config", "train_configs/debug_sft.toml", "--job.output_dir", str(tmp_path / mode),
+                           "--metrics.tensorboard", "false", "--training.batch_size", "2", "--training.seq_len", "16",
+                           "--model.rms_norm_backward", mode])
+        trainer = Trainer(cfg)
+        try:
+            norms = [m for m in trainer.model.modules() if isinstance(m, RMSNorm)]
+            assert norms and all(m.own_backward == (mode == "triton") for m in norms)
+            g = torch.Generator().manual_seed(0)
+            trainer.data_loader = [
+                {"input_ids": torch.randint(0, 100, (2, 16), generator=g),
+                 "labels": torch.randint(0, 100, (2, 16), generator=g),
+                 "position_ids": torch.arange(16).expand(2, 16), "document_ids": torch.zeros(2, 16, dtype=torch.long)}
+                for _ in range(3)
+            ]
+            from posttrain.recipes.sft import build_loss_fn
+
+            losses[mode] = [trainer.train_step(build_loss_fn(cfg))["loss"] for _ in range(3)]
+        finally:
+            trainer.close()
+    assert losses["triton"] == pytest.approx(losses["autograd"], rel=1e-5)
+    assert losses["triton"][-1] < losses["triton"][0]
+
+
+def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
+    pytest.importorskip("triton", reason="Triton is not installed: the interpreter check needs it")
+    code = textwrap.dedent("""
+    import torch
+    from posttrain.models.common.rms_norm_backward import rms_norm_backward, rms_norm_backward_reference, _kernel_takes
+    for zero_centered in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((37, 96), (2, 5, 128), (3, 2048)):  # rows not a multiple of the programs; 96 columns
+                g = torch.Generator().manual_seed(0)
+                x, dy = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
+                w = torch.randn(shape[-1], generator=g).to(dtype)
+                rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+                assert _kernel_takes(dy, x)
+                dx, dw = rms_norm_backward(dy, x, w, rstd, zero_centered)
+                rx, rw = rms_norm_backward_reference(dy, x, w, rstd, zero_centered)
+                assert dx.dtype == dtype and dw.dtype == dtype and dx.shape == x.shape
+                # fp32: summation order; bf16: the interpreter truncates where the GPU rounds (an ulp)
+                tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+                for got, want in ((dx, rx), (dw, rw)):
+                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    assert err <= tol, (zero_centered, dtype, shape, err)
+    print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
