@@ -14,8 +14,8 @@ built for it when a peer runs first), converted by the project's HF export and l
 the `loss vs peer` column and the last target line check that (first-step loss within 0.1%, the loss after the
 same number of steps within 2%; the tolerances are justified in same_init.py; no verdict for float8 variants,
 for LoRA the first loss only) -- a difference there is a difference in computation, not in initialisation.
-posttrain's MoE loss also adds the router's load-balancing term (router_aux_loss_coef x aux, ~0.002 at init),
-which the peers (output_router_logits false) leave out.
+posttrain's MoE loss also adds the router's load-balancing term (router_aux_loss_coef x aux); the HF MoE peers
+run with output_router_logits on, so transformers adds it too (averaged over the layers a little differently).
 
 * posttrain: the real path -- `Trainer` (build_training_model: parallelize -> AC -> compile, meta-device
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's

@@ -161,6 +161,7 @@ class TritonAdamW(torch.optim.AdamW):
         self._kernel_failed: str | None = None  # why the kernel could not be built; torch's step from then on
         self._kernel_ran = False
         self._norm_ran = False
+        self._norm_failed: str | None = None  # why the norm's kernel could not be built; torch's norm from then on
 
     @staticmethod
     def _group_takes(group: dict) -> bool:
@@ -232,7 +233,7 @@ class TritonAdamW(torch.optim.AdamW):
         group; None when they are not exactly the parameters with gradients this optimizer steps, or its kernel
         would not take them (or has no state for them yet: the first step): the caller computes the norm."""
         with_grads = [p for p in parameters if p.grad is not None]
-        prepared = self._prepared(make_state=False) if with_grads else None
+        prepared = self._prepared(make_state=False) if with_grads and self._norm_failed is None else None
         if prepared is None:
             return None
         mine = {id(p) for _, _, tensors, _ in prepared for p, *_ in tensors}
@@ -250,7 +251,8 @@ class TritonAdamW(torch.optim.AdamW):
             except Exception as err:  # noqa: BLE001 - a build error; the kernel only reads
                 if self._norm_ran:
                     raise
-                self._give_up(err)
+                self._norm_failed = f"{type(err).__name__}: {str(err)[:200]}"  # the step's kernel may still run
+                logger.warning("Triton gradient norm unavailable (%s); using torch's foreach norm", self._norm_failed)
                 return None
             self._norm_ran = True
             sums.append(partials.sum())

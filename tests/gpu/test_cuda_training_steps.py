@@ -117,9 +117,12 @@ def test_cudagraph_blocks_equal_compiled_blocks(
     assert grad_rel < GRAD_RTOL, worst
 
 
-def test_row_sparse_tied_embedding_grad_equals_the_dense_one(device: torch.device) -> None:
-    """The tied head's gradient with the lookup's rows added in place on the device (index_add's atomics): the
-    dense embedding backward's, to fp32 summation order."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_sparse_tied_embedding_grad_equals_the_dense_one(device: torch.device, dtype: torch.dtype,
+                                                             record_property) -> None:
+    """The tied head's gradient with the lookup's rows added on the device: the dense embedding backward's (the same
+    per-id fp32 sums rounded once, then one add per id), with half the batch one token (a per-occurrence bf16 add
+    would be ~10% off on that row)."""
     from functools import partial
 
     from posttrain.losses import cross_entropy_for
@@ -129,19 +132,25 @@ def test_row_sparse_tied_embedding_grad_equals_the_dense_one(device: torch.devic
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(build_model("llama3", "debug", device, tie_embeddings=True, vocab_size=1000))
+        models.append(build_model("llama3", "debug", device, tie_embeddings=True, vocab_size=1000).to(dtype))
     assert use_sparse_embedding_grad(models[1])
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
-        ids = torch.randint(0, 1000, (2, 64), generator=g).to(device)
+        ids = torch.randint(0, 1000, (4, 2048), generator=g)
+        ids[:, ::2] = 7
+        ids = ids.to(device)
         labels = torch.roll(ids, -1, dims=1)
         for model in models:
             fn = partial(cross_entropy_for("fused"), labels=labels, vocab_size=1000, chunk_size=0)
             model(ids, output_fn=fn)[0].backward()
-    grads = [{n: p.grad for n, p in m.named_parameters()} for m in models]
+    grads = [{n: p.grad.float() for n, p in m.named_parameters()} for m in models]
     rel, worst = max_rel_diff(grads[1], grads[0])
-    assert not grads[1]["tok_embeddings.weight"].is_sparse
-    assert rel < 1e-5, worst
+    row = (grads[1]["tok_embeddings.weight"][7] - grads[0]["tok_embeddings.weight"][7]).abs().max()
+    row_rel = (row / grads[0]["tok_embeddings.weight"][7].abs().max()).item()
+    record_property("rel_err", f"{dtype}: max {rel:.2e} ({worst}); the frequent token's row {row_rel:.2e}")
+    assert not models[1].tok_embeddings.weight.grad.is_sparse
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), worst
+    assert row_rel < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

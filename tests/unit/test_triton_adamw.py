@@ -219,6 +219,29 @@ def test_a_kernel_that_fails_to_build_hands_over_to_torch_once_with_a_warning() 
     assert out.strip().endswith("ok")
 
 
+def test_a_norm_kernel_that_fails_to_build_leaves_the_step_kernel_running() -> None:
+    out = _interpret(prelude=_PARAMS, code="""
+    import posttrain.triton_adamw as module
+    from posttrain.parallelisms.grad_clip import get_total_grad_norm
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no C compiler for the launcher")
+            return launch
+    module._grad_squares_blocks = Unbuildable()
+    a = make((4096, 64))
+    opt = TritonAdamW(groups(a), lr=1e-2)
+    set_grads(zip(a, a), 0)
+    opt.step()
+    set_grads(zip(a, a), 1)
+    assert opt.grad_norm(a) is None and opt._norm_failed and opt._kernel_failed is None
+    opt.step()
+    assert opt._kernel_ran and opt._kernel_failed is None
+    print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
 def test_trainer_steps_with_the_triton_adamw_match_foreach(tmp_path: Path) -> None:
     """Through the Trainer (clipping inside the kernel via grad_scale, the divergence guard's found_inf on two
     NaN steps): the same parameters as torch's foreach AdamW after clip_grad_norm_ with the host-checked guard."""

@@ -25,6 +25,7 @@ from posttrain.models.common.attention import (
     build_attention_backend,
     sdpa_kernel_for,
 )
+from posttrain.models.common.embedding import Embedding
 from posttrain.models.common.feed_forward import FeedForward
 from posttrain.models.common.kv_cache import KVCache
 from posttrain.models.common.lora import effective_weight
@@ -127,7 +128,7 @@ class Transformer(nn.Module):
         self.args = args
         self.attn_backend = build_attention_backend(args.attn_backend, args.sdpa_kernel)
         vocab = args.padded_vocab_size
-        self.tok_embeddings = nn.Embedding(vocab, args.dim)
+        self.tok_embeddings = Embedding(vocab, args.dim)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, args, self.attn_backend) for i in range(args.n_layers)}

@@ -22,13 +22,14 @@ from posttrain.models.common.attention import (
     MaskMod,
     sliding_window_mask_mod,
 )
+from posttrain.models.common.embedding import Embedding
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.common.rope import RotaryEmbedding
 from posttrain.models.common.transformer import Transformer
 from .args import SLIDING, Gemma3Args
 
 
-class ScaledEmbedding(nn.Embedding):
+class ScaledEmbedding(Embedding):
     """``embedding(ids) * sqrt(dim)``, the scale rounded to the weight dtype first (as in HF: 55.4256 -> 55.5 in
     bf16 for dim 3072)."""
 
