@@ -2,8 +2,9 @@
 
 A fused head loss projects `c` hidden states at a time through the output weight, turns the `[c, V]` logits
 into loss terms and (in place) their gradient, then multiplies that gradient into the hidden states' and the
-weight's gradients. The weight's gradient is one buffer in the weight's own dtype, written by the first chunk's `grad_logits^T @ h` and
-`grad_weight += grad_logits^T @ h` per later chunk (the matmul accumulates in fp32 and rounds once per chunk).
+weight's gradients. The weight's gradient is one buffer in the weight's own dtype, written by the first chunk's
+`grad_logits^T @ h` and `grad_weight += grad_logits^T @ h` per later chunk (the matmul accumulates in fp32 and rounds
+once per chunk).
 """
 
 from __future__ import annotations

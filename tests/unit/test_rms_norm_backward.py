@@ -100,6 +100,30 @@ def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None
     assert losses["triton"][-1] < losses["triton"][0]
 
 
+def test_a_kernel_that_fails_to_build_hands_over_to_the_torch_ops_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import posttrain.models.common.rms_norm_backward as own_backward
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no C compiler for the launcher")
+            return launch
+
+    monkeypatch.setattr(own_backward, "_rms_norm_backward_rows", Unbuildable(), raising=False)
+    monkeypatch.setattr(own_backward, "_kernel_takes", lambda dy, x: True)  # as on a GPU
+    monkeypatch.setattr(own_backward, "_kernel_failed", None)
+    warnings = []
+    monkeypatch.setattr(own_backward.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    ref, own = _pair(32, False, torch.float32)
+    x = torch.randn(4, 32)
+    for _ in range(2):
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ref(xs[0]).sum().backward()
+        own(xs[1]).sum().backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+    assert len(warnings) == 1 and "no C compiler" in warnings[0]
+
+
 def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
     pytest.importorskip("triton", reason="Triton is not installed: the interpreter check needs it")
     code = textwrap.dedent("""

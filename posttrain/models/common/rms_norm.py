@@ -67,3 +67,6 @@ class RMSNorm(nn.Module):
         if self.own_backward and not isinstance(x, DTensor) and not isinstance(self.weight, DTensor):
             return _RMSNormOwnBackward.apply(x, self.weight, self.eps, self.zero_centered)
         return _normalized(x, self.weight, self.eps, self.zero_centered)[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, zero_centered={self.zero_centered}"

@@ -5,18 +5,19 @@ What the compiled blocks run for it otherwise (inductor's kernels, the session-1
 norm) and a second pass for the input's gradient that recomputes the row's rms (59 us), where reading x and dy once
 and writing dx takes ~25 us at the HBM's speed. Here each program walks a contiguous range of rows: it reads x and
 dy once, writes dx, and keeps its share of the weight's gradient in registers (one fp32 row per program, summed
-after). The rms comes saved from the forward (`RMSNorm` with `triton_backward`).
+after). The rms comes saved from the forward (`RMSNorm` with `own_backward`).
 
 Math (fp32 throughout, x_hat = x * rstd, w' = w or 1 + w for zero-centred norms):
     dx = rstd * (dy w' - x_hat * mean(dy w' x_hat)),    dw = sum over rows of dy * n
 with n the forward's normalised value as it multiplied w: x_hat rounded to x's dtype (`w * x_hat.to(dtype)`), or
-x_hat itself for zero-centred norms (`(x_hat * (1 + w)).to(dtype)`). Elsewhere (CPU, no Triton) the same math in
-torch ops.
+x_hat itself for zero-centred norms (`(x_hat * (1 + w)).to(dtype)`). Elsewhere (CPU, no Triton, a kernel that
+could not be built: one warning) the same math in torch ops.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -30,8 +31,11 @@ except ImportError:  # CPU-only installs
 
 __all__ = ["rms_norm_backward", "rms_norm_backward_reference"]
 
+logger = logging.getLogger("posttrain")
+
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: how the CPU tests check it.
 _DEVICE_TYPES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+_kernel_failed: str | None = None  # why the kernel could not be built here; the torch ops from then on
 
 
 if triton is not None:
@@ -91,8 +95,18 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                       zero_centered: bool) -> tuple[Tensor, Tensor]:
     """(dx, dweight) of `RMSNorm` given its output's gradient `dy`, its input `x` and the forward's `rstd` (one per
     row of x); dx in x's dtype, dweight in the weight's."""
-    if not _kernel_takes(dy, x):
-        return rms_norm_backward_reference(dy, x, weight, rstd, zero_centered)
+    global _kernel_failed
+    if _kernel_failed is None and _kernel_takes(dy, x):
+        try:
+            return _kernel_backward(dy, x, weight, rstd, zero_centered)
+        except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel writes anything
+            _kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
+            logger.warning("Triton RMSNorm backward unavailable (%s); using the torch ops", _kernel_failed)
+    return rms_norm_backward_reference(dy, x, weight, rstd, zero_centered)
+
+
+def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
+                     zero_centered: bool) -> tuple[Tensor, Tensor]:
     n_cols = x.shape[-1]
     x_rows = x.reshape(-1, n_cols).contiguous()
     dy_rows = dy.reshape(-1, n_cols).contiguous()
