@@ -112,6 +112,7 @@ def test_a_kernel_that_fails_to_build_hands_over_to_the_torch_ops_once(monkeypat
     monkeypatch.setattr(own_backward, "_rms_norm_backward_rows", Unbuildable(), raising=False)
     monkeypatch.setattr(own_backward, "_kernel_takes", lambda dy, x: True)  # as on a GPU
     monkeypatch.setattr(own_backward, "_kernel_failed", None)
+    monkeypatch.setattr(own_backward, "_kernel_ran", False)
     warnings = []
     monkeypatch.setattr(own_backward.logger, "warning", lambda msg, *args: warnings.append(msg % args))
     ref, own = _pair(32, False, torch.float32)
@@ -122,6 +123,25 @@ def test_a_kernel_that_fails_to_build_hands_over_to_the_torch_ops_once(monkeypat
         own(xs[1]).sum().backward()
         torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
     assert len(warnings) == 1 and "no C compiler" in warnings[0]
+
+
+def test_the_op_on_a_permuted_input_under_compile_and_opcheck() -> None:
+    """The op's fake (compile-time) outputs are contiguous like its real ones: a permuted input compiles."""
+    from posttrain.models.common.rms_norm_backward import rms_norm_backward
+
+    x = torch.randn(2, 4, 3, 16).transpose(1, 2)  # not contiguous
+    dy = torch.randn(2, 3, 4, 16)
+    w = torch.randn(16)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.library.opcheck(rms_norm_backward, (dy, x, w, rstd, False))
+    ref, own = _pair(16, False, torch.float32)
+    own_compiled = torch.compile(lambda t: own(t.transpose(1, 2)), backend="aot_eager")
+    xs = [torch.randn(2, 4, 3, 16, requires_grad=True) for _ in range(2)]
+    with torch.no_grad():
+        xs[1].copy_(xs[0])
+    ref(xs[0].transpose(1, 2)).square().sum().backward()
+    own_compiled(xs[1]).square().sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:

@@ -105,3 +105,12 @@ def test_a_deep_copy_gets_its_own_hook() -> None:
     assert use_sparse_embedding_grad(twin)
     twin.tok_embeddings(torch.tensor([[1, 2]])).sum().backward()
     assert not twin.tok_embeddings.weight.grad.is_sparse
+
+
+def test_int32_ids() -> None:
+    dense, sparse = _tied_pair()
+    assert use_sparse_embedding_grad(sparse)
+    ids = torch.tensor([[3, 5, 5, 7]], dtype=torch.int32)
+    for model in (dense, sparse):
+        model.tok_embeddings(ids).square().sum().backward()
+    torch.testing.assert_close(sparse.tok_embeddings.weight.grad, dense.tok_embeddings.weight.grad)

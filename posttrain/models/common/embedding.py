@@ -2,14 +2,16 @@
 
 With tied input and output embeddings the one weight gets two gradients a step: the head's, dense `[V, D]`, and
 the lookup's, nonzero only in the rows of the batch's ids. torch's dense embedding backward zero-fills a `[V, D]`
-buffer, sums each id's rows into it (in fp32, rounded once) and autograd then adds the whole buffer into the
-head's gradient: about 0.8 ms of a Llama-3.2-1B step at 8,192 tokens on an H200 and a transient `[V, D]` buffer
-(the session-15 profile, BENCHMARKS.md). With `row_sparse_grad` the lookup's gradient is a sparse `[V, D]` tensor
-of N rows (N = the ids looked up): each distinct id's rows summed in fp32 and rounded once by torch's own dense
-embedding backward over the batch's compact id space (`[N, D]` instead of `[V, D]`), then autograd adds it into the
-head's dense gradient in place with one add per id: the same two roundings as the dense path. Fixed sizes
-throughout (no count of distinct ids leaves the device, so no host sync); the rows past the distinct ids are zero
-and point at row 0 (adding zero is exact in any order).
+buffer, sums each id's rows into it and autograd then adds the whole buffer into the head's gradient (read two
+`[V, D]`, write one): about 0.8 ms of a Llama-3.2-1B step at 8,192 tokens on an H200 (the session-15 profile,
+BENCHMARKS.md). With `row_sparse_grad` the lookup's gradient is a sparse `[V, D]` tensor of N rows (N = the ids
+looked up): each distinct id's rows summed by torch's own dense embedding backward over the batch's compact id
+space (`[N, D]` instead of `[V, D]`: the same kernel and summation as the dense path), then autograd adds it to the
+head's gradient with one add per id. autograd does not add a sparse gradient in place: the sum is a new dense
+tensor, the head's gradient copied plus the rows (one `[V, D]` read and one write instead of a fill and a
+three-tensor add; the same peak memory). Fixed sizes throughout (no count of distinct ids leaves the device, so no
+host sync); the rows past the distinct ids are zero and point at row 0 (adding zero is exact in any order), so the
+result equals the dense path's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = ["Embedding", "row_sparse_embedding_grad"]
 
 def row_sparse_embedding_grad(ids: Tensor, grad_out: Tensor, num_embeddings: int) -> Tensor:
     """d loss / d weight of `F.embedding(ids, weight)` as a sparse COO tensor (uncoalesced, N rows)."""
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).long()  # F.embedding takes int32 ids; the index arithmetic below needs int64
     n = flat.numel()
     dim = grad_out.shape[-1]
     sorted_ids, order = torch.sort(flat)

@@ -32,7 +32,7 @@ class _RMSNormOwnBackward(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         dx, dweight = rms_norm_backward(grad_out, x, weight, rstd, ctx.zero_centered)
-        return dx, dweight, None, None
+        return (dx if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None), None, None
 
 
 class RMSNorm(nn.Module):

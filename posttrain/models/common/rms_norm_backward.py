@@ -16,6 +16,7 @@ could not be built: one warning) the same math in torch ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ logger = logging.getLogger("posttrain")
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: how the CPU tests check it.
 _DEVICE_TYPES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 _kernel_failed: str | None = None  # why the kernel could not be built here; the torch ops from then on
+_kernel_ran = False
 
 
 if triton is not None:
@@ -87,7 +89,7 @@ def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Ten
     dw = (dyf * n).reshape(-1, x.shape[-1]).sum(0)
     dn = dyf * w
     dx = rstd.reshape(*x.shape[:-1], 1) * (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), dw.to(weight.dtype)
+    return dx.to(x.dtype).contiguous(), dw.to(weight.dtype)
 
 
 @torch.library.custom_op("posttrain::rms_norm_backward", mutates_args=())
@@ -95,13 +97,20 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
                       zero_centered: bool) -> tuple[Tensor, Tensor]:
     """(dx, dweight) of `RMSNorm` given its output's gradient `dy`, its input `x` and the forward's `rstd` (one per
     row of x); dx in x's dtype, dweight in the weight's."""
-    global _kernel_failed
+    global _kernel_failed, _kernel_ran
     if _kernel_failed is None and _kernel_takes(dy, x):
         try:
-            return _kernel_backward(dy, x, weight, rstd, zero_centered)
-        except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel writes anything
+            out = _kernel_backward(dy, x, weight, rstd, zero_centered)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a build error on the first launch, before anything is written
+            if _kernel_ran:
+                raise
             _kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
             logger.warning("Triton RMSNorm backward unavailable (%s); using the torch ops", _kernel_failed)
+        else:
+            _kernel_ran = True
+            return out
     return rms_norm_backward_reference(dy, x, weight, rstd, zero_centered)
 
 
@@ -117,14 +126,15 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     block = triton.next_power_of_2(n_cols)
     dx = torch.empty_like(x_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    _rms_norm_backward_rows[(programs,)](
-        dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), dx, dw_partial, n_rows, n_cols,
-        rows_per_program, ZERO_CENTERED=zero_centered, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
-    )
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+        _rms_norm_backward_rows[(programs,)](
+            dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), dx, dw_partial, n_rows,
+            n_cols, rows_per_program, ZERO_CENTERED=zero_centered, BLOCK=block,
+            num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
+        )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
 @rms_norm_backward.register_fake
 def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)  # contiguous, as both real paths return them
