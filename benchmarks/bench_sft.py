@@ -33,7 +33,7 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
-  (`training.sparse_embedding_grad`, default sparse: a tied embedding's lookup gradient as rows), `norm=triton|autograd`
+  (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
   (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
@@ -398,7 +398,7 @@ class PosttrainVariant:
     lora_rank: int = 0  # > 0: LoRA of that rank (alpha 2 x rank) on every attention / MLP projection
     cudagraphs: bool = False  # compile.cudagraphs: the compiled blocks replayed as CUDA graphs
     adamw: str = "auto"  # optimizer.fused
-    sparse_embedding_grad: bool = True  # training.sparse_embedding_grad
+    sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
 
 
@@ -528,7 +528,8 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "fused_adamw": _fused(trainer.optimizer), "adamw": type(trainer.optimizer).__name__, "sft_loss": SFT_LOSS_SOURCE,
                 "ce_grad": ce_grad_status(s.device) if cfg.training.loss_impl == "fused" else None,
                 # applied: a tied, trained, unsharded embedding on CUDA (training.sparse_embedding_grad)
-                "sparse_embedding_grad": bool(getattr(getattr(trainer.model, "tok_embeddings", None), "sparse", False)),
+                "sparse_embedding_grad": bool(getattr(getattr(trainer.model, "tok_embeddings", None), "row_sparse_grad",
+                                                      False)),
             }
             return result
         finally:

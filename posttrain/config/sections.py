@@ -136,9 +136,9 @@ class TrainingSection:
     )
     loss: str = opt("cross_entropy", "SFT loss: cross_entropy, or your own fn(model, batch, n_global) as 'module:attr'")
     sparse_embedding_grad: bool = opt(
-        True, "on one CUDA device, a tied embedding's lookup gradient as the looked-up rows (each id's summed as the "
+        False, "on one CUDA device, a tied embedding's lookup gradient as the looked-up rows (each id's summed as the "
         "dense backward sums them), added to the head's dense gradient once per id (no zero-filled [vocab, dim] "
-        "buffer); off in deterministic mode"
+        "buffer); not in deterministic mode. Opt-in until measured on a GPU"
     )
     float8: bool = opt(
         False, "float8 matmuls (torchao; scaling: training.float8_recipe) in the transformer blocks' Linear layers; "

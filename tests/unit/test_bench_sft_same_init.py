@@ -112,7 +112,8 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     every = bench_sft.parse_variant("compile+sdpa+float8=tensorwise-all")
     assert (every.float8, every.float8_recipe, every.float8_small_gemms) == (True, "tensorwise", True)
     dense = bench_sft.parse_variant("compile+sdpa+embgrad=dense")
-    assert not dense.sparse_embedding_grad and bench_sft.parse_variant("compile+sdpa").sparse_embedding_grad
+    assert not dense.sparse_embedding_grad and not bench_sft.parse_variant("compile+sdpa").sparse_embedding_grad
+    assert bench_sft.parse_variant("compile+sdpa+embgrad=sparse").sparse_embedding_grad
     assert bench_sft.parse_variant("compile+sdpa+norm=triton").rms_norm_backward == "triton"
     assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
