@@ -5,9 +5,9 @@
 For each kernel (`--kernels`, `optimizer.fused` values: `true` = torch's fused, `triton`, `false` = foreach) the
 model is built with `--dtype` parameters (and AdamW states: build_optimizer's two groups, decay on matrices), every
 parameter drawn from the same seed, and one set of gradients (same seed) is kept for every step. A step is what
-`Trainer.train_step` does after backward: the total gradient norm (the Triton AdamW's own `grad_norm` where it
-runs, torch's foreach norm otherwise), the clipping divisor passed as `grad_scale`, the optimizer step. Timed with CUDA events over `--steps` steps after `--warmup`; "bandwidth" counts the
-traffic AdamW needs (read parameter, gradient and both moments, write parameter and both moments: 7 x the
+`Trainer.train_step` does after backward: the total gradient norm (`optim.total_grad_norm`: the Triton AdamW's own
+where it runs, torch's foreach norm otherwise), the clipping divisor passed as `grad_scale`, the optimizer step.
+Timed with CUDA events over `--steps` steps after `--warmup`; "bandwidth" counts the traffic AdamW needs (read parameter, gradient and both moments, write parameter and both moments: 7 x the
 parameter bytes) over the optimizer step alone; torch's fused kernel also writes the divided gradients back (8 x),
 which the column does not count. After the same steps every kernel's parameters are compared with
 the first kernel's: the largest difference relative to the largest parameter, and the share of elements that
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from posttrain.config.sections import OptimizerSection  # noqa: E402
 from posttrain.models.registry import build_model  # noqa: E402
-from posttrain.optim import build_optimizer, own_grad_norm  # noqa: E402
+from posttrain.optim import build_optimizer, total_grad_norm  # noqa: E402
 from posttrain.parallelisms.grad_clip import clip_divisor, get_total_grad_norm  # noqa: E402
 
 KERNEL_NAMES = {"true": "torch fused", "triton": "posttrain triton", "false": "torch foreach"}
@@ -55,13 +55,9 @@ def run_kernel(kernel: str, args: argparse.Namespace, device: torch.device, dtyp
 
     fused = bool(optimizer.defaults.get("fused"))
 
-    def grad_norm() -> torch.Tensor:
-        norm = own_grad_norm(optimizer, params)
-        return get_total_grad_norm(params) if norm is None else norm
-
     def step(start: torch.cuda.Event, mid: torch.cuda.Event, end: torch.cuda.Event) -> None:
         start.record()
-        divisor = clip_divisor(grad_norm(), args.max_grad_norm)
+        divisor = clip_divisor(total_grad_norm(optimizer, params), args.max_grad_norm)
         mid.record()
         if fused:
             optimizer.grad_scale = divisor
@@ -85,7 +81,7 @@ def run_kernel(kernel: str, args: argparse.Namespace, device: torch.device, dtyp
     numel = sum(p.numel() for p in params)
     step_ms = sum(m.elapsed_time(e) for _, m, e in events) / args.steps
     norm_ms = sum(s.elapsed_time(m) for s, m, _ in events) / args.steps
-    norms = (float(grad_norm()), float(get_total_grad_norm(params)))
+    norms = (float(total_grad_norm(optimizer, params)), float(get_total_grad_norm(params)))
     flat = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
     result = {
         "kernel": KERNEL_NAMES[kernel], "optimizer": type(optimizer).__name__, "params": numel,

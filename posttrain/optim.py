@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from posttrain.config.errors import ConfigError
+from posttrain.parallelisms.grad_clip import get_total_grad_norm
 from posttrain.triton_adamw import TritonAdamW, triton_adamw_available
 
 
@@ -56,10 +57,11 @@ def adamw_kernel(fused: str, device: torch.device, params: list[nn.Parameter]) -
     return {"true": "torch_fused", "false": "foreach"}[fused]
 
 
-def own_grad_norm(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.Tensor | None:
-    """The 2-norm of `params`' gradients from the optimizer's own tables (`TritonAdamW.grad_norm`: one launch per
-    group), or None where it has none: the caller computes the norm."""
-    return optimizer.grad_norm(params) if isinstance(optimizer, TritonAdamW) else None
+def total_grad_norm(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of `params`' gradients: from the optimizer's own tables where it has them (`TritonAdamW.grad_norm`,
+    one launch per group), else `get_total_grad_norm`."""
+    norm = optimizer.grad_norm(params) if isinstance(optimizer, TritonAdamW) else None
+    return get_total_grad_norm(params) if norm is None else norm
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
@@ -95,9 +97,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) 
 
 def apply_optimizer_config(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg) -> None:
     """After loading a checkpoint: the `[optimizer]` section `cfg` (peak lr, betas, eps, weight decay) replaces
-    the saved hyper-parameters, the optimizer keeps this run's kernel (fused / foreach), and the lr follows this run's
-    schedule from the resumed step on. With an
-    unchanged config this reproduces the saved values exactly (the same `base_lr * multiplier(step)`)."""
+    the saved hyper-parameters, the optimizer keeps this run's kernel (fused / foreach), and the lr follows this
+    run's schedule from the resumed step on. With an unchanged config this reproduces the saved values exactly (the
+    same `base_lr * multiplier(step)`)."""
     for group in optimizer.param_groups:
         # load_state_dict took the saved run's kernel flags: this run's optimizer keeps its own kernel
         group["fused"], group["foreach"] = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")

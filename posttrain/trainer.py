@@ -51,13 +51,12 @@ from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
 from posttrain.models.registry import get_model_spec, resolve_args, resolve_scratch_args
 from posttrain.models.sharded_load import init_weights_sharded, load_hf_weights_sharded
-from posttrain.optim import apply_optimizer_config, build_lr_scheduler, build_optimizer, own_grad_norm
+from posttrain.optim import apply_optimizer_config, build_lr_scheduler, build_optimizer, total_grad_norm
 from posttrain.parallelisms import (
     ParallelDims,
     clip_divisor,
     clip_grad_norm_,
     get_parallelize_fn,
-    get_total_grad_norm,
 )
 from posttrain.parallelisms.compile import partitioner_settings_kept
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
@@ -500,9 +499,7 @@ class Trainer:
             # Clip inside fused AdamW's kernel (it divides the gradients by grad_scale, as under GradScaler)
             # instead of a separate pass over every gradient. Sharded (DTensor) parameters keep clip_grad_norm_:
             # a plain grad_scale beside DTensors has not been run on several GPUs here.
-            grad_norm = own_grad_norm(self.optimizer, params)
-            if grad_norm is None:
-                grad_norm = get_total_grad_norm(params)
+            grad_norm = total_grad_norm(self.optimizer, params)
             self.optimizer.grad_scale = clip_divisor(grad_norm, max_norm)
         else:
             grad_norm = clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

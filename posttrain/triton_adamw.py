@@ -223,10 +223,6 @@ class TritonAdamW(torch.optim.AdamW):
         tables.update([p.numel() for p, *_ in tensors], addresses, tensors[0][0].device)
         return tables
 
-    def _give_up(self, err: Exception) -> None:
-        self._kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
-        logger.warning("Triton AdamW unavailable (%s); using torch's fused AdamW", self._kernel_failed)
-
     @torch.no_grad()
     def grad_norm(self, parameters) -> Tensor | None:
         """The 2-norm of the gradients of `parameters` (0-d fp32, non-finite when a gradient is), one launch per
@@ -276,7 +272,8 @@ class TritonAdamW(torch.optim.AdamW):
             except Exception as err:  # noqa: BLE001 - a build error, raised before the kernel touches a tensor
                 if self._kernel_ran:
                     raise
-                self._give_up(err)
+                self._kernel_failed = f"{type(err).__name__}: {str(err)[:200]}"
+                logger.warning("Triton AdamW unavailable (%s); using torch's fused AdamW", self._kernel_failed)
                 super().step()
                 return loss
             self._kernel_ran = True

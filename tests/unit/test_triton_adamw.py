@@ -42,6 +42,12 @@ def make(sizes, dtype=torch.float32):
 def groups(params):
     return [{"params": params[:-1], "weight_decay": 0.1}, {"params": params[-1:], "weight_decay": 0.0}]
 
+class Unbuildable:  # a kernel whose launcher cannot be built (no C compiler, a Triton without some feature)
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("no C compiler for the launcher")
+        return launch
+
 def set_grads(pairs, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     for x, y in pairs:
@@ -196,11 +202,6 @@ def test_a_kernel_that_fails_to_build_hands_over_to_torch_once_with_a_warning() 
     out = _interpret(prelude=_PARAMS, code="""
     import logging
     import posttrain.triton_adamw as module
-    class Unbuildable:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no C compiler for the launcher")
-            return launch
     module._adamw_blocks = Unbuildable()
     warnings = []
     logging.getLogger("posttrain").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
@@ -222,12 +223,6 @@ def test_a_kernel_that_fails_to_build_hands_over_to_torch_once_with_a_warning() 
 def test_a_norm_kernel_that_fails_to_build_leaves_the_step_kernel_running() -> None:
     out = _interpret(prelude=_PARAMS, code="""
     import posttrain.triton_adamw as module
-    from posttrain.parallelisms.grad_clip import get_total_grad_norm
-    class Unbuildable:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no C compiler for the launcher")
-            return launch
     module._grad_squares_blocks = Unbuildable()
     a = make((4096, 64))
     opt = TritonAdamW(groups(a), lr=1e-2)
