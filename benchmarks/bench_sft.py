@@ -34,8 +34,7 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
   (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
-  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `qkv=fused|separate`
-  (`Attention.fuse_qkv`, default fused: q/k/v as one matmul while training). MFU stays relative to the
+  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -104,7 +103,7 @@ from posttrain.config import config_from_dict  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.losses.targets import find_target_index  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
-from posttrain.models.common.attention import SDPA_KERNELS, Attention  # noqa: E402
+from posttrain.models.common.attention import SDPA_KERNELS  # noqa: E402
 from posttrain.models.common.flash_attention_4 import activate_fa4, fa4_unavailable_reason  # noqa: E402
 from posttrain.models.hf import spec_for_hf_config  # noqa: E402
 from posttrain.models.protocol import param_active_fraction  # noqa: E402
@@ -401,7 +400,6 @@ class PosttrainVariant:
     adamw: str = "auto"  # optimizer.fused
     sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
-    fuse_qkv: bool = True  # Attention.fuse_qkv (a class attribute: set for this run only)
 
 
 # adamw= token -> optimizer.fused
@@ -448,15 +446,13 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.sparse_embedding_grad = token == "embgrad=sparse"
         elif token in ("norm=triton", "norm=autograd"):
             v.rms_norm_backward = token[5:]
-        elif token in ("qkv=fused", "qkv=separate"):
-            v.fuse_qkv = token == "qkv=fused"
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
-                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, qkv=fused|separate"
+                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd"
             )
     return v
 
@@ -497,15 +493,6 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
-    fuse_qkv = Attention.fuse_qkv
-    Attention.fuse_qkv = v.fuse_qkv  # read when the compiled blocks trace: keep it for the whole run
-    try:
-        return _run_posttrain(v, s)
-    finally:
-        Attention.fuse_qkv = fuse_qkv
-
-
-def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         cfg = posttrain_config(v, s, tmp)
         t0 = time.perf_counter()
@@ -534,7 +521,7 @@ def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
                 "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
-                "recompute_pointwise": v.recompute_pointwise, "fuse_qkv": v.fuse_qkv,
+                "recompute_pointwise": v.recompute_pointwise,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
@@ -851,7 +838,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd, qkv=fused|separate (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

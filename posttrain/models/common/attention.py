@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import (
     AuxRequest,
@@ -268,22 +267,12 @@ def build_attention_backend(name: str, sdpa_kernel: str = "auto") -> AttentionBa
 # ---------------------------------------------------------------------------------------------- module
 
 
-def _plain_trained_linear(linear: nn.Module) -> bool:
-    """An nn.Linear itself (not a LoRA / float8 subclass or wrapper) whose weight is a trained plain tensor."""
-    if type(linear) is not nn.Linear or not linear.weight.requires_grad or isinstance(linear.weight, DTensor):
-        return False
-    return linear.bias is None or (linear.bias.requires_grad and not isinstance(linear.bias, DTensor))
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads; ``head_dim`` need not equal ``dim // n_heads``.
 
-    Optional per-head RMSNorm on q and k before RoPE (Qwen3). Projections are ``wq, wk, wv, wo`` (checkpoints,
-    LoRA targets and tensor-parallel plans see three linears; ``project_qkv`` may run them as one matmul); heads
-    are inferred with ``view(..., -1, head_dim)`` so tensor-parallel (head-sharded) projections work unchanged.
+    Optional per-head RMSNorm on q and k before RoPE (Qwen3). Projections are ``wq, wk, wv, wo``; heads are
+    inferred with ``view(..., -1, head_dim)`` so tensor-parallel (head-sharded) projections work unchanged.
     """
-
-    fuse_qkv = True  # False: always three matmuls (benchmarks' A/B)
 
     def __init__(
         self,
@@ -322,7 +311,9 @@ class Attention(nn.Module):
         """``kv_cache``: a ``LayerKVCache`` (kv_cache.py) that stores this call's k/v and returns what the
         queries attend to; None (training) attends to this call's k/v only."""
         bsz, seq_len, _ = x.shape
-        q, k, v = (t.view(bsz, seq_len, -1, self.head_dim) for t in self.project_qkv(x))
+        q = self.wq(x).view(bsz, seq_len, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq_len, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -333,19 +324,6 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, mask)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(bsz, seq_len, -1)
         return self.wo(out)
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v = wq(x), wk(x), wv(x). When training plain linears (``fuse_qkv``), one matmul by the three
-        weights stacked: on the H200 q/k/v forward + backward took 0.40 instead of 0.55 ms a Llama-3.2-1B layer at
-        8,192 tokens (the small k/v gemms and autograd's sum of three input gradients; BENCHMARKS.md). Without
-        gradients (decoding reads each weight once) or for wrapped / sharded linears (LoRA, float8, TP) they
-        stay three."""
-        linears = (self.wq, self.wk, self.wv)
-        if not (self.fuse_qkv and torch.is_grad_enabled() and all(_plain_trained_linear(lin) for lin in linears)):
-            return self.wq(x), self.wk(x), self.wv(x)
-        weight = torch.cat([lin.weight for lin in linears])
-        bias = None if self.wq.bias is None else torch.cat([lin.bias for lin in linears])
-        return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """Hook: the attention of rotated q [B, Hq, S, D], k, v [B, Hkv, S, D] (GPT-OSS adds sinks here)."""
