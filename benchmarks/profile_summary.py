@@ -77,6 +77,36 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+GAP_BUCKETS_US = (10.0, 100.0)  # gaps under 10 us are launch spacing; 10-100 us a late launch; longer a host stall
+
+
+def device_gaps(kernels: list[tuple[float, float, str]], wall_us: float, *, top: int = 8) -> dict[str, Any]:
+    """Where the GPU sat idle between kernels ([start, end, name] in us): the gaps' total per size bucket, the
+    largest gaps with the kernels on either side and when they fell (us after the first kernel), and the idle time
+    before the first kernel plus after the last one (`wall_us` minus the kernels' span: the profiled window's
+    start and end, not steady-state work)."""
+    ordered = sorted(kernels)
+    gaps: list[tuple[float, float, str, str]] = []
+    end, last = float("-inf"), ""
+    for start, stop, name in ordered:
+        if end > float("-inf") and start > end:
+            gaps.append((start - end, end - ordered[0][0], last, name))
+        if stop > end:
+            end, last = stop, name
+    low, high = GAP_BUCKETS_US
+    buckets = {f"< {low:g} us": [0.0, 0], f"{low:g}-{high:g} us": [0.0, 0], f">= {high:g} us": [0.0, 0]}
+    for size, *_ in gaps:
+        key = list(buckets)[0 if size < low else 1 if size < high else 2]
+        buckets[key][0] += size
+        buckets[key][1] += 1
+    span = (end - ordered[0][0]) if ordered else 0.0
+    return {
+        "edges_us": max(wall_us - span, 0.0),
+        "buckets": {k: {"us": v[0], "count": v[1]} for k, v in buckets.items()},
+        "largest": [{"us": g, "at_us": at, "after": a, "before": b} for g, at, a, b in sorted(gaps, reverse=True)[:top]],
+    }
+
+
 def summarize(prof: profile, wall_s: float, n_steps: int, *, top: int = 25) -> dict[str, Any]:
     """Per-step milliseconds: wall, busy (kernel union), idle, per category, top kernels by total time."""
     events = prof.events()
@@ -100,9 +130,11 @@ def summarize(prof: profile, wall_s: float, n_steps: int, *, top: int = 25) -> d
     by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     by_category: dict[str, float] = defaultdict(float)
     intervals = []
+    named = []
     for e in kernels:
         start, end = e.time_range.start, e.time_range.end
         intervals.append((start, end))
+        named.append((start, end, e.name))
         by_kernel[e.name][0] += end - start
         by_kernel[e.name][1] += 1
         by_category[category_of(e.name)] += end - start
@@ -120,7 +152,12 @@ def summarize(prof: profile, wall_s: float, n_steps: int, *, top: int = 25) -> d
         "categories": {k: v * per_step for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         "top": [{"name": k, "ms": v[0] * per_step, "calls": v[1] / n_steps, "category": category_of(k)}
                 for k, v in ranked],
+        "gaps": device_gaps(named, wall_s * 1e6),
     }
+
+
+def _short(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def render_summary(title: str, summary: dict[str, Any]) -> str:
@@ -135,6 +172,15 @@ def render_summary(title: str, summary: dict[str, Any]) -> str:
         for label, ms in summary["categories"].items():
             lines.append(f"| {label} | {ms:.2f} | {100 * ms / wall:.1f}% |")
         lines.append(f"| idle / host gaps | {summary['idle_ms']:.2f} | {100 * summary['idle_ms'] / wall:.1f}% |")
+        gaps = summary.get("gaps")
+        if gaps:
+            n = summary["steps"]
+            parts = [f"{k}: {v['us'] / 1e3 / n:.2f} ms in {v['count'] / n:.1f}" for k, v in gaps["buckets"].items()]
+            lines += ["", f"idle between kernels per step: {'; '.join(parts)}; before the first / after the last kernel "
+                      f"{gaps['edges_us'] / 1e3:.2f} ms in the whole window", "",
+                      "| largest gaps (us) | at (ms) | after kernel | before kernel |", "|---|---|---|---|"]
+            lines += [f"| {g['us']:.0f} | {g['at_us'] / 1e3:.2f} | `{_short(g['after'])}` | `{_short(g['before'])}` |"
+                      for g in gaps["largest"]]
     else:
         lines.append("no device kernels (CPU run): CPU operators by self time")
     lines += ["", "| kernel | category | ms / step | calls / step |", "|---|---|---|---|"]

@@ -47,7 +47,9 @@ class ModelSection:
     rms_norm_backward: str = opt(
         "autograd",
         "RMSNorm's backward: autograd's (inductor's kernels when compiled), or triton: one pass over the rows with "
-        "the forward's rms saved (a Triton kernel on CUDA, the same math in torch ops elsewhere)",
+        "the forward's rms saved (a Triton kernel on CUDA, the same math in torch ops elsewhere). Compiled, on one "
+        "H200, triton was 0.8 ms slower on a 143 ms Llama-3.2-1B step (inductor fuses its own norm backward with the "
+        "residual's gradient; the opaque op cannot): autograd stays the default",
         choices=("autograd", "triton"),
     )
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")
@@ -138,7 +140,8 @@ class TrainingSection:
     sparse_embedding_grad: bool = opt(
         False, "on one CUDA device, a tied embedding's lookup gradient as the looked-up rows (each id's summed as the "
         "dense backward sums them), added to the head's dense gradient once per id (no zero-filled [vocab, dim] "
-        "buffer); not in deterministic mode. Opt-in until measured on a GPU"
+        "buffer); not in deterministic mode. Equal to the dense gradient on the H200, and no faster there (Llama-3.2-1B "
+        "step 142.7 vs 142.6 ms): off by default"
     )
     float8: bool = opt(
         False, "float8 matmuls (torchao; scaling: training.float8_recipe) in the transformer blocks' Linear layers; "

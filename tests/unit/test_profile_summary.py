@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from profile_summary import (  # noqa: E402
     _union_us,
+    device_gaps,
     category_of,
     live_at_peak,
     profile_steps,
@@ -79,3 +80,14 @@ def test_cpu_profile_summary_and_files(tmp_path: Path) -> None:
     files = write_profile(prof, summary, "tiny", tmp_path, "tiny")
     assert files[0].read_text().startswith("## tiny: 2 profiled steps")
     assert all(f.exists() for f in files) and not (tmp_path / "tiny.trace.json").exists()
+
+
+def test_device_gaps_bucket_the_idle_time_and_name_the_largest() -> None:
+    kernels = [(0, 10, "a"), (12, 20, "b"), (15, 30, "c"), (80, 90, "d"), (300, 310, "e")]
+    gaps = device_gaps(kernels, wall_us=400)
+    # 2 us (a->b), 50 us (c->d: c ends last, overlapping b), 210 us (d->e)
+    assert {k: (v["us"], v["count"]) for k, v in gaps["buckets"].items()} == {
+        "< 10 us": (2, 1), "10-100 us": (50, 1), ">= 100 us": (210, 1)}
+    assert [(g["us"], g["after"], g["before"], g["at_us"]) for g in gaps["largest"]] == [
+        (210, "d", "e", 90), (50, "c", "d", 30), (2, "a", "b", 10)]
+    assert gaps["edges_us"] == 400 - 310
