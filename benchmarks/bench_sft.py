@@ -34,7 +34,9 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
   (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
-  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's). MFU stays relative to the
+  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` (a boolean
+  of `torch._inductor.config` switched on for this run, e.g. `inductor=coordinate_descent_tuning`,
+  `inductor=max_autotune_pointwise`; repeatable). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -87,6 +89,7 @@ from measure import (
 )
 
 import torch  # noqa: E402  (measure puts the repo root on sys.path first)
+from torch._inductor import config as inductor_config  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from same_init import (  # noqa: E402
@@ -400,6 +403,7 @@ class PosttrainVariant:
     adamw: str = "auto"  # optimizer.fused
     sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
+    inductor: tuple[str, ...] = ()  # torch._inductor.config booleans switched on for this run
 
 
 # adamw= token -> optimizer.fused
@@ -446,13 +450,16 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.sparse_embedding_grad = token == "embgrad=sparse"
         elif token in ("norm=triton", "norm=autograd"):
             v.rms_norm_backward = token[5:]
+        elif token.startswith("inductor=") and isinstance(getattr(inductor_config, token[9:], None), bool):
+            v.inductor += (token[9:],)
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
-                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd"
+                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
+                "inductor=NAME (a boolean of torch._inductor.config)"
             )
     return v
 
@@ -493,6 +500,12 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
+    # graphs compile at the first step: the switches hold for the whole run (dynamo is reset between runs)
+    with inductor_config.patch({name: True for name in v.inductor}):
+        return _run_posttrain(v, s)
+
+
+def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         cfg = posttrain_config(v, s, tmp)
         t0 = time.perf_counter()
@@ -521,7 +534,7 @@ def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
                 "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
-                "recompute_pointwise": v.recompute_pointwise,
+                "recompute_pointwise": v.recompute_pointwise, "inductor": list(v.inductor),
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
@@ -838,7 +851,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=NAME (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),
