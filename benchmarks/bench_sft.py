@@ -358,16 +358,28 @@ def profile_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> d
     return {**{k: v for k, v in summary.items() if k != "top"}, "files": [str(f) for f in files]}
 
 
-def memory_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any] | None:
+def memory_run(step: Callable[[], dict[str, Any]], s: Settings, name: str,
+               reset: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """--memory-snapshot: one more step under the allocator's recorder; the gzipped pickle goes to the folder,
-    the largest blocks live at the step's peak (by allocating line) into the JSON and the log."""
+    the largest blocks live at the step's peak (by allocating line) into the JSON and the log. Should the step fail
+    while Python stacks are recorded, `reset()` (dropping the failed step's gradients) and one step recorded
+    without frames instead (sizes and order still tell where the peak is)."""
     path = s.memory_snapshot_dir / (_stem(s, name) + ".memory.pickle.gz")
-    summary = record_memory_step(step, s.device, path)
+    try:
+        summary = record_memory_step(step, s.device, path)
+    except Exception as err:  # noqa: BLE001 - the recorder's own failure; the step is retried without it
+        print(f"[{name}] memory snapshot with Python stacks failed ({type(err).__name__}: {str(err)[:120]}); "
+              "recording one more step without frames", flush=True)
+        if reset is not None:
+            reset()
+        summary = record_memory_step(step, s.device, path, python_stacks=False)
     if summary is not None:
-        print(f"[{name}] memory at the step's peak (+{summary['peak_above_start_gib']:.2f} GiB over the step's start):",
-              flush=True)
+        print(f"[{name}] memory at the step's peak (+{summary['peak_above_start_gib']:.2f} GiB over the step's start; "
+              f"set by allocation {summary['peak_set_by']['alloc']} of {summary['peak_set_by']['of']}, "
+              f"{summary['peak_set_by']['where']}):", flush=True)
         for row in summary["at_peak"]:
             print(f"  {row['gib']:7.3f} GiB in {row['blocks']:4d} blocks  {row['where']}", flush=True)
+        print("  largest blocks (MiB): " + ", ".join(f"{b['mib']:.1f}" for b in summary["largest_blocks"]), flush=True)
     return summary
 
 
@@ -527,7 +539,8 @@ def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             if s.profile_dir is not None:
                 result["profile"] = profile_run(step, s, v.name)
             if s.memory_snapshot_dir is not None:
-                result["memory_at_peak"] = memory_run(step, s, v.name)
+                result["memory_at_peak"] = memory_run(
+                    step, s, v.name, reset=lambda: trainer.optimizer.zero_grad(set_to_none=True))
             result["build_s"] = round(build_s, 2)
             result["lora"] = v.lora_rank > 0
             result["float8"] = v.float8
@@ -680,7 +693,7 @@ def run_hf(peer: str, s: Settings) -> dict[str, Any]:
         if s.profile_dir is not None and s.profile_peers:
             result["profile"] = profile_run(step, s, peer)
         if s.memory_snapshot_dir is not None and s.profile_peers:
-            result["memory_at_peak"] = memory_run(step, s, peer)
+            result["memory_at_peak"] = memory_run(step, s, peer, reset=lambda: optimizer.zero_grad(set_to_none=True))
     finally:
         del forward, optimizer, params, model
     result["build_s"] = round(build_s, 2)

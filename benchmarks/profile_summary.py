@@ -211,14 +211,20 @@ def write_profile(prof: profile, summary: dict[str, Any], title: str, out_dir: P
     return written
 
 
-def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: Path) -> dict[str, Any] | None:
+def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: Path, *,
+                       python_stacks: bool = True) -> dict[str, Any] | None:
     """One step under the CUDA allocator's history recorder; `out_path` (.pickle.gz, for pytorch.org/memory_viz)
-    and a summary of what was live at the step's peak. None off CUDA."""
+    and a summary of what was live at the step's peak. None off CUDA. `python_stacks=False` records no frames
+    (sizes and order only): torch 2.11 failed a step with activation checkpointing while recording Python stacks
+    ("SystemError: ... returned NULL without setting an exception" in backward)."""
     if device.type != "cuda":
         return None
     _sync(device)
     # Python frames only: symbolising C++ stacks for every allocation can take minutes
-    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    if python_stacks:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+    else:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, context=None)
     try:
         step()
         _sync(device)
@@ -230,24 +236,30 @@ def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(out_path, "wb", compresslevel=6) as f:
         pickle.dump(snapshot, f)
-    return live_at_peak(snapshot)
+    return {**live_at_peak(snapshot), "python_stacks": python_stacks}
 
 
 def live_at_peak(snapshot: dict[str, Any], top: int = 15) -> dict[str, Any]:
     """Replay the recorded allocations (on top of the blocks live when recording began, which the snapshot's
     segments no longer tell apart from later ones: they count as `before`) and list the largest blocks live at
-    the recorded peak, each with the innermost frame of the repo's code that allocated it."""
+    the recorded peak, by the innermost frame of the repo's code that allocated them and one by one (what a
+    recording without frames can still tell), and when the peak fell (the allocation that set it: its place among
+    the step's allocations and its site)."""
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
     at_peak: dict[int, tuple[int, str]] = {}
+    n_allocs = peak_alloc = 0
+    peak_site = "?"
     for trace in snapshot.get("device_traces", []):
         for e in trace:
             action, addr, size = e.get("action"), e.get("addr"), e.get("size", 0)
             if action == "alloc":
+                n_allocs += 1
                 live[addr] = (size, _where(e.get("frames", [])))
                 total += size
                 if total > peak:
                     peak, at_peak = total, dict(live)
+                    peak_alloc, peak_site = n_allocs, live[addr][1]
             elif action == "free_completed" and addr in live:
                 total -= live.pop(addr)[0]
     by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -255,9 +267,12 @@ def live_at_peak(snapshot: dict[str, Any], top: int = 15) -> dict[str, Any]:
         by_site[where][0] += size
         by_site[where][1] += 1
     ranked = sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]
+    largest = sorted(at_peak.values(), key=lambda sw: -sw[0])[:top]
     return {
         "peak_above_start_gib": peak / 2**30,
         "at_peak": [{"where": w, "gib": s / 2**30, "blocks": n} for w, (s, n) in ranked],
+        "largest_blocks": [{"mib": s / 2**20, "where": w} for s, w in largest],
+        "peak_set_by": {"alloc": peak_alloc, "of": n_allocs, "where": peak_site},
     }
 
 

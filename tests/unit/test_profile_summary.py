@@ -64,6 +64,12 @@ def test_live_at_peak_replays_allocations_and_frees() -> None:
     out = live_at_peak({"device_traces": [trace]})
     assert out["peak_above_start_gib"] * 2**30 == 400
     assert [(r["where"].split(":")[-1], r["blocks"]) for r in out["at_peak"]] == [("20 forward", 1), ("10 forward", 1)]
+    assert [b["mib"] * 2**20 for b in out["largest_blocks"]] == [300, 100]
+    assert (out["peak_set_by"]["alloc"], out["peak_set_by"]["of"]) == (2, 3)
+    assert out["peak_set_by"]["where"].endswith("20 forward")
+    # recorded without frames: the sizes still say what was live
+    bare = live_at_peak({"device_traces": [[{k: v for k, v in e.items() if k != "frames"} for e in trace]]})
+    assert [b["mib"] * 2**20 for b in bare["largest_blocks"]] == [300, 100] and bare["peak_set_by"]["where"] == "?"
 
 
 def test_cpu_profile_summary_and_files(tmp_path: Path) -> None:
