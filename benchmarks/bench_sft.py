@@ -34,9 +34,9 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
   (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
-  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` (a boolean
-  of `torch._inductor.config` switched on for this run, e.g. `inductor=coordinate_descent_tuning`,
-  `inductor=max_autotune_pointwise`; repeatable). MFU stays relative to the
+  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` / `inductor=-NAME`
+  (a boolean of `torch._inductor.config` switched on / off for this run, e.g. `inductor=coordinate_descent_tuning`,
+  `inductor=-size_asserts`; repeatable). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -415,7 +415,7 @@ class PosttrainVariant:
     adamw: str = "auto"  # optimizer.fused
     sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
-    inductor: tuple[str, ...] = ()  # torch._inductor.config booleans switched on for this run
+    inductor: tuple[tuple[str, bool], ...] = ()  # torch._inductor.config booleans set for this run
 
 
 # adamw= token -> optimizer.fused
@@ -462,8 +462,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.sparse_embedding_grad = token == "embgrad=sparse"
         elif token in ("norm=triton", "norm=autograd"):
             v.rms_norm_backward = token[5:]
-        elif token.startswith("inductor=") and isinstance(getattr(inductor_config, token[9:], None), bool):
-            v.inductor += (token[9:],)
+        elif token.startswith("inductor=") and isinstance(getattr(inductor_config, token[9:].lstrip("-"), None), bool):
+            v.inductor += ((token[9:].lstrip("-"), not token[9:].startswith("-")),)
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
@@ -471,7 +471,7 @@ def parse_variant(text: str) -> PosttrainVariant:
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
-                "inductor=NAME (a boolean of torch._inductor.config)"
+                "inductor=[-]NAME (a boolean of torch._inductor.config on / off)"
             )
     return v
 
@@ -513,7 +513,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     # graphs compile at the first step: the switches hold for the whole run (dynamo is reset between runs)
-    with inductor_config.patch({name: True for name in v.inductor}):
+    with inductor_config.patch(dict(v.inductor)):
         return _run_posttrain(v, s)
 
 
@@ -547,7 +547,7 @@ def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
             result["config"] = {
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
                 "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
-                "recompute_pointwise": v.recompute_pointwise, "inductor": list(v.inductor),
+                "recompute_pointwise": v.recompute_pointwise, "inductor": dict(v.inductor),
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
@@ -864,7 +864,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd, inductor=NAME (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=[-]NAME (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

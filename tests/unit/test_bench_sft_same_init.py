@@ -118,8 +118,8 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")
-    tuned = bench_sft.parse_variant("compile+inductor=coordinate_descent_tuning+inductor=max_autotune_pointwise")
-    assert tuned.inductor == ("coordinate_descent_tuning", "max_autotune_pointwise")
+    tuned = bench_sft.parse_variant("compile+inductor=coordinate_descent_tuning+inductor=-size_asserts")
+    assert tuned.inductor == (("coordinate_descent_tuning", True), ("size_asserts", False))
     with pytest.raises(SystemExit, match="unknown token 'inductor=cpp_wrapper_typo'"):
         bench_sft.parse_variant("compile+inductor=cpp_wrapper_typo")
 
