@@ -15,7 +15,8 @@ loss over all T tokens divided by T, then backward, filling h.grad and W.grad:
 * `recompute:<C>`: posttrain.losses.token_log_probs (each chunk checkpointed, recomputed in backward);
 * `fused:<C>`: posttrain.losses.fused_linear_cross_entropy (C = 0: its automatic chunk size); gradients made
   in forward, one bf16 chunk of logits turned into its gradient in place by compiled math, the head's
-  gradient accumulated in bf16; `fused_eager:<C>` is the same with the chunk math not compiled;
+  gradient accumulated in bf16; `fused_eager:<C>` is the same with the chunk math not compiled; `fused_l2:<C>:<K>`
+  runs the Triton CE-gradient kernel as K programs per SM re-reading rows from L2 (`ce_grad_kernel.L2_PROGRAMS_PER_SM`);
 * `liger`: Liger's LigerFusedLinearCrossEntropyLoss, when `import liger_kernel` works.
 
 Peak extra memory = max_memory_allocated during one loss + backward minus what was allocated before (the
@@ -56,7 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from posttrain.losses import chunked_cross_entropy, fused_linear_cross_entropy, token_log_probs  # noqa: E402
-from posttrain.losses import logit_math  # noqa: E402
+from posttrain.losses import ce_grad_kernel, logit_math  # noqa: E402
 
 PAD_MULTIPLE = 64
 GIB = 2**30
@@ -83,13 +84,15 @@ def chunked(chunk: int) -> Callable[..., torch.Tensor]:
     return loss
 
 
-def fused(chunk: int, compiled: bool = True) -> Callable[..., torch.Tensor]:
+def fused(chunk: int, compiled: bool = True, l2_programs_per_sm: int = 0) -> Callable[..., torch.Tensor]:
     def loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logit_math.compile_on_cuda = compiled
+        ce_grad_kernel.L2_PROGRAMS_PER_SM = l2_programs_per_sm
         try:
             loss_sum, n = fused_linear_cross_entropy(h, w, labels, vocab_size=w.shape[0], chunk_size=chunk)
         finally:
             logit_math.compile_on_cuda = True
+            ce_grad_kernel.L2_PROGRAMS_PER_SM = 0
         return loss_sum / labels.numel()
 
     return loss
@@ -127,6 +130,9 @@ def make_method(name: str) -> Callable[..., torch.Tensor]:
         return chunked(int(name.split(":", 1)[1]))
     if name.startswith("fused:"):
         return fused(int(name.split(":", 1)[1]))
+    if name.startswith("fused_l2:"):  # fused_l2:C:K
+        chunk, per_sm = name.split(":")[1:3]
+        return fused(int(chunk), l2_programs_per_sm=int(per_sm))
     if name.startswith("fused_eager:"):
         return fused(int(name.split(":", 1)[1]), compiled=False)
     if name.startswith("recompute:"):
@@ -134,7 +140,7 @@ def make_method(name: str) -> Callable[..., torch.Tensor]:
     if name == "liger":
         return liger()
     raise SystemExit(f"unknown method {name!r}; use naive_fp32, naive_bf16, naive_compile, chunked:C, fused:C, "
-                     "fused_eager:C, recompute:C, liger")
+                     "fused_eager:C, fused_l2:C:K, recompute:C, liger")
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -289,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-method", default="fused:0", help="the method the 1 GiB / no-slower targets are checked on")
     p.add_argument("--methods", default="auto",
                    help="comma-separated (naive_fp32, naive_bf16, naive_compile, chunked:C, fused:C, fused_eager:C, "
-                        "recompute:C, liger); auto: naive_fp32, naive_bf16, chunked:<each chunk size>, fused:0, "
+                        "fused_l2:C:K, recompute:C, liger); auto: naive_fp32, naive_bf16, chunked:<each chunk size>, fused:0, "
                         "recompute:4096, and on CUDA "
                         "liger (when importable) and naive_compile")
     p.add_argument("--pad-vocabs", default="151669,128257,151936",

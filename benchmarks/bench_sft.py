@@ -36,7 +36,8 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
   (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` / `inductor=-NAME`
   (a boolean of `torch._inductor.config` switched on / off for this run, e.g. `inductor=coordinate_descent_tuning`,
-  `inductor=-size_asserts`; repeatable). MFU stays relative to the
+  `inductor=-size_asserts`; repeatable), `cel2=K` (the fused loss's CE-gradient kernel as K programs per SM that
+  re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 = one program per row). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -103,6 +104,7 @@ from same_init import (  # noqa: E402
 )
 
 from posttrain.config import config_from_dict  # noqa: E402
+from posttrain.losses import ce_grad_kernel  # noqa: E402
 from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
 from posttrain.losses.targets import find_target_index  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
@@ -416,6 +418,7 @@ class PosttrainVariant:
     sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
     inductor: tuple[tuple[str, bool], ...] = ()  # torch._inductor.config booleans set for this run
+    ce_l2_programs_per_sm: int = 0  # ce_grad_kernel.L2_PROGRAMS_PER_SM for this run
 
 
 # adamw= token -> optimizer.fused
@@ -464,6 +467,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.rms_norm_backward = token[5:]
         elif token.startswith("inductor=") and isinstance(getattr(inductor_config, token[9:].lstrip("-"), None), bool):
             v.inductor += ((token[9:].lstrip("-"), not token[9:].startswith("-")),)
+        elif token.startswith("cel2=") and token[5:].isdigit():
+            v.ce_l2_programs_per_sm = int(token[5:])
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
@@ -471,7 +476,7 @@ def parse_variant(text: str) -> PosttrainVariant:
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
-                "inductor=[-]NAME (a boolean of torch._inductor.config on / off)"
+                "inductor=[-]NAME (a boolean of torch._inductor.config on / off), cel2=K"
             )
     return v
 
@@ -513,8 +518,12 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     # graphs compile at the first step: the switches hold for the whole run (dynamo is reset between runs)
-    with inductor_config.patch(dict(v.inductor)):
-        return _run_posttrain(v, s)
+    ce_grad_kernel.L2_PROGRAMS_PER_SM = v.ce_l2_programs_per_sm
+    try:
+        with inductor_config.patch(dict(v.inductor)):
+            return _run_posttrain(v, s)
+    finally:
+        ce_grad_kernel.L2_PROGRAMS_PER_SM = 0
 
 
 def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
@@ -548,6 +557,7 @@ def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
                 "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
                 "recompute_pointwise": v.recompute_pointwise, "inductor": dict(v.inductor),
+                "ce_l2_programs_per_sm": v.ce_l2_programs_per_sm,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
@@ -864,7 +874,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd, inductor=[-]NAME (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=[-]NAME, cel2=K (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

@@ -120,6 +120,7 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
         bench_sft.parse_variant("compile+graphs")
     tuned = bench_sft.parse_variant("compile+inductor=coordinate_descent_tuning+inductor=-size_asserts")
     assert tuned.inductor == (("coordinate_descent_tuning", True), ("size_asserts", False))
+    assert bench_sft.parse_variant("compile+cel2=2").ce_l2_programs_per_sm == 2
     with pytest.raises(SystemExit, match="unknown token 'inductor=cpp_wrapper_typo'"):
         bench_sft.parse_variant("compile+inductor=cpp_wrapper_typo")
 

@@ -17,13 +17,18 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 
 CHECK = textwrap.dedent("""
+    import itertools
     import torch
+    from posttrain.losses import ce_grad_kernel
     from posttrain.losses.ce_grad_kernel import ce_grad_rows_
     from posttrain.losses.logit_math import ce_grad_
 
     torch.manual_seed(0)
-    for dtype, grad_tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)):
-        for rows, vocab in ((3, 5000), (2, 4096), (1, 9001)):
+    # per SM 0 (one program per row) and 2 (the interpreter's one "SM": two programs loop over the rows, the
+    # second pass walking each row backwards)
+    for per_sm, (dtype, grad_tol) in itertools.product((0, 2), ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8))):
+        ce_grad_kernel.L2_PROGRAMS_PER_SM = per_sm
+        for rows, vocab in ((3, 5000), (2, 4096), (1, 9001), (5, 8193)):
             x = (torch.randn(rows, vocab) * 4).to(dtype)
             x[0, 7] = 30.0  # one dominant logit: the running max must rescale the running sum
             targets = torch.randint(0, vocab, (rows,))
