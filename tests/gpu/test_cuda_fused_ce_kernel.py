@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from posttrain.losses import ce_grad_kernel
 from posttrain.losses import fused_cross_entropy as fce
 from posttrain.losses.ce_grad_kernel import ce_grad_rows_, ce_grad_status
 from posttrain.losses.logit_math import ce_grad_
@@ -20,8 +21,11 @@ def _needs_triton(device: torch.device) -> None:
         pytest.skip(f"the Triton kernel does not run here: {ce_grad_status(device)}")
 
 
-def test_kernel_matches_reference_math_at_vocab_151936(device: torch.device) -> None:
+@pytest.mark.parametrize("l2_programs_per_sm", [0, 2])  # one program per row; rows re-read from L2
+def test_kernel_matches_reference_math_at_vocab_151936(device: torch.device, l2_programs_per_sm: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _needs_triton(device)
+    monkeypatch.setattr(ce_grad_kernel, "L2_PROGRAMS_PER_SM", l2_programs_per_sm)
     g = torch.Generator(device).manual_seed(0)
     x = (torch.randn(300, 151936, device=device, generator=g) * 5).to(torch.bfloat16)
     targets = torch.randint(0, 151936, (300,), device=device, generator=g)
