@@ -215,8 +215,8 @@ def record_memory_step(step: Callable[[], Any], device: torch.device, out_path: 
                        python_stacks: bool = True) -> dict[str, Any] | None:
     """One step under the CUDA allocator's history recorder; `out_path` (.pickle.gz, for pytorch.org/memory_viz)
     and a summary of what was live at the step's peak. None off CUDA. `python_stacks=False` records no frames
-    (sizes and order only): torch 2.11 failed a step with activation checkpointing while recording Python stacks
-    ("SystemError: ... returned NULL without setting an exception" in backward)."""
+    (sizes and order only): torch 2.11 failed a Llama-3.1-8B step with activation checkpointing while recording
+    Python stacks ("SystemError: ... returned NULL without setting an exception" in backward)."""
     if device.type != "cuda":
         return None
     _sync(device)
