@@ -87,12 +87,11 @@ def chunked(chunk: int) -> Callable[..., torch.Tensor]:
 def fused(chunk: int, compiled: bool = True, l2_programs_per_sm: int = 0) -> Callable[..., torch.Tensor]:
     def loss(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logit_math.compile_on_cuda = compiled
-        ce_grad_kernel.L2_PROGRAMS_PER_SM = l2_programs_per_sm
         try:
-            loss_sum, n = fused_linear_cross_entropy(h, w, labels, vocab_size=w.shape[0], chunk_size=chunk)
+            with ce_grad_kernel.l2_programs_per_sm(l2_programs_per_sm):
+                loss_sum, n = fused_linear_cross_entropy(h, w, labels, vocab_size=w.shape[0], chunk_size=chunk)
         finally:
             logit_math.compile_on_cuda = True
-            ce_grad_kernel.L2_PROGRAMS_PER_SM = 0
         return loss_sum / labels.numel()
 
     return loss

@@ -104,8 +104,7 @@ from same_init import (  # noqa: E402
 )
 
 from posttrain.config import config_from_dict  # noqa: E402
-from posttrain.losses import ce_grad_kernel  # noqa: E402
-from posttrain.losses.ce_grad_kernel import ce_grad_status  # noqa: E402
+from posttrain.losses.ce_grad_kernel import ce_grad_status, l2_programs_per_sm  # noqa: E402
 from posttrain.losses.targets import find_target_index  # noqa: E402
 from posttrain.metrics import attention_flops, dense_flops_per_token  # noqa: E402
 from posttrain.models.common.attention import SDPA_KERNELS  # noqa: E402
@@ -518,12 +517,8 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     # graphs compile at the first step: the switches hold for the whole run (dynamo is reset between runs)
-    ce_grad_kernel.L2_PROGRAMS_PER_SM = v.ce_l2_programs_per_sm
-    try:
-        with inductor_config.patch(dict(v.inductor)):
-            return _run_posttrain(v, s)
-    finally:
-        ce_grad_kernel.L2_PROGRAMS_PER_SM = 0
+    with inductor_config.patch(dict(v.inductor)), l2_programs_per_sm(v.ce_l2_programs_per_sm):
+        return _run_posttrain(v, s)
 
 
 def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:

@@ -18,7 +18,8 @@ chunk's dtype. Used on CUDA when Triton imports; `ce_grad_fn` says which impleme
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ except ImportError:  # CPU-only installs: the compiled / eager math is used inst
 
 logger = logging.getLogger("posttrain")
 
-__all__ = ["ce_grad_fn", "ce_grad_rows_", "ce_grad_status", "triton_ce_grad_available"]
+__all__ = ["ce_grad_fn", "ce_grad_rows_", "ce_grad_status", "l2_programs_per_sm", "triton_ce_grad_available"]
 
 _BLOCK = 4096
 L2_PROGRAMS_PER_SM = 0  # 0: one program per row; > 0: a persistent grid re-reading rows from L2 (docstring)
@@ -91,6 +92,17 @@ def ce_grad_rows_(logits: Tensor, targets: Tensor, softcap: float | None = None)
             BACKWARD_SECOND_PASS=L2_PROGRAMS_PER_SM > 0, num_warps=8,
         )
     return rows
+
+
+@contextmanager
+def l2_programs_per_sm(k: int) -> Iterator[None]:
+    """`L2_PROGRAMS_PER_SM = k` inside the block (benchmarks' A/B of the two layouts), 0 again after."""
+    global L2_PROGRAMS_PER_SM
+    L2_PROGRAMS_PER_SM = k
+    try:
+        yield
+    finally:
+        L2_PROGRAMS_PER_SM = 0
 
 
 def _sm_count(device: torch.device) -> int:
