@@ -50,7 +50,9 @@ tokens/s (all B x S positions), MFU with ONE formula for every run -- (6 N + 6 L
 tokens/s / peak, N = all parameters including embeddings (the issue's definition) -- posttrain's own
 causal-aware MFU (from the FLOPs `train_step` reports; the same helpers for the peers), peak allocated
 memory (reset after warmup: the steady state of weights, grads, optimizer states and activations), and ratios
-posttrain / peer. Each run is wrapped in try/except: an OOM or compile error prints `failed: <reason>` and
+posttrain / peer. Per timed step also (`measure.StepMarks`): host and device (CUDA events) milliseconds and
+Python's garbage collections inside the window; on the H200 the device times spread by ~10% within one run (the
+GPU runs at its 700 W power cap, clocks 1.4-1.9 GHz), so compare runs of one call over many steps. Each run is wrapped in try/except: an OOM or compile error prints `failed: <reason>` and
 the rest still run. A global `--time-budget-s` cuts warmup/timed loops short and skips runs that no longer
 fit. The markdown tables are printed last, after a `=== RESULTS ===` line; `--out` gets JSON, rewritten
 after every run.
@@ -64,6 +66,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import tempfile
 import time
 import traceback
@@ -76,6 +79,7 @@ from profile_summary import profile_steps, record_memory_step, render_summary, s
 from measure import (
     RESULTS_MARKER,
     Deadline,
+    StepMarks,
     cuda_context_broken,
     environment,
     fmt,
@@ -311,13 +315,16 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     warmup_s = time.perf_counter() - t0
     reset_peak(s.device)
     records: list[dict[str, Any]] = []
-    t1 = time.perf_counter()
-    for _ in range(s.steps):
-        records.append(step())
-        if s.deadline.expired() and len(records) >= MIN_TIMED_STEPS:
-            break
-    synchronize(s.device)
-    elapsed = time.perf_counter() - t1
+    with StepMarks(s.device) as marks:
+        t1 = time.perf_counter()
+        for _ in range(s.steps):
+            marks.mark()
+            records.append(step())
+            if s.deadline.expired() and len(records) >= MIN_TIMED_STEPS:
+                break
+        marks.mark()
+        synchronize(s.device)
+        elapsed = time.perf_counter() - t1
     peak = peak_gib(s.device)
     first = first or (records[0] if records else None)
     n = len(records)
@@ -335,6 +342,7 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         "loss_last": _as_float(records[-1]["loss"]) if records and "loss" in records[-1] else None,
         "grad_norm_first": _as_float(first["grad_norm"]) if first and "grad_norm" in first else None,
         "steps_run": warmup_done + n,  # the last loss is comparable between runs with the same count
+        **marks.per_step_ms(),
     }
     if tps is not None and s.peak_flops:
         result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
@@ -386,6 +394,14 @@ def memory_run(step: Callable[[], dict[str, Any]], s: Settings, name: str,
 
 def _stem(s: Settings, name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{s.shape.spec.name}_{s.shape.flavor}_{s.seq_len}x{s.batch}_{name}")
+
+
+def step_spread(entry: dict[str, Any]) -> str:
+    """', device step ms median M (min A, max B)' when per-step device times exist, else ''."""
+    times = entry.get("device_step_ms") or []
+    if not times:
+        return ""
+    return f", device step ms median {statistics.median(times):.1f} (min {min(times):.1f}, max {max(times):.1f})"
 
 
 def _as_float(x: Any) -> float:
@@ -1009,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] {fmt(entry.get('tokens_per_s'), ',.0f')} tokens/s, MFU {fmt(entry.get('mfu_pct'))}%, "
                       f"causal MFU {fmt(entry.get('mfu_causal_pct'))}%, peak {fmt(entry.get('peak_mem_gib'))} GiB, "
                       f"loss {fmt(entry.get('loss_first'), '.3f')} -> {fmt(entry.get('loss_last'), '.3f')}, "
-                      f"{entry['wall_s']} s", flush=True)
+                      f"{entry['wall_s']} s{step_spread(entry)}", flush=True)
         report["results"].append(entry)
         report["ratios"] = ratio_rows(report["results"], s)
         report["same_init"] = s.initial.describe()

@@ -49,6 +49,50 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StepMarks:
+    """Where each timed step starts, on the host (perf_counter when `step()` is called) and on the device (a CUDA
+    event queued at that point). Device step times that vary while host times stay short say the GPU waited for
+    something; host times as long as device times say the host is the bottleneck."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host: list[float] = []
+        self.events: list[Any] = []
+        self.gc_pauses: list[dict[str, Any]] = []  # Python's collections inside the window: step, generation, ms
+        self._gc_start = 0.0
+
+    def __enter__(self) -> "StepMarks":
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_pauses.append({"step": len(self.host), "generation": info["generation"],
+                                   "ms": round(1000 * (time.perf_counter() - self._gc_start), 2)})
+
+    def mark(self) -> None:
+        self.host.append(time.perf_counter())
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+
+    def per_step_ms(self) -> dict[str, Any]:
+        """After a synchronize: host and device (CUDA) milliseconds per step, and the garbage collections that
+        took 1 ms or more or were full ones (the step they fell in, counted from 1)."""
+        out = {"host_step_ms": [round(1000 * (b - a), 2) for a, b in zip(self.host, self.host[1:])]}
+        if self.cuda:
+            out["device_step_ms"] = [round(a.elapsed_time(b), 2) for a, b in zip(self.events, self.events[1:])]
+        out["gc_pauses"] = [p for p in self.gc_pauses if p["ms"] >= 1.0 or p["generation"] == 2]
+        out["gc_pause_ms_total"] = round(sum(p["ms"] for p in self.gc_pauses), 2)
+        return out
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
