@@ -36,7 +36,8 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
   (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` / `inductor=-NAME`
   (a boolean of `torch._inductor.config` switched on / off for this run, e.g. `inductor=coordinate_descent_tuning`,
-  `inductor=-size_asserts`; repeatable), `cel2=K` (the fused loss's CE-gradient kernel as K programs per SM that
+  `inductor=-size_asserts`) or `inductor=NAME=VALUE` (any bool / int / float / str setting, dotted names for the
+  nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's CE-gradient kernel as K programs per SM that
   re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 = one program per row). MFU stays relative to the
   bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
@@ -432,12 +433,37 @@ class PosttrainVariant:
     adamw: str = "auto"  # optimizer.fused
     sparse_embedding_grad: bool = False  # training.sparse_embedding_grad
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
-    inductor: tuple[tuple[str, bool], ...] = ()  # torch._inductor.config booleans set for this run
+    inductor: tuple[tuple[str, Any], ...] = ()  # torch._inductor.config settings for this run
     ce_l2_programs_per_sm: int = 0  # ce_grad_kernel.L2_PROGRAMS_PER_SM for this run
 
 
 # adamw= token -> optimizer.fused
 ADAMW_TOKENS = {"auto": "auto", "triton": "triton", "torch": "true", "foreach": "false"}
+
+
+def inductor_setting(text: str) -> tuple[str, Any] | None:
+    """`NAME` / `-NAME`: a boolean of torch._inductor.config on / off; `NAME=VALUE`: a bool, int, float or str
+    setting, the value read as the setting's own type. Dotted names reach the nested sections
+    (`triton.persistent_reductions=0`). None when there is no such setting or the value does not fit it."""
+    name, _, value = text.partition("=")
+    off = name.startswith("-") and not value
+    name = name.lstrip("-") if off else name
+    current = inductor_config.get_config_copy()
+    if name not in current:
+        return None
+    kind = type(current[name])
+    if not value:
+        return (name, not off) if kind is bool else None
+    if kind is bool:
+        if value.lower() not in ("1", "0", "true", "false", "on", "off"):
+            return None
+        return name, value.lower() in ("1", "true", "on")
+    if kind in (int, float, str):
+        try:
+            return name, kind(value)
+        except ValueError:
+            return None
+    return None
 
 
 def parse_variant(text: str) -> PosttrainVariant:
@@ -480,8 +506,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.sparse_embedding_grad = token == "embgrad=sparse"
         elif token in ("norm=triton", "norm=autograd"):
             v.rms_norm_backward = token[5:]
-        elif token.startswith("inductor=") and isinstance(getattr(inductor_config, token[9:].lstrip("-"), None), bool):
-            v.inductor += ((token[9:].lstrip("-"), not token[9:].startswith("-")),)
+        elif token.startswith("inductor=") and (setting := inductor_setting(token[9:])) is not None:
+            v.inductor += (setting,)
         elif token.startswith("cel2=") and token[5:].isdigit():
             v.ce_l2_programs_per_sm = int(token[5:])
         else:
@@ -491,7 +517,7 @@ def parse_variant(text: str) -> PosttrainVariant:
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
-                "inductor=[-]NAME (a boolean of torch._inductor.config on / off), cel2=K"
+                "inductor=[-]NAME or inductor=NAME=VALUE (a torch._inductor.config setting, dotted names too), cel2=K"
             )
     return v
 
@@ -885,7 +911,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd, inductor=[-]NAME, cel2=K (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=[-]NAME[=VALUE], cel2=K (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

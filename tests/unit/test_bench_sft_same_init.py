@@ -123,6 +123,11 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert bench_sft.parse_variant("compile+cel2=2").ce_l2_programs_per_sm == 2
     with pytest.raises(SystemExit, match="unknown token 'inductor=cpp_wrapper_typo'"):
         bench_sft.parse_variant("compile+inductor=cpp_wrapper_typo")
+    nested = bench_sft.parse_variant("compile+inductor=triton.persistent_reductions=0+inductor=triton.multi_kernel=1")
+    assert nested.inductor == (("triton.persistent_reductions", False), ("triton.multi_kernel", 1))
+    for bad in ("inductor=triton.multi_kernel=many", "inductor=-triton.multi_kernel", "inductor=size_asserts=maybe"):
+        with pytest.raises(SystemExit, match="unknown token"):
+            bench_sft.parse_variant(f"compile+{bad}")
 
 
 def test_posttrain_batches_carry_the_host_made_target_index() -> None:
