@@ -151,7 +151,8 @@ def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
     from posttrain.models.common.rms_norm_backward import rms_norm_backward, rms_norm_backward_reference, _kernel_takes
     for zero_centered in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
-            for shape in ((37, 96), (2, 5, 128), (3, 2048)):  # rows not a multiple of the programs; 96 columns
+            # rows not a multiple of the programs or of the rows a trip (300 x 128: 32 a trip); 96 columns
+            for shape in ((37, 96), (2, 5, 128), (300, 128), (3, 2048)):
                 g = torch.Generator().manual_seed(0)
                 x, dy = (torch.randn(*shape, generator=g).to(dtype) for _ in range(2))
                 w = torch.randn(shape[-1], generator=g).to(dtype)

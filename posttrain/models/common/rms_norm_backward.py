@@ -3,9 +3,12 @@
 What the compiled blocks run for it otherwise (inductor's kernels, the session-15 H200 profile of Llama-3.2-1B at
 8,192 tokens): a reduction over the 8,192 rows for the weight's gradient that reads the columns strided (84 us a
 norm) and a second pass for the input's gradient that recomputes the row's rms (59 us), where reading x and dy once
-and writing dx takes ~25 us at the HBM's speed. Here each program walks a contiguous range of rows: it reads x and
-dy once, writes dx, and keeps its share of the weight's gradient in registers (one fp32 row per program, summed
-after). The rms comes saved from the forward (`RMSNorm` with `own_backward`).
+and writing dx takes ~25 us at the HBM's speed. Here each program walks a contiguous range of rows, several rows a
+trip (about 4,096 elements: 32 rows of a 128-wide q / k head norm): it reads x and dy once, writes dx, and keeps its
+share of the weight's gradient in registers (one fp32 row per program, summed after). The rms comes saved from the
+forward (`RMSNorm` with `own_backward`). Measured on the H200 with one row a trip (sessions 16-17), the op lost to
+inductor's kernels in the compiled step (Llama-3.2-1B +0.8 ms; Qwen3-4B +12.5 ms, 19.8 ms in this kernel): that is
+why it is opt-in; the several-rows trip is not measured yet.
 
 Math (fp32 throughout, x_hat = x * rstd, w' = w or 1 + w for zero-centred norms):
     dx = rstd * (dy w' - x_hat * mean(dy w' x_hat)),    dw = sum over rows of dy * n
@@ -44,7 +47,10 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_backward_rows(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
-                                rows_per_program, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr):
+                                rows_per_program, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr,
+                                ROWS: tl.constexpr):
+        # ROWS rows a trip: with narrow rows (per-head q / k norms: 128 columns) one row a trip left each program
+        # waiting on one small load after the other.
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         in_row = cols < n_cols
@@ -54,20 +60,28 @@ if triton is not None:
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         first = program.to(tl.int64) * rows_per_program  # int64 rows: row * n_cols may pass 2**31
         last = tl.minimum(first + rows_per_program, n_rows)
-        for row in range(first, last):
-            offsets = row * n_cols + cols
-            x = tl.load(x_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            x_hat = x * rstd
+        for start in range(first, last, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            in_rows = rows < last
+            mask = in_rows[:, None] & in_row[None, :]
+            offsets = rows[:, None] * n_cols + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=in_rows, other=0.0)
+            x_hat = x * rstd[:, None]
             if ZERO_CENTERED:
-                dw += dy * x_hat
+                dw += tl.sum(dy * x_hat, 0)
             else:
-                dw += dy * x_hat.to(dx_ptr.dtype.element_ty).to(tl.float32)
-            dn = dy * w
-            mean = tl.sum(dn * x_hat, 0) / n_cols
-            tl.store(dx_ptr + offsets, (rstd * (dn - x_hat * mean)).to(dx_ptr.dtype.element_ty), mask=in_row)
+                dw += tl.sum(dy * x_hat.to(dx_ptr.dtype.element_ty).to(tl.float32), 0)
+            dn = dy * w[None, :]
+            mean = tl.sum(dn * x_hat, 1) / n_cols
+            dx = rstd[:, None] * (dn - x_hat * mean[:, None])
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_partial_ptr + program.to(tl.int64) * n_cols + cols, dw, mask=in_row)
+
+
+# Elements of x a program holds per trip (ROWS x BLOCK): enough loads in flight for narrow rows, few enough registers.
+_TILE_ELEMENTS = 4096
 
 
 @functools.cache
@@ -124,13 +138,14 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     rows_per_program = triton.cdiv(n_rows, min(n_rows, cap))
     programs = triton.cdiv(n_rows, rows_per_program)
     block = triton.next_power_of_2(n_cols)
+    rows_per_trip = max(1, min(_TILE_ELEMENTS // block, triton.next_power_of_2(rows_per_program)))
     dx = torch.empty_like(x_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         _rms_norm_backward_rows[(programs,)](
             dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), dx, dw_partial, n_rows,
-            n_cols, rows_per_program, ZERO_CENTERED=zero_centered, BLOCK=block,
-            num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
+            n_cols, rows_per_program, ZERO_CENTERED=zero_centered, BLOCK=block, ROWS=rows_per_trip,
+            num_warps=4 if block * rows_per_trip <= 1024 else 8 if block * rows_per_trip <= 4096 else 16,
         )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
