@@ -37,9 +37,10 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` / `inductor=-NAME`
   (a boolean of `torch._inductor.config` switched on / off for this run, e.g. `inductor=coordinate_descent_tuning`,
   `inductor=-size_asserts`) or `inductor=NAME=VALUE` (any bool / int / float / str setting, dotted names for the
-  nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's CE-gradient kernel as K programs per SM that
-  re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 = one program per row). MFU stays relative to the
-  bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
+  nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's
+  CE-gradient kernel as K programs per SM that re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 =
+  one program per row). MFU stays relative to the bf16 peak. The HF peers run with torch's own partitioner
+  settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
   `torch.compile(model)` for the compiled peers; Liger's `apply_liger_kernel_to_<family>` (RoPE, RMSNorm,
@@ -53,9 +54,9 @@ causal-aware MFU (from the FLOPs `train_step` reports; the same helpers for the 
 memory (reset after warmup: the steady state of weights, grads, optimizer states and activations), and ratios
 posttrain / peer. Per timed step also (`measure.StepMarks`): host and device (CUDA events) milliseconds and
 Python's garbage collections inside the window; on the H200 the device times spread by ~10% within one run (the
-GPU runs at its 700 W power cap, clocks 1.4-1.9 GHz), so compare runs of one call over many steps. Each run is wrapped in try/except: an OOM or compile error prints `failed: <reason>` and
-the rest still run. A global `--time-budget-s` cuts warmup/timed loops short and skips runs that no longer
-fit. The markdown tables are printed last, after a `=== RESULTS ===` line; `--out` gets JSON, rewritten
+GPU runs at its 700 W power cap, clocks 1.4-1.9 GHz), so compare runs of one call over many steps. Each run is
+wrapped in try/except: an OOM or compile error prints `failed: <reason>` and the rest still run. A global
+`--time-budget-s` cuts warmup/timed loops short and skips runs that no longer fit. The markdown tables are printed last, after a `=== RESULTS ===` line; `--out` gets JSON, rewritten
 after every run.
 """
 

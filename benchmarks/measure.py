@@ -51,8 +51,9 @@ def synchronize(device: torch.device) -> None:
 
 class StepMarks:
     """Where each timed step starts, on the host (perf_counter when `step()` is called) and on the device (a CUDA
-    event queued at that point). Device step times that vary while host times stay short say the GPU waited for
-    something; host times as long as device times say the host is the bottleneck."""
+    event queued at that point). A host running ahead shows host steps shorter than the device's; once CUDA's launch
+    queue is full the host waits and its steps equal the device's (no GPU idle). A device step far longer than its
+    neighbours with a host step as long says the host held the GPU up (a stall longer than the queue's lead)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
