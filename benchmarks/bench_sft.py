@@ -53,7 +53,8 @@ tokens/s / peak, N = all parameters including embeddings (the issue's definition
 causal-aware MFU (from the FLOPs `train_step` reports; the same helpers for the peers), peak allocated
 memory (reset after warmup: the steady state of weights, grads, optimizer states and activations), and ratios
 posttrain / peer. Per timed step also (`measure.StepMarks`): host and device (CUDA events) milliseconds and
-Python's garbage collections inside the window; on the H200 the device times spread by ~10% within one run (the
+Python's garbage collections inside the window; over the window, nvidia-smi's SM clock and power samples
+(`measure.GpuClockSampler`); on the H200 the device times spread by ~10% within one run (the
 GPU runs at its 700 W power cap, clocks 1.4-1.9 GHz), so compare runs of one call over many steps. Each run is
 wrapped in try/except: an OOM or compile error prints `failed: <reason>` and the rest still run. A global
 `--time-budget-s` cuts warmup/timed loops short and skips runs that no longer fit. The markdown tables are printed last, after a `=== RESULTS ===` line; `--out` gets JSON, rewritten
@@ -81,6 +82,7 @@ from profile_summary import profile_steps, record_memory_step, render_summary, s
 from measure import (
     RESULTS_MARKER,
     Deadline,
+    GpuClockSampler,
     StepMarks,
     cuda_context_broken,
     environment,
@@ -317,7 +319,7 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     warmup_s = time.perf_counter() - t0
     reset_peak(s.device)
     records: list[dict[str, Any]] = []
-    with StepMarks(s.device) as marks:
+    with StepMarks(s.device) as marks, GpuClockSampler.for_device(s.device) as clocks:
         t1 = time.perf_counter()
         for _ in range(s.steps):
             marks.mark()
@@ -345,6 +347,7 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         "grad_norm_first": _as_float(first["grad_norm"]) if first and "grad_norm" in first else None,
         "steps_run": warmup_done + n,  # the last loss is comparable between runs with the same count
         **marks.per_step_ms(),
+        "gpu_clocks": clocks.summary(),
     }
     if tps is not None and s.peak_flops:
         result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
@@ -399,11 +402,17 @@ def _stem(s: Settings, name: str) -> str:
 
 
 def step_spread(entry: dict[str, Any]) -> str:
-    """', device step ms median M (min A, max B)' when per-step device times exist, else ''."""
+    """', device step ms median M (min A, max B)' when per-step device times exist, and ', SM clock median C MHz
+    (power-capped P%)' when the clock was sampled; else ''."""
+    out = ""
     times = entry.get("device_step_ms") or []
-    if not times:
-        return ""
-    return f", device step ms median {statistics.median(times):.1f} (min {min(times):.1f}, max {max(times):.1f})"
+    if times:
+        out += f", device step ms median {statistics.median(times):.1f} (min {min(times):.1f}, max {max(times):.1f})"
+    clocks = entry.get("gpu_clocks")
+    if clocks:
+        out += (f", SM clock median {clocks['sm_clock_mhz']['median']:.0f} MHz "
+                f"(power-capped {100 * clocks['power_capped_share']:.0f}%)")
+    return out
 
 
 def _as_float(x: Any) -> float:

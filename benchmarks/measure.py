@@ -94,6 +94,89 @@ class StepMarks:
         return out
 
 
+class GpuClockSampler:
+    """`nvidia-smi` sampling the device every `interval_ms` while the window runs: SM clock, board power, and whether
+    the power cap was holding the clock back (clocks event reason bit 0x4). On the H200 both frameworks' steps run
+    at the 700 W cap, so the clock a run got explains part of its speed. Nothing off CUDA or without nvidia-smi."""
+
+    QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+    POWER_CAP_BIT = 0x4
+
+    def __init__(self, command: list[str] | None):
+        self.command = command  # None: no sampling
+        self.process: Any = None
+        self.lines: list[str] = []
+
+    @classmethod
+    def for_device(cls, device: torch.device, interval_ms: int = 100) -> "GpuClockSampler":
+        if device.type != "cuda":
+            return cls(None)
+        return cls(["nvidia-smi", f"--query-gpu={cls.QUERY}", "--format=csv,noheader,nounits",
+                    f"--loop-ms={interval_ms}", *_nvidia_smi_id(device)])
+
+    def __enter__(self) -> "GpuClockSampler":
+        import subprocess
+
+        if self.command is not None:
+            try:
+                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                                text=True)
+            except OSError:  # no nvidia-smi here: the run goes on without clock samples
+                self.process = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=5)
+        except Exception:  # noqa: BLE001 - a sampler that does not stop is killed; its samples are lost
+            self.process.kill()
+            out = ""
+        self.lines = (out or "").splitlines()
+
+    def summary(self) -> dict[str, Any] | None:
+        """{"samples", "sm_clock_mhz": {"median", "min", "max"}, "power_w_median", "power_capped_share"}, or None
+        without samples."""
+        return summarize_clock_samples(self.lines)
+
+
+def summarize_clock_samples(lines: Sequence[str]) -> dict[str, Any] | None:
+    clocks, powers, capped = [], [], 0
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            clock, power, reasons = float(parts[0]), float(parts[1]), int(parts[2], 16)
+        except ValueError:  # a header, "[N/A]" or an error line
+            continue
+        clocks.append(clock)
+        powers.append(power)
+        capped += bool(reasons & GpuClockSampler.POWER_CAP_BIT)
+    if not clocks:
+        return None
+    clocks_sorted, powers_sorted = sorted(clocks), sorted(powers)
+    return {
+        "samples": len(clocks),
+        "sm_clock_mhz": {"median": clocks_sorted[len(clocks) // 2], "min": clocks_sorted[0], "max": clocks_sorted[-1]},
+        "power_w_median": powers_sorted[len(powers) // 2],
+        "power_capped_share": round(capped / len(clocks), 3),
+    }
+
+
+def _nvidia_smi_id(device: torch.device) -> list[str]:
+    """`--id=<PCI bus id>` of a CUDA device (CUDA's numbering can differ from nvidia-smi's); [] when unknown."""
+    if device.type != "cuda":
+        return []
+    try:
+        props = torch.cuda.get_device_properties(device)
+        return [f"--id={props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"]
+    except (AttributeError, RuntimeError):
+        return []
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
