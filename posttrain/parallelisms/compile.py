@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 import logging
 
 import torch
@@ -79,19 +80,26 @@ def _warn_setting_missing() -> None:
 
 def apply_compile(
     model: nn.Module, *, fullgraph: bool = True, device_type: str = "cuda", recompute_pointwise: bool = False,
-    cudagraphs: bool = False,
+    cudagraphs: bool = False, backend: str = "inductor",
 ) -> None:
     """Compile every block of ``model.layers`` in place (after TP and activation checkpointing; a whole-block
     checkpoint stays outside the compiled code, see ``block_to_compile``).
 
-    ``recompute_pointwise`` is dropped when every block is checkpointed whole: a block's saved activations then
-    live only while its own backward runs, so rebuilding pointwise results would add work and save nothing.
+    ``recompute_pointwise`` applies to the blocks that are not checkpointed whole. A block checkpointed whole keeps
+    what it saves only while its own backward runs, so rebuilding pointwise results there would add work and raise
+    that backward's peak: inductor fuses the rebuilt SwiGLU product with the SwiGLU backward, so the two saved
+    inputs, the product, its gradient and both input gradients (six ``[tokens, ffn]`` buffers) are alive at once,
+    where saving the product lets the kernel write one gradient over a saved input (four). On Llama-3.1-8B with
+    full checkpointing and ``skip_last`` that backward set the step's memory peak. Those blocks compile as a
+    second graph whose partitioner saves pointwise results (torch's default).
 
     ``cudagraphs``: the blocks compile in "reduce-overhead" mode (inductor's CUDA graph trees) and every forward of
-    ``model`` starts a new graph step (see ``_new_cudagraph_step``)."""
+    ``model`` starts a new graph step (see ``_new_cudagraph_step``). ``backend``: torch.compile's (tests use a
+    cheaper one than inductor)."""
     blocks = list(model.layers.children())
     all_checkpointed_whole = bool(blocks) and all(block_to_compile(b) is not b for b in blocks)
-    set_pointwise_recompute(recompute_pointwise and not all_checkpointed_whole)
+    recompute = recompute_pointwise and not all_checkpointed_whole
+    set_pointwise_recompute(recompute)
     prime_lazy_attention_kernels(device_type)
     if hasattr(model, "moe_layers") and model.moe_layers():
         # MoE layers keep their forward's aux loss and routed-token counts as attributes. Inside a checkpointed
@@ -100,9 +108,31 @@ def apply_compile(
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     mode = "reduce-overhead" if cudagraphs else None
     for block in model.layers.children():
-        block_to_compile(block).compile(fullgraph=fullgraph, mode=mode)
+        target = block_to_compile(block)
+        if recompute and target is not block and not cudagraphs and _HAS_RECOMPUTE_SETTING:
+            # dynamo keeps one cache entry per backend, so these blocks get their own graph
+            target.compile(fullgraph=fullgraph, backend=_saving_pointwise_results(backend))
+        else:
+            target.compile(fullgraph=fullgraph, mode=mode, backend=backend)
     if cudagraphs:
         model.register_forward_pre_hook(_new_cudagraph_step)
+
+
+_HAS_RECOMPUTE_SETTING = hasattr(torch._functorch.config, "ban_recompute_materialized_backward")
+
+
+@functools.cache
+def _saving_pointwise_results(backend: str) -> Callable[..., Any]:
+    """`backend` with the partitioner's pointwise recompute off while it compiles a graph (the partitioner runs
+    inside that call; the process-wide setting stays as it is for the other blocks). One object per backend, so
+    every whole-checkpointed block shares one cache entry."""
+    compile_graph = torch._dynamo.lookup_backend(backend)
+
+    def compile_saving_pointwise_results(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        with torch._functorch.config.patch(ban_recompute_materialized_backward=True):
+            return compile_graph(gm, example_inputs)
+
+    return compile_saving_pointwise_results
 
 
 def _new_cudagraph_step(module: nn.Module, args: tuple) -> None:

@@ -1,5 +1,6 @@
 """compile.recompute_pointwise: a compiled block saves the inputs of its norms and of the SwiGLU product instead of
-their outputs (rebuilt in backward), with the same loss and gradients, and no matmul recomputed."""
+their outputs (rebuilt in backward), with the same loss and gradients, and no matmul recomputed; blocks checkpointed
+whole compile without it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.models.registry import build_model
-from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing, block_to_compile
 from posttrain.parallelisms.compile import apply_compile, set_pointwise_recompute
 
 SEQ = 48
@@ -20,9 +21,9 @@ def restore_partitioner():
     torch._dynamo.reset()
 
 
-def block_and_inputs():
+def block_and_inputs(n_layers: int = 1):
     torch.manual_seed(0)
-    model = build_model("qwen3", "debug", device="cpu", n_layers=1, attn_backend="sdpa")
+    model = build_model("qwen3", "debug", device="cpu", n_layers=n_layers, attn_backend="sdpa")
     x = torch.randn(1, SEQ, model.args.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
     cos, sin, mask = model.attention_inputs(torch.arange(SEQ)[None], None, x.dtype)["global"]
     return model, model.layers["0"], x, (cos, sin, mask)
@@ -122,3 +123,36 @@ def _single_process_dims():
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, world_size=1)
     dims.build_mesh("cpu")
     return dims
+
+
+def test_whole_checkpointed_blocks_compile_saving_pointwise_results(restore_partitioner):
+    """With `skip_last`, the blocks checkpointed whole get their own graph that saves the SwiGLU product (their saved
+    results live only during their own backward, where rebuilding it raised the peak); the unwrapped blocks keep the
+    recompute. Both stay equal to eager, through the checkpoint too."""
+    torch._dynamo.reset()
+    model, _, x, inputs = block_and_inputs(n_layers=2)
+    eager, _, _, _ = block_and_inputs(n_layers=2)
+    apply_activation_checkpointing(model, "full", skip_last=1)
+    apply_compile(model, device_type="cpu", recompute_pointwise=True, backend="aot_eager_decomp_partition")
+    assert torch._functorch.config.ban_recompute_materialized_backward is False  # the unwrapped block's setting
+    checkpointed, unwrapped = model.layers["0"], model.layers["1"]
+    assert block_to_compile(checkpointed) is not checkpointed and block_to_compile(unwrapped) is unwrapped
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ffn = SEQ * model.args.ffn_dim
+    for block, ffn_wide_saved in ((block_to_compile(checkpointed), 3), (unwrapped, 2)):
+        out, grads, saved = run(block, x, inputs, params)
+        ref_out, ref_grads, _ = run(eager.layers["0" if block is not unwrapped else "1"], x, inputs, set())
+        assert sum(1 for s in saved if torch.Size(s).numel() == ffn) == ffn_wide_saved
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+
+    def two_blocks(m):
+        return m.layers["1"](m.layers["0"](x, *inputs), *inputs)
+
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(two_blocks(model), [x, *model.layers.parameters()], grad_out)
+    want = torch.autograd.grad(two_blocks(eager), [x, *eager.layers.parameters()], grad_out)
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
