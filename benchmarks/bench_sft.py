@@ -319,7 +319,8 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
     warmup_s = time.perf_counter() - t0
     reset_peak(s.device)
     records: list[dict[str, Any]] = []
-    with StepMarks(s.device) as marks, GpuClockSampler.for_device(s.device) as clocks:
+    # the sampler outside: starting and stopping it is not the steps' time, nor are its collections
+    with GpuClockSampler.for_device(s.device) as clocks, StepMarks(s.device) as marks:
         t1 = time.perf_counter()
         for _ in range(s.steps):
             marks.mark()
@@ -454,8 +455,11 @@ ADAMW_TOKENS = {"auto": "auto", "triton": "triton", "torch": "true", "foreach": 
 def inductor_setting(text: str) -> tuple[str, Any] | None:
     """`NAME` / `-NAME`: a boolean of torch._inductor.config on / off; `NAME=VALUE`: a bool, int, float or str
     setting, the value read as the setting's own type. Dotted names reach the nested sections
-    (`triton.persistent_reductions=0`). None when there is no such setting or the value does not fit it."""
-    name, _, value = text.partition("=")
+    (`triton.persistent_reductions=0`). None when there is no such setting, the value does not fit it or is empty,
+    or the setting's default is None (its type unknown). Values cannot hold commas (they separate variants)."""
+    name, equals, value = text.partition("=")
+    if equals and not value:
+        return None
     off = name.startswith("-") and not value
     name = name.lstrip("-") if off else name
     current = inductor_config.get_config_copy()

@@ -105,6 +105,7 @@ class GpuClockSampler:
     def __init__(self, command: list[str] | None):
         self.command = command  # None: no sampling
         self.process: Any = None
+        self._reader: Any = None
         self.lines: list[str] = []
 
     @classmethod
@@ -116,6 +117,7 @@ class GpuClockSampler:
 
     def __enter__(self) -> "GpuClockSampler":
         import subprocess
+        import threading
 
         if self.command is not None:
             try:
@@ -123,18 +125,28 @@ class GpuClockSampler:
                                                 text=True)
             except OSError:  # no nvidia-smi here: the run goes on without clock samples
                 self.process = None
+            else:  # drained as it writes: a pipe left unread fills after a few minutes and stalls the sampler
+                self._reader = threading.Thread(target=self._read, daemon=True)
+                self._reader.start()
         return self
 
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
     def __exit__(self, *exc: Any) -> None:
+        import signal
+        import subprocess
+
         if self.process is None:
             return
-        self.process.terminate()
+        self.process.send_signal(signal.SIGINT)  # nvidia-smi's own stop (Ctrl-C); what it wrote is kept
         try:
-            out, _ = self.process.communicate(timeout=5)
-        except Exception:  # noqa: BLE001 - a sampler that does not stop is killed; its samples are lost
+            self.process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            out = ""
-        self.lines = (out or "").splitlines()
+            self.process.wait()
+        self._reader.join(timeout=3)
 
     def summary(self) -> dict[str, Any] | None:
         """{"samples", "sm_clock_mhz": {"median", "min", "max"}, "power_w_median", "power_capped_share"}, or None

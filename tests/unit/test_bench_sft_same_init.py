@@ -125,7 +125,8 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
         bench_sft.parse_variant("compile+inductor=cpp_wrapper_typo")
     nested = bench_sft.parse_variant("compile+inductor=triton.persistent_reductions=0+inductor=triton.multi_kernel=1")
     assert nested.inductor == (("triton.persistent_reductions", False), ("triton.multi_kernel", 1))
-    for bad in ("inductor=triton.multi_kernel=many", "inductor=-triton.multi_kernel", "inductor=size_asserts=maybe"):
+    for bad in ("inductor=triton.multi_kernel=many", "inductor=-triton.multi_kernel", "inductor=size_asserts=maybe",
+                "inductor=size_asserts="):
         with pytest.raises(SystemExit, match="unknown token"):
             bench_sft.parse_variant(f"compile+{bad}")
 

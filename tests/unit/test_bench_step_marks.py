@@ -66,6 +66,19 @@ def test_sampler_runs_its_command_for_the_window(tmp_path: Path) -> None:
     """A stand-in for nvidia-smi (none on this machine) that prints two samples and then waits to be stopped."""
     fake = tmp_path / "fake-smi"
     fake.write_text("#!/bin/sh\necho '1700, 650.0, 0x4'\necho '1800, 600.0, 0x0'\nexec sleep 30\n")
+    many = tmp_path / "many-smi"  # more than a pipe holds (~64 KiB) before the window ends: drained as it comes
+    many.write_text("#!/bin/sh\ni=0\nwhile [ $i -lt 5000 ]; do echo '1500, 690.0, 0x4'; i=$((i+1)); done\n"
+                    "exec sleep 30\n")
+    many.chmod(0o755)
+    with GpuClockSampler([str(many)]) as flood:
+        time.sleep(1.0)
+    assert flood.summary()["samples"] == 5000
+    stubborn = tmp_path / "stubborn-smi"  # ignores Ctrl-C: killed after 3 s, what it wrote is kept
+    stubborn.write_text("#!/bin/sh\ntrap '' INT\necho '1600, 680.0, 0x4'\nwhile true; do sleep 0.1; done\n")
+    stubborn.chmod(0o755)
+    with GpuClockSampler([str(stubborn)]) as killed:
+        time.sleep(0.5)
+    assert killed.process.returncode is not None and killed.summary()["samples"] == 1
     fake.chmod(0o755)
     with GpuClockSampler([str(fake)]) as sampler:
         time.sleep(0.5)
