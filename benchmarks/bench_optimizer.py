@@ -7,8 +7,9 @@ model is built with `--dtype` parameters (and AdamW states: build_optimizer's tw
 parameter drawn from the same seed, and one set of gradients (same seed) is kept for every step. A step is what
 `Trainer.train_step` does after backward: the total gradient norm (`optim.total_grad_norm`: the Triton AdamW's own
 where it runs, torch's foreach norm otherwise), the clipping divisor passed as `grad_scale`, the optimizer step.
-Timed with CUDA events over `--steps` steps after `--warmup`; "bandwidth" counts the traffic AdamW needs (read parameter, gradient and both moments, write parameter and both moments: 7 x the
-parameter bytes) over the optimizer step alone; torch's fused kernel also writes the divided gradients back (8 x),
+Timed with CUDA events over `--steps` steps after `--warmup`; "bandwidth" counts the traffic AdamW needs (read
+parameter, gradient and both moments, write parameter and both moments: 7 x the parameter bytes) over the optimizer
+step alone; torch's fused kernel also writes the divided gradients back (8 x),
 which the column does not count. After the same steps every kernel's parameters are compared with
 the first kernel's: the largest difference relative to the largest parameter, and the share of elements that
 differ (both kernels round fp32 math to bf16; a different order of fp32 operations moves some by one ulp).

@@ -12,7 +12,10 @@ import gc
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,9 +119,6 @@ class GpuClockSampler:
                     f"--loop-ms={interval_ms}", *_nvidia_smi_id(device)])
 
     def __enter__(self) -> "GpuClockSampler":
-        import subprocess
-        import threading
-
         if self.command is not None:
             try:
                 self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -135,9 +135,6 @@ class GpuClockSampler:
             self.lines.append(line)
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-        import subprocess
-
         if self.process is None:
             return
         self.process.send_signal(signal.SIGINT)  # nvidia-smi's own stop (Ctrl-C); what it wrote is kept

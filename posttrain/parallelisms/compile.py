@@ -2,8 +2,8 @@
 
 Each block is compiled in place (``nn.Module.compile``), so module structure, parameter names and
 state-dict keys stay as they were; all blocks share one compiled graph because they have identical code
-and shapes (two graphs when only some blocks are checkpointed whole: see ``apply_compile``). Compiling per block (not the whole model) keeps FSDP's per-block hooks outside the graphs
-and compile time independent of depth.
+and shapes (two graphs when only some blocks are checkpointed whole: see ``apply_compile``). Compiling per
+block (not the whole model) keeps FSDP's per-block hooks outside the graphs and compile time independent of depth.
 
 What a compiled block saves for backward is the min-cut partitioner's choice. By default it will not recompute
 a pointwise result that backward has to materialize anyway, such as a norm's output (the input of the q/k/v
