@@ -47,9 +47,10 @@ class ModelSection:
     rms_norm_backward: str = opt(
         "autograd",
         "RMSNorm's backward: autograd's (inductor's kernels when compiled), or triton: one pass over the rows with "
-        "the forward's rms saved (a Triton kernel on CUDA, the same math in torch ops elsewhere). Compiled, on one "
-        "H200, triton was 0.8 ms slower on a 143 ms Llama-3.2-1B step (inductor fuses its own norm backward with the "
-        "residual's gradient; the opaque op cannot): autograd stays the default",
+        "the forward's rms saved and the residual stream's gradient added (a Triton kernel on CUDA, the same math in "
+        "torch ops elsewhere), on the norms over the model width (per-head q / k norms keep autograd's). Compiled, on "
+        "one H200, its first version (no residual add) was 0.8 ms slower on a 143 ms Llama-3.2-1B step: autograd "
+        "stays the default until this one is measured",
         choices=("autograd", "triton"),
     )
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")

@@ -2,16 +2,19 @@
 
 What the compiled blocks run for it otherwise (inductor's kernels, the session-15 H200 profile of Llama-3.2-1B at
 8,192 tokens): a reduction over the 8,192 rows for the weight's gradient that reads the columns strided (84 us a
-norm) and a second pass for the input's gradient that recomputes the row's rms (59 us), where reading x and dy once
-and writing dx takes ~25 us at the HBM's speed. Here each program walks a contiguous range of rows, several rows a
-trip (about 4,096 elements: 32 rows of a 128-wide q / k head norm): it reads x and dy once, writes dx, and keeps its
-share of the weight's gradient in registers (one fp32 row per program, summed after). The rms comes saved from the
-forward (`RMSNorm` with `own_backward`). Measured on the H200 with one row a trip (sessions 16-17), the op lost to
-inductor's kernels in the compiled step (Llama-3.2-1B +0.8 ms; Qwen3-4B +12.5 ms, 19.8 ms in this kernel): that is
-why it is opt-in; the several-rows trip is not measured yet.
+norm) and a second pass for the input's gradient that recomputes the row's rms and adds the residual stream's
+gradient (59 us), where reading x, dy and the residual's gradient once and writing dx takes ~35 us at the HBM's
+speed. Here each program walks a contiguous range of rows, several rows a trip (about 4,096 elements): it reads x
+and dy once, adds the residual's gradient when given (`RMSNorm.with_residual`: the norm's input is also the
+residual stream, whose gradient autograd would otherwise add in a pass of its own), writes dx, and keeps its share
+of the weight's gradient in registers (one fp32 row per program, summed after). The rms comes saved from the
+forward (`RMSNorm` with `own_backward`). Measured on the H200 with one row a trip and no residual (sessions 16-17),
+the op lost to inductor's kernels in the compiled step (Llama-3.2-1B +0.8 ms: inductor had fused the residual's
+gradient add, the op could not; Qwen3-4B +12.5 ms with the per-head q / k norms on it too): that is why it is
+opt-in; the several-rows trip with the residual is not measured yet.
 
-Math (fp32 throughout, x_hat = x * rstd, w' = w or 1 + w for zero-centred norms):
-    dx = rstd * (dy w' - x_hat * mean(dy w' x_hat)),    dw = sum over rows of dy * n
+Math (fp32 throughout, x_hat = x * rstd, w' = w or 1 + w for zero-centred norms, r the residual's gradient or 0):
+    dx = rstd * (dy w' - x_hat * mean(dy w' x_hat)) + r,    dw = sum over rows of dy * n
 with n the forward's normalised value as it multiplied w: x_hat rounded to x's dtype (`w * x_hat.to(dtype)`), or
 x_hat itself for zero-centred norms (`(x_hat * (1 + w)).to(dtype)`). Elsewhere (CPU, no Triton, a kernel that
 could not be built: one warning) the same math in torch ops.
@@ -46,9 +49,9 @@ _kernel_ran = False
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_backward_rows(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
-                                rows_per_program, ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr,
-                                ROWS: tl.constexpr):
+    def _rms_norm_backward_rows(dy_ptr, x_ptr, w_ptr, rstd_ptr, residual_grad_ptr, dx_ptr, dw_partial_ptr, n_rows,
+                                n_cols, rows_per_program, ZERO_CENTERED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                BLOCK: tl.constexpr, ROWS: tl.constexpr):
         # ROWS rows a trip: with narrow rows (per-head q / k norms: 128 columns) one row a trip left each program
         # waiting on one small load after the other.
         program = tl.program_id(0)
@@ -76,6 +79,8 @@ if triton is not None:
             dn = dy * w[None, :]
             mean = tl.sum(dn * x_hat, 1) / n_cols
             dx = rstd[:, None] * (dn - x_hat * mean[:, None])
+            if HAS_RESIDUAL:
+                dx += tl.load(residual_grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_partial_ptr + program.to(tl.int64) * n_cols + cols, dw, mask=in_row)
 
@@ -89,12 +94,13 @@ def _programs_per_device(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _kernel_takes(dy: Tensor, x: Tensor) -> bool:
-    return triton is not None and x.device.type in _DEVICE_TYPES and x.numel() > 0 and dy.shape == x.shape
+def _kernel_takes(dy: Tensor, x: Tensor, residual_grad: Tensor | None = None) -> bool:
+    return (triton is not None and x.device.type in _DEVICE_TYPES and x.numel() > 0 and dy.shape == x.shape
+            and (residual_grad is None or residual_grad.shape == x.shape))
 
 
-def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
-                                zero_centered: bool) -> tuple[Tensor, Tensor]:
+def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
+                                residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The same math in torch ops (fp32): what runs where the kernel does not."""
     x_hat = x.float() * rstd.reshape(*x.shape[:-1], 1)
     dyf = dy.float()
@@ -103,18 +109,21 @@ def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Ten
     dw = (dyf * n).reshape(-1, x.shape[-1]).sum(0)
     dn = dyf * w
     dx = rstd.reshape(*x.shape[:-1], 1) * (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True))
+    if residual_grad is not None:
+        dx = dx + residual_grad.float()
     return dx.to(x.dtype).contiguous(), dw.to(weight.dtype)
 
 
 @torch.library.custom_op("posttrain::rms_norm_backward", mutates_args=())
-def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
-                      zero_centered: bool) -> tuple[Tensor, Tensor]:
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
+                      residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dweight) of `RMSNorm` given its output's gradient `dy`, its input `x` and the forward's `rstd` (one per
-    row of x); dx in x's dtype, dweight in the weight's."""
+    row of x); dx in x's dtype, dweight in the weight's. `residual_grad` (x's shape): the gradient x gets through
+    its other use, the residual stream, added into dx."""
     global _kernel_failed, _kernel_ran
-    if _kernel_failed is None and _kernel_takes(dy, x):
+    if _kernel_failed is None and _kernel_takes(dy, x, residual_grad):
         try:
-            out = _kernel_backward(dy, x, weight, rstd, zero_centered)
+            out = _kernel_backward(dy, x, weight, rstd, zero_centered, residual_grad)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - a build error on the first launch, before anything is written
@@ -125,14 +134,16 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
         else:
             _kernel_ran = True
             return out
-    return rms_norm_backward_reference(dy, x, weight, rstd, zero_centered)
+    return rms_norm_backward_reference(dy, x, weight, rstd, zero_centered, residual_grad)
 
 
-def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
-                     zero_centered: bool) -> tuple[Tensor, Tensor]:
+def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
+                     residual_grad: Tensor | None) -> tuple[Tensor, Tensor]:
     n_cols = x.shape[-1]
     x_rows = x.reshape(-1, n_cols).contiguous()
     dy_rows = dy.reshape(-1, n_cols).contiguous()
+    # without a residual the kernel never reads its pointer: dy stands in
+    residual_rows = dy_rows if residual_grad is None else residual_grad.reshape(-1, n_cols).contiguous()
     n_rows = x_rows.shape[0]
     cap = _programs_per_device(x.device.index or 0) if x.is_cuda else 8
     rows_per_program = triton.cdiv(n_rows, min(n_rows, cap))
@@ -143,13 +154,15 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         _rms_norm_backward_rows[(programs,)](
-            dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), dx, dw_partial, n_rows,
-            n_cols, rows_per_program, ZERO_CENTERED=zero_centered, BLOCK=block, ROWS=rows_per_trip,
+            dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), residual_rows, dx, dw_partial,
+            n_rows, n_cols, rows_per_program, ZERO_CENTERED=zero_centered, HAS_RESIDUAL=residual_grad is not None,
+            BLOCK=block, ROWS=rows_per_trip,
             num_warps=4 if block * rows_per_trip <= 1024 else 8 if block * rows_per_trip <= 4096 else 16,
         )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
 @rms_norm_backward.register_fake
-def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool) -> tuple[Tensor, Tensor]:
+def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
+      residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), weight.new_empty(weight.shape)  # contiguous, as both real paths return them

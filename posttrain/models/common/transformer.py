@@ -109,8 +109,10 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         # kv_cache only when decoding: the tensor-parallel input plan counts the training call's four inputs
         extra = {} if kv_cache is None else {"kv_cache": kv_cache}
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, **extra)
-        return h + self.feed_forward(self.ffn_norm(h))
+        normed, x = self.attention_norm.with_residual(x)  # x: the residual stream (see RMSNorm.with_residual)
+        h = x + self.attention(normed, cos, sin, mask, **extra)
+        normed, h = self.ffn_norm.with_residual(h)
+        return h + self.feed_forward(normed)
 
     def init_weights(self, init_std: float) -> None:
         self.attention_norm.reset_parameters()

@@ -90,8 +90,10 @@ class Gemma3Block(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask, kv_cache: Any = None
     ) -> torch.Tensor:
         extra = {} if kv_cache is None else {"kv_cache": kv_cache}  # (see TransformerBlock.forward)
-        h = x + self.post_attention_norm(self.attention(self.attention_norm(x), cos, sin, mask, **extra))
-        return h + self.post_ffn_norm(self.feed_forward(self.ffn_norm(h)))
+        normed, x = self.attention_norm.with_residual(x)  # x: the residual stream (see RMSNorm.with_residual)
+        h = x + self.post_attention_norm(self.attention(normed, cos, sin, mask, **extra))
+        normed, h = self.ffn_norm.with_residual(h)
+        return h + self.post_ffn_norm(self.feed_forward(normed))
 
     def init_weights(self, init_std: float) -> None:
         for norm in (self.attention_norm, self.post_attention_norm, self.ffn_norm, self.post_ffn_norm):

@@ -26,7 +26,11 @@ from .args import SLIDING, GptOssArgs
 
 
 class GptOssRMSNorm(RMSNorm):
-    """GPT-OSS multiplies the weight in fp32 and casts after (Llama casts first)."""
+    """GPT-OSS multiplies the weight in fp32 and casts after (Llama casts first). Its backward stays autograd's (the
+    own kernel's math is the base class's)."""
+
+    def _runs_own_backward(self, x: torch.Tensor) -> bool:
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
