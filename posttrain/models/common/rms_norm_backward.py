@@ -4,7 +4,7 @@ What the compiled blocks run for it otherwise (inductor's kernels, the session-1
 8,192 tokens): a reduction over the 8,192 rows for the weight's gradient that reads the columns strided (84 us a
 norm) and a second pass for the input's gradient that recomputes the row's rms and adds the residual stream's
 gradient (59 us), where reading x, dy and the residual's gradient once and writing dx takes ~35 us at the HBM's
-speed. Here each program walks a contiguous range of rows, several rows a trip (about 4,096 elements): it reads x
+speed. Here each program walks a contiguous range of rows, several rows a trip (about 2,048 elements): it reads x
 and dy once, adds the residual's gradient when given (`RMSNorm.with_residual`: the norm's input is also the
 residual stream, whose gradient autograd would otherwise add in a pass of its own), writes dx, and keeps its share
 of the weight's gradient in registers (one fp32 row per program, summed after). The rms comes saved from the
@@ -85,13 +85,27 @@ if triton is not None:
         tl.store(dw_partial_ptr + program.to(tl.int64) * n_cols + cols, dw, mask=in_row)
 
 
-# Elements of x a program holds per trip (ROWS x BLOCK): enough loads in flight for narrow rows, few enough registers.
-_TILE_ELEMENTS = 4096
+# Elements of x a program holds per trip (ROWS x BLOCK) and per thread. Compiled for sm_90 (cuobjdump's resource
+# usage of the cubin, built on a CPU: tests/unit/test_triton_kernels_build.py), 4 elements a thread take 42-75
+# registers (2,048 x 1 at 16 warps, 4,096 x 1 at 32, 128 x 16 at 16): 16-32 warps resident per SM; 16 a thread took
+# 150-181 (4,096 x 1 or 2,048 x 2 at 8 warps): one 8-warp program per SM, too few loads in flight.
+_TILE_ELEMENTS = 2048
+_ELEMENTS_PER_THREAD = 4
 
 
 @functools.cache
 def _programs_per_device(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_shape(n_rows: int, n_cols: int, max_programs: int) -> tuple[int, int, int, int, int]:
+    """(rows_per_program, programs, BLOCK, ROWS, num_warps) of the kernel's launch for n_rows x n_cols."""
+    rows_per_program = triton.cdiv(n_rows, min(n_rows, max_programs))
+    programs = triton.cdiv(n_rows, rows_per_program)
+    block = triton.next_power_of_2(n_cols)
+    rows_per_trip = max(1, min(_TILE_ELEMENTS // block, triton.next_power_of_2(rows_per_program)))
+    num_warps = min(32, max(4, block * rows_per_trip // (32 * _ELEMENTS_PER_THREAD)))
+    return rows_per_program, programs, block, rows_per_trip, num_warps
 
 
 def _kernel_takes(dy: Tensor, x: Tensor, residual_grad: Tensor | None = None) -> bool:
@@ -146,18 +160,14 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_c
     residual_rows = dy_rows if residual_grad is None else residual_grad.reshape(-1, n_cols).contiguous()
     n_rows = x_rows.shape[0]
     cap = _programs_per_device(x.device.index or 0) if x.is_cuda else 8
-    rows_per_program = triton.cdiv(n_rows, min(n_rows, cap))
-    programs = triton.cdiv(n_rows, rows_per_program)
-    block = triton.next_power_of_2(n_cols)
-    rows_per_trip = max(1, min(_TILE_ELEMENTS // block, triton.next_power_of_2(rows_per_program)))
+    rows_per_program, programs, block, rows_per_trip, num_warps = launch_shape(n_rows, n_cols, cap)
     dx = torch.empty_like(x_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         _rms_norm_backward_rows[(programs,)](
             dy_rows, x_rows, weight.contiguous(), rstd.reshape(-1).float().contiguous(), residual_rows, dx, dw_partial,
             n_rows, n_cols, rows_per_program, ZERO_CENTERED=zero_centered, HAS_RESIDUAL=residual_grad is not None,
-            BLOCK=block, ROWS=rows_per_trip,
-            num_warps=4 if block * rows_per_trip <= 1024 else 8 if block * rows_per_trip <= 4096 else 16,
+            BLOCK=block, ROWS=rows_per_trip, num_warps=num_warps,
         )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
