@@ -21,7 +21,9 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   build, init; build_optimizer; build_lr_scheduler) and `Trainer.train_step` with the SFT recipe's
   `sft_loss` (chunked cross-entropy inside the model forward). A variant is "+"-joined tokens:
   `compile|eager`, `flex|sdpa`, `kernel=auto|cudnn|flash|efficient|math|fa4` (`model.sdpa_kernel`; fa4: FlashAttention-4, needs flash-attn-4), `ac=none|full|selective|op|budget`, `every=N` (selective AC), `skip=N`
-  (`activation_checkpoint.skip_last`: the last N blocks not checkpointed), `budget=X`
+  (`activation_checkpoint.skip_last`: the last N blocks not checkpointed), `offload=N`
+  (`activation_checkpoint.offload_blocks`: the first N unwrapped blocks keep their saved activations in pinned host
+  memory; compare its peak with `peak_reserved_gib` too, since memory a copy still reads counts as free), `budget=X`
   (`activation_checkpoint.memory_budget` of budget AC, default 0.5), `chunk=N` (loss chunk,
   0 = auto), `loss=fused|chunked` (`training.loss_impl`, default fused), `float8` (`training.float8`: torchao
   rowwise float8 in the blocks' Linear layers; needs compile and torchao), `float8=all` (also
@@ -90,6 +92,7 @@ from measure import (
     free_memory,
     markdown_table,
     peak_gib,
+    peak_reserved_gib,
     reset_peak,
     resolve_device,
     short_error,
@@ -331,6 +334,7 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         synchronize(s.device)
         elapsed = time.perf_counter() - t1
     peak = peak_gib(s.device)
+    reserved = peak_reserved_gib(s.device)
     first = first or (records[0] if records else None)
     n = len(records)
     tokens = n * s.batch * s.seq_len
@@ -342,6 +346,7 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         "step_ms": 1000 * elapsed / n if n else None,
         "tokens_per_s": tps,
         "peak_mem_gib": peak,
+        "peak_reserved_gib": reserved,
         "loss_first": _as_float(first["loss"]) if first and "loss" in first else None,
         # the loss of the last step run (posttrain reads it only on the planned last step: None when cut short)
         "loss_last": _as_float(records[-1]["loss"]) if records and "loss" in records[-1] else None,
@@ -431,6 +436,7 @@ class PosttrainVariant:
     ac: str | None = None  # None: the --ac default
     ac_every_n: int | None = None
     ac_skip_last: int = 0  # activation_checkpoint.skip_last
+    ac_offload_blocks: int = 0  # activation_checkpoint.offload_blocks
     memory_budget: float | None = None
     chunk: int | None = None
     loss: str = "fused"
@@ -496,6 +502,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.ac_every_n = int(token[6:])
         elif token.startswith("skip=") and token[5:].isdigit():
             v.ac_skip_last = int(token[5:])
+        elif token.startswith("offload=") and token[8:].isdigit():
+            v.ac_offload_blocks = int(token[8:])
         elif token.startswith("budget="):
             v.memory_budget = float(token[7:])
         elif token.startswith("chunk="):
@@ -527,7 +535,7 @@ def parse_variant(text: str) -> PosttrainVariant:
         else:
             raise SystemExit(
                 f"variant {text!r}: unknown token {token!r}; use compile|eager, flex|sdpa, "
-                "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, budget=X, chunk=N, "
+                "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, offload=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
@@ -563,6 +571,7 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
         "activation_checkpoint": {
             "mode": v.ac or s.ac, "every_n": v.ac_every_n or s.ac_every_n, "skip_last": v.ac_skip_last,
             "memory_budget": v.memory_budget if v.memory_budget is not None else 0.5,
+            "offload_blocks": v.ac_offload_blocks,
         },
         "compile": {"enabled": v.compile, "recompute_pointwise": v.recompute_pointwise, "cudagraphs": v.cudagraphs},
         **({"lora": {"rank": v.lora_rank, "alpha": 2.0 * v.lora_rank}} if v.lora_rank else {}),
@@ -1063,7 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
                     broken_by = f"{name} ({why})"
             else:
                 print(f"[{name}] {fmt(entry.get('tokens_per_s'), ',.0f')} tokens/s, MFU {fmt(entry.get('mfu_pct'))}%, "
-                      f"causal MFU {fmt(entry.get('mfu_causal_pct'))}%, peak {fmt(entry.get('peak_mem_gib'))} GiB, "
+                      f"causal MFU {fmt(entry.get('mfu_causal_pct'))}%, peak {fmt(entry.get('peak_mem_gib'))} GiB "
+                      f"(reserved {fmt(entry.get('peak_reserved_gib'))}), "
                       f"loss {fmt(entry.get('loss_first'), '.3f')} -> {fmt(entry.get('loss_last'), '.3f')}, "
                       f"{entry['wall_s']} s{step_spread(entry)}", flush=True)
         report["results"].append(entry)

@@ -198,6 +198,14 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """Peak bytes the caching allocator held since `reset_peak` in GiB (what the device gave the process: blocks
+    freed while a side stream still reads them count as free in `peak_gib`, not here); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**30
+
+
 def allocated_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None

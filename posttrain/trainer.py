@@ -58,6 +58,7 @@ from posttrain.parallelisms import (
     clip_grad_norm_,
     get_parallelize_fn,
 )
+from posttrain.parallelisms.activation_offload import activation_offloader
 from posttrain.parallelisms.compile import partitioner_settings_kept
 from posttrain.parallelisms.distributed import destroy_distributed, init_distributed
 from posttrain.parallelisms.float8 import Float8Unavailable, apply_float8_training
@@ -283,6 +284,10 @@ class Trainer:
             added_tokens=self._config_added_tokens,
         )
         self.model_args = self.model.args
+        self._offloader = activation_offloader(self.model)
+        if self._offloader is not None and self.device.type != "cuda":
+            logger.warning("activation_checkpoint.offload_blocks = %d on %s: the host copies share the device's "
+                           "memory, so nothing is saved", cfg.activation_checkpoint.offload_blocks, self.device.type)
         # only once the tokenizer and model are built: a run refused before writes no config.json
         if not (cfg.checkpoint.resume and self.checkpoint.step_folders()):
             self._write_run_config()  # else once the resume is accepted (load_checkpoint)
@@ -523,6 +528,8 @@ class Trainer:
             metrics["loss"] = reduced[0] / n_global
             metrics["grad_norm"] = float(grad_norm)
             metrics.update({k: v / n_global for k, v in zip(extra, reduced[1:])})
+        if log and self._offloader is not None:
+            metrics.update(self._offloader.take_stats())
         return metrics
 
     def _own_grads(self) -> None:

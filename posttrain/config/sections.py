@@ -205,6 +205,13 @@ class ActivationCheckpointSection:
     memory_budget: float = opt(
         0.5, "budget mode (needs compile): share of the activation memory kept (0..1); the cheapest ops are recomputed"
     )
+    offload_blocks: int = opt(
+        0,
+        "the first n of the blocks left unwrapped (mode none / budget: blocks 0..n-1; full / op: the earliest of the "
+        "last skip_last) keep their saved activations in pinned host memory from forward to backward (CUDA; copies "
+        "on a side stream, each block brought back while the block after it runs backward): n more unwrapped blocks "
+        "at about the same peak, for host-link traffic",
+    )
 
 
 @dataclass

@@ -47,6 +47,13 @@ def validate(cfg: "JobConfig", *, world_size: int | None = None) -> None:
     ac, ckpt, metrics = cfg.activation_checkpoint, cfg.checkpoint, cfg.metrics
     _positive(ac.every_n, "activation_checkpoint.every_n")
     _non_negative(ac.skip_last, "activation_checkpoint.skip_last")
+    _non_negative(ac.offload_blocks, "activation_checkpoint.offload_blocks")
+    if ac.offload_blocks:
+        _require(ac.mode != "selective", "activation_checkpoint.offload_blocks",
+                 "works with mode none, full, op or budget (selective leaves scattered blocks unwrapped)")
+        if ac.mode in ("full", "op"):
+            _require(ac.offload_blocks <= ac.skip_last, "activation_checkpoint.offload_blocks",
+                     f"= {ac.offload_blocks} exceeds skip_last = {ac.skip_last}: only unwrapped blocks offload")
     _require(
         0 <= ac.memory_budget <= 1, "activation_checkpoint.memory_budget", f"must be in [0, 1], got {ac.memory_budget}"
     )

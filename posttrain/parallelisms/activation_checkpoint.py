@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch._functorch.config
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 AC_MODES = ("none", "full", "selective", "op", "budget")
@@ -87,11 +87,17 @@ def wrap_block(block: nn.Module, mode: str) -> nn.Module:
 
 def block_to_compile(block: nn.Module) -> nn.Module:
     """The module torch.compile should own for one entry of ``model.layers``: the block itself, or, for a
-    whole-block checkpoint, the block inside the wrapper (the checkpoint then runs eagerly around compiled code)."""
+    whole-block checkpoint or an offloading block (``activation_offload``), the block inside the wrapper (the
+    wrapper then runs eagerly around compiled code)."""
     inner = getattr(block, "_checkpoint_wrapped_module", None)
     if inner is None or getattr(block, "checkpoint_policy_is_traced", False):
         return block
     return inner
+
+
+def is_checkpointed_whole(block: nn.Module) -> bool:
+    """Whether this entry of ``model.layers`` recomputes its whole block in backward (``full`` / ``selective``)."""
+    return isinstance(block, CheckpointWrapper) and block_to_compile(block) is not block
 
 
 def set_activation_memory_budget(budget: float) -> None:
@@ -128,5 +134,5 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 2
 
 
 __all__ = [
-    "AC_MODES", "apply_activation_checkpointing", "block_to_compile", "op_selective_context_fn", "set_activation_memory_budget", "wrap_block",
+    "AC_MODES", "apply_activation_checkpointing", "block_to_compile", "is_checkpointed_whole", "op_selective_context_fn", "set_activation_memory_budget", "wrap_block",
 ]

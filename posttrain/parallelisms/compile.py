@@ -26,7 +26,7 @@ import torch
 import torch._functorch.config
 import torch.nn as nn
 
-from posttrain.parallelisms.activation_checkpoint import block_to_compile
+from posttrain.parallelisms.activation_checkpoint import block_to_compile, is_checkpointed_whole
 
 logger = logging.getLogger("posttrain")
 
@@ -97,7 +97,7 @@ def apply_compile(
     ``model`` starts a new graph step (see ``_new_cudagraph_step``). ``backend``: torch.compile's (tests use a
     cheaper one than inductor)."""
     blocks = list(model.layers.children())
-    all_checkpointed_whole = bool(blocks) and all(block_to_compile(b) is not b for b in blocks)
+    all_checkpointed_whole = bool(blocks) and all(is_checkpointed_whole(b) for b in blocks)
     recompute = recompute_pointwise and not all_checkpointed_whole
     set_pointwise_recompute(recompute)
     prime_lazy_attention_kernels(device_type)
@@ -109,7 +109,7 @@ def apply_compile(
     mode = "reduce-overhead" if cudagraphs else None
     for block in model.layers.children():
         target = block_to_compile(block)
-        if recompute and target is not block and not cudagraphs and _HAS_RECOMPUTE_SETTING:
+        if recompute and is_checkpointed_whole(block) and not cudagraphs and _HAS_RECOMPUTE_SETTING:
             # dynamo keeps one cache entry per backend, so these blocks get their own graph
             target.compile(fullgraph=fullgraph, backend=_saving_pointwise_results(backend))
         else:

@@ -29,6 +29,7 @@ from posttrain.models.hf_backend import (
     load_hf_config,
 )
 from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.activation_offload import apply_activation_offloading
 from posttrain.parallelisms.compile import apply_compile
 from posttrain.parallelisms.fsdp import apply_fsdp
 from posttrain.parallelisms.parallel_dims import ParallelDims
@@ -62,6 +63,7 @@ def parallelize_hf(
     if ac.mode == "budget" and not compile.enabled:
         raise SystemExit("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
     apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget, ac.skip_last)
+    apply_activation_offloading(model, ac.offload_blocks)
     if compile.enabled:
         # HF layers take keyword inputs and may branch on config values: allow graph breaks
         apply_compile(model, fullgraph=False, device_type=device_type, recompute_pointwise=compile.recompute_pointwise)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from posttrain.config.sections import ActivationCheckpointSection, CompileSection, ParallelismSection
 from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.activation_offload import apply_activation_offloading
 from posttrain.parallelisms.compile import apply_compile
 from posttrain.parallelisms.fsdp import apply_fsdp
 from posttrain.parallelisms.parallel_dims import ParallelDims
@@ -73,6 +74,7 @@ def parallelize_decoder(
     if ac.mode == "budget" and not compile.enabled:
         raise ValueError("activation_checkpoint.mode = 'budget' works through torch.compile; set compile.enabled = true")
     apply_activation_checkpointing(model, ac.mode, ac.every_n, ac.memory_budget, ac.skip_last)
+    apply_activation_offloading(model, ac.offload_blocks)
 
     if compile.enabled:
         apply_compile(model, device_type=device_type, recompute_pointwise=compile.recompute_pointwise,

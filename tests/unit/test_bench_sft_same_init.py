@@ -116,6 +116,8 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert bench_sft.parse_variant("compile+sdpa+embgrad=sparse").sparse_embedding_grad
     assert bench_sft.parse_variant("compile+sdpa+norm=triton").rms_norm_backward == "triton"
     assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
+    offloading = bench_sft.parse_variant("compile+sdpa+ac=full+skip=19+offload=2")
+    assert (offloading.ac, offloading.ac_skip_last, offloading.ac_offload_blocks) == ("full", 19, 2)
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
         bench_sft.parse_variant("compile+graphs")
     tuned = bench_sft.parse_variant("compile+inductor=coordinate_descent_tuning+inductor=-size_asserts")

@@ -1,0 +1,164 @@
+"""Activation offloading (`activation_checkpoint.offload_blocks`): the chosen blocks' saved tensors go through the
+offloader (on the CPU a copy in the same memory: the bookkeeping, not the saving, is what runs here), loss and
+gradients equal the plain model's bit for bit in eager and compiled, parameters and small tensors stay, each offloaded block
+is brought back as the block after it starts its backward, state-dict keys are unchanged, and bad
+settings are refused with the key named. On the GPU (memory saved, streams): tests/gpu/test_cuda_activation_offload.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import posttrain.parallelisms.activation_offload as offload
+from posttrain.config import ConfigError, load_config, parse_config
+from posttrain.models.registry import build_model
+from posttrain.parallelisms.activation_checkpoint import apply_activation_checkpointing
+from posttrain.parallelisms.activation_offload import (
+    ActivationOffloader,
+    OffloadingBlock,
+    activation_offloader,
+    apply_activation_offloading,
+)
+from posttrain.parallelisms.compile import apply_compile
+
+
+def _model(n_layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("llama3", "debug", "cpu", n_layers=n_layers)
+
+
+def _grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = model(ids).float().pow(2).mean()
+    loss.backward()
+    # the wrapper adds a segment to parameter names, as activation checkpointing's does (state_dict() strips it)
+    return loss.detach(), {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                           for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode, skip_last, n_blocks, compiled", [
+    ("none", 0, 2, False), ("none", 0, 2, True), ("full", 3, 2, False), ("full", 3, 2, True), ("op", 2, 2, False),
+])
+def test_offloaded_blocks_give_the_same_loss_and_gradients(mode: str, skip_last: int, n_blocks: int,
+                                                           compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)  # the debug model's tensors are small
+    results = []
+    for blocks in (0, n_blocks):
+        torch._dynamo.reset()
+        model = _model()
+        apply_activation_checkpointing(model, mode, skip_last=skip_last)
+        offloader = apply_activation_offloading(model, blocks)
+        if compiled:
+            apply_compile(model, device_type="cpu", backend="aot_eager")
+        results.append(_grads(model))
+        if blocks:
+            stats = offloader.stats
+            assert stats.offloaded > 0 and stats.kept > 0, stats
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        assert torch.equal(results[1][1][name], grad), name
+
+
+def test_which_blocks_offload_and_which_bring_back_which(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mode full, skip_last 3 on 6 blocks: 3-5 unwrapped; offload 2 -> blocks 3 and 4 offload, 4 and 5 trigger."""
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    model = _model(n_layers=6)
+    apply_activation_checkpointing(model, "full", skip_last=3)
+    offloader = apply_activation_offloading(model, 2)
+    wrapped = {i: m for i, m in enumerate(model.layers.children()) if isinstance(m, OffloadingBlock)}
+    assert {i: (m.offload, m.prefetches) for i, m in wrapped.items()} == {3: (True, None), 4: (True, 3),
+                                                                          5: (False, 4)}
+    assert activation_offloader(model) is offloader
+    calls = []
+    monkeypatch.setattr(offloader, "prefetch", lambda block: calls.append(block))
+    _grads(model)
+    assert calls == [4, 3]  # in backward order, each as the block after it begins its backward
+    assert set(offloader._blocks) == {3, 4}
+
+
+def test_parameters_small_and_shared_tensors_stay() -> None:
+    offloader = ActivationOffloader()
+    linear = nn.Linear(512, 512)
+    parameters = {p.untyped_storage().data_ptr() for p in linear.parameters()}
+    big = torch.randn(1024, 512)
+    grads = []
+    for hooks in (offloader.hooks(0, parameters), None):
+        x = torch.randn(1024, 512, generator=torch.Generator().manual_seed(0), requires_grad=True)  # 2 MiB
+        with hooks if hooks is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            y = linear(x).relu()  # saves x (the caller's leaf), the weight (a parameter), relu's output
+            z = big[:10] * y[:10]  # saves a view of `big` (its storage holds more: it stays)
+        z.sum().backward()
+        grads.append(x.grad)
+    assert offloader.stats.offloaded == 1  # relu's output
+    assert offloader.stats.offloaded_bytes == 1024 * 512 * 4
+    assert offloader.stats.kept == 3  # x, the weight, big[:10] (y[:10] is not saved: big needs no gradient)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_state_dict_keys_and_loading_are_unchanged() -> None:
+    plain, wrapped = _model(), _model()
+    apply_activation_offloading(wrapped, 2)
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()
+    wrapped.load_state_dict(plain.state_dict())
+
+
+def test_refusals_name_the_setting() -> None:
+    model = _model()
+    apply_activation_checkpointing(model, "full", skip_last=1)
+    with pytest.raises(ValueError, match="offload_blocks = 2, but only 1 of the 4 blocks are not checkpointed"):
+        apply_activation_offloading(model, 2)
+    model = _model()
+    apply_activation_checkpointing(model, "selective", every_n=2)
+    with pytest.raises(ValueError, match="not consecutive"):
+        apply_activation_offloading(model, 2)
+    assert apply_activation_offloading(_model(), 0) is None
+    with pytest.raises(ValueError, match=">= 0"):
+        apply_activation_offloading(_model(), -1)
+    base = ["--config", "train_configs/debug_sft.toml"]
+    for extra, message in (
+        (["--activation_checkpoint.offload_blocks", "-1"], "must be >= 0"),
+        (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.offload_blocks", "1"],
+         "selective"),
+        (["--activation_checkpoint.mode", "full", "--activation_checkpoint.skip_last", "1",
+          "--activation_checkpoint.offload_blocks", "2"], "exceeds skip_last = 1"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            parse_config(base + extra)
+        assert "activation_checkpoint.offload_blocks" in str(err.value)
+
+
+def test_trainer_logs_what_it_offloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    from posttrain.recipes.sft import build_loss_fn
+    from posttrain.trainer import Trainer
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    losses = {}
+    for blocks in (0, 1):
+        cfg = load_config(["--config", "train_configs/debug_sft.toml", "--job.output_dir", str(tmp_path / str(blocks)),
+                           "--metrics.tensorboard", "false", "--training.batch_size", "2", "--training.seq_len", "16",
+                           "--activation_checkpoint.offload_blocks", str(blocks)])
+        with caplog.at_level("WARNING", logger="posttrain"):
+            trainer = Trainer(cfg)
+        try:
+            g = torch.Generator().manual_seed(0)
+            trainer.data_loader = [
+                {"input_ids": torch.randint(0, 100, (2, 16), generator=g),
+                 "labels": torch.randint(0, 100, (2, 16), generator=g),
+                 "position_ids": torch.arange(16).expand(2, 16), "document_ids": torch.zeros(2, 16, dtype=torch.long)}
+                for _ in range(2)
+            ]
+            steps = [trainer.train_step(build_loss_fn(cfg)) for _ in range(2)]
+        finally:
+            trainer.close()
+        losses[blocks] = [s["loss"] for s in steps]
+        if blocks:
+            assert all(s["offload/gib"] > 0 and s["offload/fetched_on_demand"] == 0 for s in steps), steps
+            assert "nothing is saved" in caplog.text  # a CPU run says offloading buys nothing there
+        else:
+            assert "offload/gib" not in steps[0]
+    assert losses[1] == losses[0]
