@@ -209,7 +209,7 @@ class ActivationCheckpointSection:
         0,
         "the first n of the blocks left unwrapped (mode none / budget: blocks 0..n-1; full / op: the earliest of the "
         "last skip_last) keep their saved activations in pinned host memory from forward to backward (CUDA; copies "
-        "on a side stream, each block brought back while the block after it runs backward): n more unwrapped blocks "
+        "on a side stream, each block brought back while the two blocks after it run backward): n more unwrapped blocks "
         "at about the same peak, for host-link traffic",
     )
 

@@ -5,14 +5,14 @@ unwrapped (mode ``none`` / ``budget``: blocks 0..n-1; ``full`` / ``op`` with ``s
 ``skip_last``). Each such block runs under saved-tensor hooks: every tensor it saves for backward that is at
 least ``MIN_OFFLOAD_BYTES``, owns its whole storage and is not a parameter is copied to pinned host memory on a
 side stream as it is saved, and its device memory is free once that copy is done. Its backward gets the tensors
-back from a copy started when the backward of the block after it began (a hook on the next block's output
-gradient), so the copy runs beside that block's backward instead of in front of this one.
+back from a copy started when the backward of the block two places after it began (a hook on that block's output
+gradient), so the copy runs beside two blocks' backward instead of in front of this one's.
 
 Why: a step's memory peak under ``skip_last`` is at the start of backward, where the unwrapped blocks' saved
 activations are all alive (Llama-3.1-8B at 8,192 tokens: 0.72 GiB a block). Offloading ``n`` of them lets ``n``
 more blocks go unwrapped at about the same peak, trading their recomputation for host-link traffic (0.72 GiB a
-block each way; the link runs beside the compute). Blocks with no block after them (the last one) have no
-earlier trigger: their tensors come back when their backward asks, a wait of one copy.
+block each way; the link runs beside the compute). A block with fewer blocks after it gets a shorter lead; the
+last block has none: its tensors come back when its backward asks, a wait of one copy.
 
 With torch.compile the hooks act on the compiled block's saved tensors (the compiled autograd function saves
 them at run time, outside the compiled code). Off CUDA the "host copy" is a copy in the same memory (nothing is
@@ -34,6 +34,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 logger = logging.getLogger("posttrain")
 
 MIN_OFFLOAD_BYTES = 1 << 20
+# A block comes back as the backward of the block this many places after it begins: two blocks' backward to copy
+# one block in (on the H200's host link a block's copy takes about as long as its backward: one would leave waits).
+PREFETCH_LEAD_BLOCKS = 2
 
 
 @dataclass(eq=False)
@@ -171,12 +174,12 @@ class OffloadingBlock(ActivationWrapper):
     as torch's checkpoint wrapper (``_checkpoint_wrapped_module``, stripped in ``state_dict()``)."""
 
     def __init__(self, block: nn.Module, offloader: ActivationOffloader, index: int, offload: bool,
-                 prefetches: int | None) -> None:
+                 prefetches: tuple[int, ...]) -> None:
         super().__init__(block)
         self.offloader = offloader
         self.index = index
         self.offload = offload
-        self.prefetches = prefetches  # the offloaded block to bring back when this one's backward begins
+        self.prefetches = prefetches  # the offloaded blocks to bring back when this one's backward begins
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.offload and torch.is_grad_enabled():
@@ -186,12 +189,15 @@ class OffloadingBlock(ActivationWrapper):
         else:
             out = self._checkpoint_wrapped_module(*args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) and out else out  # HF layers may return tuples
-        if self.prefetches is not None and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        if self.prefetches and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             # its gradient is ready when the backward of the block after this one ends, i.e. as this block's
             # backward begins
-            prefetches = self.prefetches
-            hidden.register_hook(lambda grad: self.offloader.prefetch(prefetches))
+            hidden.register_hook(self._prefetch)
         return out
+
+    def _prefetch(self, grad: torch.Tensor) -> None:
+        for block in self.prefetches:
+            self.offloader.prefetch(block)
 
 
 def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
@@ -201,7 +207,7 @@ def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
 
 def apply_activation_offloading(model: nn.Module, n_blocks: int) -> ActivationOffloader | None:
     """Wrap the first `n_blocks` blocks of ``model.layers`` that are not checkpointed (module docstring), and the
-    block after each as the trigger that brings it back. Call after activation checkpointing, before compile."""
+    blocks whose backward brings them back. Call after activation checkpointing, before compile."""
     if n_blocks < 0:
         raise ValueError(f"activation_checkpoint.offload_blocks must be >= 0, got {n_blocks}")
     if n_blocks == 0:
@@ -217,16 +223,18 @@ def apply_activation_offloading(model: nn.Module, n_blocks: int) -> ActivationOf
         raise ValueError("activation_checkpoint.offload_blocks: the blocks left unwrapped are not consecutive "
                          "(selective mode); use mode none, full, op or budget")
     offloader = ActivationOffloader()
-    last = offloaded[-1]
-    for i in [*offloaded, last + 1]:
-        if i >= len(blocks) or isinstance(blocks[i][1], CheckpointWrapper):
-            continue
+    triggers: dict[int, list[int]] = {}  # block -> the offloaded blocks it brings back as its backward begins
+    for j in offloaded:
+        trigger = min(j + PREFETCH_LEAD_BLOCKS, len(blocks) - 1)  # the last block has none after it
+        if trigger > j and not isinstance(blocks[trigger][1], CheckpointWrapper):
+            triggers.setdefault(trigger, []).append(j)
+    for i in sorted({*offloaded, *triggers}):
         name, block = blocks[i]
-        previous = i - 1 if i - 1 in offloaded else None
+        prefetches = tuple(sorted(triggers.get(i, ()), reverse=True))  # in the order their backwards come
         model.layers.register_module(
-            name, OffloadingBlock(block, offloader, i, offload=i in offloaded, prefetches=previous))
+            name, OffloadingBlock(block, offloader, i, offload=i in offloaded, prefetches=prefetches))
     return offloader
 
 
-__all__ = ["ActivationOffloader", "MIN_OFFLOAD_BYTES", "OffloadStats", "OffloadingBlock", "activation_offloader",
+__all__ = ["ActivationOffloader", "MIN_OFFLOAD_BYTES", "OffloadStats", "PREFETCH_LEAD_BLOCKS", "OffloadingBlock", "activation_offloader",
            "apply_activation_offloading"]

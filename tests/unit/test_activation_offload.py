@@ -1,7 +1,7 @@
 """Activation offloading (`activation_checkpoint.offload_blocks`): the chosen blocks' saved tensors go through the
 offloader (on the CPU a copy in the same memory: the bookkeeping, not the saving, is what runs here), loss and
 gradients equal the plain model's bit for bit in eager and compiled, parameters and small tensors stay, each offloaded block
-is brought back as the block after it starts its backward, state-dict keys are unchanged, and bad
+is brought back as the block two places after it starts its backward, state-dict keys are unchanged, and bad
 settings are refused with the key named. On the GPU (memory saved, streams): tests/gpu/test_cuda_activation_offload.py."""
 
 from __future__ import annotations
@@ -63,20 +63,25 @@ def test_offloaded_blocks_give_the_same_loss_and_gradients(mode: str, skip_last:
         assert torch.equal(results[1][1][name], grad), name
 
 
-def test_which_blocks_offload_and_which_bring_back_which(monkeypatch: pytest.MonkeyPatch) -> None:
-    """mode full, skip_last 3 on 6 blocks: 3-5 unwrapped; offload 2 -> blocks 3 and 4 offload, 4 and 5 trigger."""
+@pytest.mark.parametrize("n_layers, skip_last, wrapped_as, order", [
+    # blocks 3-7 unwrapped; 3 and 4 offload and come back as the backward of 5 and 6 begins (two blocks ahead)
+    (8, 5, {3: (True, ()), 4: (True, ()), 5: (False, (3,)), 6: (False, (4,))}, [4, 3]),
+    # blocks 3-5 unwrapped: the last block brings both back, the later one first
+    (6, 3, {3: (True, ()), 4: (True, ()), 5: (False, (4, 3))}, [4, 3]),
+])
+def test_which_blocks_offload_and_which_bring_back_which(n_layers: int, skip_last: int, wrapped_as: dict,
+                                                         order: list, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
-    model = _model(n_layers=6)
-    apply_activation_checkpointing(model, "full", skip_last=3)
+    model = _model(n_layers=n_layers)
+    apply_activation_checkpointing(model, "full", skip_last=skip_last)
     offloader = apply_activation_offloading(model, 2)
     wrapped = {i: m for i, m in enumerate(model.layers.children()) if isinstance(m, OffloadingBlock)}
-    assert {i: (m.offload, m.prefetches) for i, m in wrapped.items()} == {3: (True, None), 4: (True, 3),
-                                                                          5: (False, 4)}
+    assert {i: (m.offload, m.prefetches) for i, m in wrapped.items()} == wrapped_as
     assert activation_offloader(model) is offloader
     calls = []
     monkeypatch.setattr(offloader, "prefetch", lambda block: calls.append(block))
     _grads(model)
-    assert calls == [4, 3]  # in backward order, each as the block after it begins its backward
+    assert calls == order  # in backward order
     assert set(offloader._blocks) == {3, 4}
 
 
