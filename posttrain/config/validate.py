@@ -216,6 +216,11 @@ def _validate_cudagraphs(cfg: "JobConfig") -> None:
         "cannot be combined with activation checkpointing (a recomputed block would replay its graph inside the "
         "backward); set activation_checkpoint.mode = 'none' or compile.cudagraphs = false",
     )
+    _require(
+        cfg.activation_checkpoint.offload_blocks == 0, key,
+        "cannot be combined with activation_checkpoint.offload_blocks (saved tensors live in the graphs' private "
+        "pool, which a later replay may overwrite while a host copy still reads it); set one of them off",
+    )
 
 
 def validate_world_size(cfg: "JobConfig", world_size: int) -> None:

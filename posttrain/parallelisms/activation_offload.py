@@ -3,8 +3,12 @@
 ``activation_checkpoint.offload_blocks = n``: the first ``n`` of the blocks that activation checkpointing leaves
 unwrapped (mode ``none`` / ``budget``: blocks 0..n-1; ``full`` / ``op`` with ``skip_last``: the earliest of the last
 ``skip_last``). Each such block runs under saved-tensor hooks: every tensor it saves for backward that is at
-least ``MIN_OFFLOAD_BYTES``, owns its whole storage and is not a parameter is copied to pinned host memory on a
-side stream as it is saved, and its device memory is free once that copy is done. Its backward gets the tensors
+least ``MIN_OFFLOAD_BYTES`` and spans its whole storage is copied to pinned host memory on a side stream as it is
+saved (one copy per storage: views of it come back as views), and its device memory is free once that copy is
+done. Kept on the device: parameters and their casts (autocast's bf16 weights in eager: copying them out would
+move the block's weights every micro-batch; compiled blocks recompute such casts), the block's other tensor
+arguments (RoPE's cos / sin, shared by every block), tensor subclasses (float8), views of larger buffers. Its
+backward gets the tensors
 back from a copy started when the backward of the block two places after it began (a hook on that block's output
 gradient), so the copy runs beside two blocks' backward instead of in front of this one's.
 
@@ -16,20 +20,24 @@ last block has none: its tensors come back when its backward asks, a wait of one
 
 With torch.compile the hooks act on the compiled block's saved tensors (the compiled autograd function saves
 them at run time, outside the compiled code). Off CUDA the "host copy" is a copy in the same memory (nothing is
-saved); the trainer warns. Float8 / other tensor subclasses and tensors that share storage stay where they are.
+saved); the trainer warns. Not with ``compile.cudagraphs`` (refused: saved tensors live in the graphs' pool). Under
+saved-tensor hooks autograd no longer notices a saved tensor written in place after it was saved; the blocks here
+write none. Several forwards of a block before their backwards are brought back latest first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper, CheckpointWrapper
-from torch.utils.weak import WeakIdKeyDictionary
 
 logger = logging.getLogger("posttrain")
 
@@ -41,13 +49,22 @@ PREFETCH_LEAD_BLOCKS = 2
 
 @dataclass(eq=False)
 class _Offloaded:
-    """One saved tensor in host memory; `on_device` once brought back ahead of its backward."""
+    """One storage's saved tensor in host memory; `on_device` once brought back ahead of its backward."""
 
     host: torch.Tensor
     device: torch.device
     copied_out: torch.cuda.Event | None
     on_device: torch.Tensor | None = None
     copied_in: torch.cuda.Event | None = None
+
+
+@dataclass(eq=False)
+class _View:
+    """What a saved tensor packs to: its storage's host copy, and its own shape / strides over it."""
+
+    storage: _Offloaded
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 @dataclass
@@ -64,30 +81,44 @@ class ActivationOffloader:
     """The host copies of the offloaded blocks and the side stream that moves them."""
 
     stats: OffloadStats = field(default_factory=OffloadStats)
-    _blocks: dict[int, list[weakref.ref]] = field(default_factory=dict)
+    # per block, one list of host copies per forward whose backward has not come yet (latest last)
+    _blocks: dict[int, list[list[weakref.ref]]] = field(default_factory=dict)
     _streams: dict[torch.device, torch.cuda.Stream] = field(default_factory=dict)
 
-    def hooks(self, block: int, parameters: set[int]) -> torch.autograd.graph.saved_tensors_hooks:
-        """The saved-tensor hooks of one forward of `block` (`parameters`: the storages not to offload)."""
-        self._blocks[block] = []
-        # one host copy for a tensor saved twice in this forward; keyed by the tensor while it lives (its address
-        # may hold another tensor once it is freed)
-        saved = WeakIdKeyDictionary()
+    @contextlib.contextmanager
+    def hooks(self, block: int, kept: set[int]) -> Iterator[None]:
+        """Saved-tensor hooks around one forward of `block`; `kept`: storages (data pointers) that stay."""
+        generations = self._blocks.setdefault(block, [])
+        generations[:] = [g for g in generations if any(ref() is not None for ref in g)]
+        copies: list[weakref.ref] = []
+        generations.append(copies)
+        # one host copy per storage in this forward; the tensor held until the forward ends, so that no other
+        # storage takes its address meanwhile
+        by_storage: dict[int, tuple[torch.Tensor, _Offloaded]] = {}
 
         def pack(t: torch.Tensor) -> Any:
-            if not self._takes(t, parameters):
+            if not self._takes(t, kept):
                 self.stats.kept += 1
-                return t
-            item = saved.get(t)
-            if item is None:
-                item = saved[t] = self._send(t)
-                self._blocks[block].append(weakref.ref(item))
-            return item
+                return t.detach()  # not t: a saved output holding itself would keep its graph alive in a cycle
+            address = t.untyped_storage().data_ptr()
+            if address not in by_storage:
+                by_storage[address] = (t, self._send(t))
+                copies.append(weakref.ref(by_storage[address][1]))
+            return _View(by_storage[address][1], tuple(t.shape), t.stride())
 
         def unpack(packed: Any) -> torch.Tensor:
-            return packed if isinstance(packed, torch.Tensor) else self._receive(packed)
+            if isinstance(packed, torch.Tensor):
+                return packed
+            whole = self._receive(packed.storage)
+            if tuple(whole.shape) == packed.shape and whole.stride() == packed.stride:
+                return whole
+            return whole.as_strided(packed.shape, packed.stride)
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            by_storage.clear()
 
     def take_stats(self) -> dict[str, float]:
         """Metrics since the last call (logged with each step): GiB sent to the host, tensors brought back ahead of
@@ -97,8 +128,11 @@ class ActivationOffloader:
                 "offload/fetched_on_demand": s.fetched_on_demand, "offload/kept": s.kept}
 
     def prefetch(self, block: int) -> None:
-        """Start bringing `block`'s host copies back (called as the backward of the block after it begins)."""
-        for ref in self._blocks.get(block, ()):
+        """Start bringing `block`'s host copies back (called as the backward of a block after it begins): those of
+        its latest forward whose copies are not back yet."""
+        waiting = [g for g in self._blocks.get(block, ()) if any(
+            (item := ref()) is not None and item.on_device is None and item.copied_out is not None for ref in g)]
+        for ref in waiting[-1] if waiting else ():
             item = ref()
             if item is None or item.on_device is not None or item.copied_out is None:
                 continue  # freed (its graph is gone), already back, or on the CPU
@@ -116,13 +150,14 @@ class ActivationOffloader:
             item.on_device = on_device
             self.stats.prefetched += 1
 
-    def _takes(self, t: torch.Tensor, parameters: set[int]) -> bool:
-        if type(t) is not torch.Tensor or t.nbytes < MIN_OFFLOAD_BYTES or (t.is_leaf and t.requires_grad):
-            return False  # a subclass, small, or a parameter / an input the caller holds anyway
+    def _takes(self, t: torch.Tensor, kept: set[int]) -> bool:
+        if (type(t) is not torch.Tensor or t.nbytes < MIN_OFFLOAD_BYTES or (t.is_leaf and t.requires_grad)
+                or _is_leaf_cast(t)):
+            return False  # a subclass, small, a parameter / an input the caller holds anyway, or a cast of one
         storage = t.untyped_storage()
         # whole storage: once the saved tensor is gone its memory is free (a view of a larger buffer frees nothing)
         return (t.storage_offset() == 0 and storage.nbytes() == t.nbytes and _dense(t)
-                and storage.data_ptr() not in parameters)
+                and storage.data_ptr() not in kept)
 
     def _send(self, t: torch.Tensor) -> _Offloaded:
         self.stats.offloaded += 1
@@ -156,6 +191,18 @@ class ActivationOffloader:
         return self._streams[device]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (its storage is the one the saved tensors share), else the tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _is_leaf_cast(t: torch.Tensor) -> bool:
+    """A dtype cast of a parameter (or another leaf), or a view of one: autocast's bf16 copy of a weight, in eager."""
+    fn = (t._base if t._base is not None else t).grad_fn
+    return fn is not None and type(fn).__name__ == "ToCopyBackward0" and any(
+        next_fn is not None and type(next_fn).__name__ == "AccumulateGrad" for next_fn, _ in fn.next_functions)
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Its elements fill a block of memory without gaps or overlap, in some order of its dimensions."""
     expected = 1
@@ -183,8 +230,10 @@ class OffloadingBlock(ActivationWrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.offload and torch.is_grad_enabled():
-            parameters = {p.untyped_storage().data_ptr() for p in self._checkpoint_wrapped_module.parameters()}
-            with self.offloader.hooks(self.index, parameters):
+            parameters = [_local(p) for p in self._checkpoint_wrapped_module.parameters()]
+            others = [_local(a) for a in [*args[1:], *kwargs.values()] if isinstance(a, torch.Tensor)]  # cos, sin
+            kept = {t.untyped_storage().data_ptr() for t in [*parameters, *others] if type(t) is torch.Tensor}
+            with self.offloader.hooks(self.index, kept):
                 out = self._checkpoint_wrapped_module(*args, **kwargs)
         else:
             out = self._checkpoint_wrapped_module(*args, **kwargs)
@@ -236,5 +285,5 @@ def apply_activation_offloading(model: nn.Module, n_blocks: int) -> ActivationOf
     return offloader
 
 
-__all__ = ["ActivationOffloader", "MIN_OFFLOAD_BYTES", "OffloadStats", "PREFETCH_LEAD_BLOCKS", "OffloadingBlock", "activation_offloader",
-           "apply_activation_offloading"]
+__all__ = ["ActivationOffloader", "MIN_OFFLOAD_BYTES", "OffloadStats", "OffloadingBlock", "PREFETCH_LEAD_BLOCKS",
+           "activation_offloader", "apply_activation_offloading"]

@@ -69,7 +69,7 @@ def teacher_config(cfg: JobConfig) -> JobConfig:
         cfg.model, hf_path=d.teacher_hf_path, name=d.teacher_name or cfg.model.name,
         flavor=d.teacher_flavor or cfg.model.flavor,
     )
-    return replace(cfg, model=model, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none"))
+    return replace(cfg, model=model, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none", offload_blocks=0))
 
 
 def build_teacher(trainer: Trainer) -> nn.Module:

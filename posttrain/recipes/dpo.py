@@ -136,7 +136,7 @@ def check_dpo_config(dpo: DPOSection) -> None:
 def build_reference(trainer: Trainer) -> nn.Module:
     """A frozen copy of the policy's starting point (same model.* settings and seed), sharded like it."""
     reference = build_training_model(
-        replace(trainer.cfg, activation_checkpoint=replace(trainer.cfg.activation_checkpoint, mode="none")),
+        replace(trainer.cfg, activation_checkpoint=replace(trainer.cfg.activation_checkpoint, mode="none", offload_blocks=0)),
         parallel_dims=trainer.parallel_dims, device=trainer.device, mixed_precision=trainer.mixed_precision,
         tokenizer_vocab_size=trainer.tokenizer.vocab_size, frozen=True,
     )

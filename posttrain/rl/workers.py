@@ -176,7 +176,7 @@ class PolicyWorker:
                 self.reference_is_policy = True
             else:
                 self.reference = build_training_model(
-                    replace(cfg, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none")),
+                    replace(cfg, activation_checkpoint=replace(cfg.activation_checkpoint, mode="none", offload_blocks=0)),
                     parallel_dims=self.trainer.parallel_dims, device=self.trainer.device,
                     mixed_precision=self.trainer.mixed_precision,
                     tokenizer_vocab_size=self.trainer.tokenizer.vocab_size if self.trainer.tokenizer else 0,

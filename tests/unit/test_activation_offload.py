@@ -6,6 +6,7 @@ settings are refused with the key named. On the GPU (memory saved, streams): tes
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,9 @@ def test_refusals_name_the_setting() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         apply_activation_offloading(_model(), -1)
     base = ["--config", "train_configs/debug_sft.toml"]
+    with pytest.raises(ConfigError, match="compile.cudagraphs cannot be combined with activation_checkpoint.offload"):
+        parse_config(base + ["--compile.enabled", "true", "--compile.cudagraphs", "true",
+                             "--activation_checkpoint.offload_blocks", "1"])
     for extra, message in (
         (["--activation_checkpoint.offload_blocks", "-1"], "must be >= 0"),
         (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.offload_blocks", "1"],
@@ -167,3 +171,81 @@ def test_trainer_logs_what_it_offloaded(tmp_path: Path, monkeypatch: pytest.Monk
         else:
             assert "offload/gib" not in steps[0]
     assert losses[1] == losses[0]
+
+
+def test_a_graph_dropped_without_backward_frees_what_it_saved() -> None:
+    """Kept tensors pack as detached aliases: a saved output holding itself would live on in a reference cycle."""
+    offloader = ActivationOffloader()
+    x = torch.randn(64, 64, requires_grad=True)
+    with offloader.hooks(0, set()):
+        y = x.exp()  # saves its own output (small: kept on the device)
+        z = y.sum()
+    alive = weakref.ref(y)
+    del y, z
+    assert alive() is None and offloader.stats.kept == 1
+
+
+def test_one_host_copy_per_storage_and_views_come_back_as_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    offloader = ActivationOffloader()
+    grads = []
+    for hooks in (offloader.hooks(0, set()), None):
+        leaf = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with hooks if hooks is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            x = leaf * 1.0
+            a = x * 2
+            out = (a.t() * x.t()).sum() + (a * a).sum()  # a saved as its transpose and as itself (twice)
+        out.backward()
+        grads.append(leaf.grad)
+    assert offloader.stats.offloaded == 2 and offloader.stats.offloaded_bytes == 2 * 8 * 6 * 4  # a's and x's storage
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_rope_tables_and_autocast_weight_casts_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    model = _model(n_layers=2)
+    offloader = apply_activation_offloading(model, 1)
+    sent, real_send = [], offloader._send
+    monkeypatch.setattr(offloader, "_send", lambda t: sent.append(t) or real_send(t))
+    tables, real_inputs = [], model.attention_inputs
+    monkeypatch.setattr(model, "attention_inputs",
+                        lambda *a: (inputs := real_inputs(*a)) and tables.extend(inputs["global"][:2]) or inputs)
+    _grads(model)
+    rope = {t.untyped_storage().data_ptr() for t in tables}
+    assert len(rope) == 2 and sent and not rope & {t.untyped_storage().data_ptr() for t in sent}
+    # eager autocast: the bf16 copy of the weight is a cast of a parameter (kept); the activation's cast is sent
+    linear, sent[:] = nn.Linear(64, 48), []
+    offloader = ActivationOffloader()
+    monkeypatch.setattr(offloader, "_send", lambda t: sent.append(t) or real_send(t))
+    h = torch.randn(32, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), offloader.hooks(0, set()):
+        out = linear(h * 2.0)
+    out.float().pow(2).sum().backward()
+    assert [(tuple(t.shape), t.dtype) for t in sent] == [((32, 64), torch.bfloat16)]
+
+
+def test_sharded_parameters_are_read_through_their_local_shard(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensor parallelism's DTensor parameters: their storage is their shard's (a DTensor's own has no data)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    class Sharded(nn.Module):
+        def __init__(self, mesh) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(distribute_tensor(torch.randn(16, 16), mesh, [Replicate()]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x @ self.weight.to_local()).relu()
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        block = OffloadingBlock(Sharded(init_device_mesh("cpu", (1,))), ActivationOffloader(), 0, offload=True,
+                                prefetches=())
+        x = torch.randn(4, 16, requires_grad=True)
+        block(x * 1.0).sum().backward()
+        assert block.offloader.stats.offloaded >= 1 and x.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -88,7 +88,8 @@ if triton is not None:
 # Elements of x a program holds per trip (ROWS x BLOCK) and per thread. Compiled for sm_90 (cuobjdump's resource
 # usage of the cubin, built on a CPU: tests/unit/test_triton_kernels_build.py), 4 elements a thread take 42-75
 # registers (2,048 x 1 at 16 warps, 4,096 x 1 at 32, 128 x 16 at 16): 16-32 warps resident per SM; 16 a thread took
-# 150-181 (4,096 x 1 or 2,048 x 2 at 8 warps): one 8-warp program per SM, too few loads in flight.
+# 150-181 (4,096 x 1 or 2,048 x 2 at 8 warps): one 8-warp program per SM, too few loads in flight. Rows wider than
+# 4,096 (a BLOCK of 8,192 at the 32-warp cap) hold 8 a thread: 62 registers.
 _TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 4
 
