@@ -355,6 +355,8 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
         **marks.per_step_ms(),
         "gpu_clocks": clocks.summary(),
     }
+    if records and "offload/gib" in records[-1]:  # activation offloading: totals since the first logged step
+        result["offload"] = {k.split("/", 1)[1]: v for k, v in records[-1].items() if k.startswith("offload/")}
     if tps is not None and s.peak_flops:
         result["mfu_pct"] = 100.0 * issue_flops_per_token(s.shape, s.seq_len) * tps / s.peak_flops
         if records and all("flops" in r for r in records):  # posttrain: its own per-step FLOP count
@@ -363,6 +365,15 @@ def timed_run(step: Callable[[], dict[str, Any]], s: Settings) -> dict[str, Any]
             flops = n * causal_flops_per_step(s.shape, s.batches.doc_lengths)
         result["mfu_causal_pct"] = 100.0 * flops / elapsed / s.peak_flops
     return result
+
+
+def offload_note(entry: dict[str, Any]) -> str:
+    """The run line's activation-offloading part: what went to the host and how it came back."""
+    o = entry.get("offload")
+    if not o:
+        return ""
+    return (f", offloaded {o['gib']:.1f} GiB ({o['prefetched']} tensors prefetched, {o['fetched_on_demand']} "
+            f"fetched on demand)")
 
 
 def profile_run(step: Callable[[], dict[str, Any]], s: Settings, name: str) -> dict[str, Any]:
@@ -1075,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"causal MFU {fmt(entry.get('mfu_causal_pct'))}%, peak {fmt(entry.get('peak_mem_gib'))} GiB "
                       f"(reserved {fmt(entry.get('peak_reserved_gib'))}), "
                       f"loss {fmt(entry.get('loss_first'), '.3f')} -> {fmt(entry.get('loss_last'), '.3f')}, "
-                      f"{entry['wall_s']} s{step_spread(entry)}", flush=True)
+                      f"{entry['wall_s']} s{step_spread(entry)}{offload_note(entry)}", flush=True)
         report["results"].append(entry)
         report["ratios"] = ratio_rows(report["results"], s)
         report["same_init"] = s.initial.describe()

@@ -102,6 +102,19 @@ def test_no_same_init_keeps_transformers_init_and_gives_no_verdict(
     assert "not checked (--no-same-init" in table
 
 
+def test_an_offloading_variant_trains_the_same_and_reports_its_traffic(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import posttrain.parallelisms.activation_offload as offload
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)  # the debug model's tensors are small
+    report, _ = run_bench(tmp_path, capsys, "--model", "llama3", "--flavor", "debug",
+                          "--posttrain-variants", "eager+sdpa,eager+sdpa+offload=1")
+    runs = by_name(report)
+    plain, offloading = runs["posttrain eager+sdpa"], runs["posttrain eager+sdpa+offload=1"]
+    assert offloading["loss_last"] == plain["loss_last"] and "offload" not in plain
+    assert offloading["offload"]["gib"] > 0 and offloading["offload"]["fetched_on_demand"] == 0
+
+
 def test_variant_tokens_set_the_config_keys_they_name() -> None:
     v = bench_sft.parse_variant("compile+sdpa+kernel=fa4+cudagraphs+float8+skip=4")
     assert (v.compile, v.backend, v.sdpa_kernel, v.cudagraphs, v.float8, v.ac_skip_last) == (
