@@ -106,14 +106,15 @@ def dims_for(layout: str, device_type: str = "cpu") -> ParallelDims:
     return dims
 
 
-def parallel_model(family: str, layout: str, ac_mode: str = "none", loss_parallel: bool = False, **overrides):
+def parallel_model(family: str, layout: str, ac_mode: str = "none", loss_parallel: bool = False,
+                   offload_blocks: int = 0, **overrides):
     dims = dims_for(layout)
     model = build_model(family, "debug", device="meta", attn_backend="sdpa", **overrides)
     get_parallelize_fn(family)(
         model,
         dims,
         mixed_precision="fp32",
-        ac=ActivationCheckpointSection(mode=ac_mode, every_n=2),
+        ac=ActivationCheckpointSection(mode=ac_mode, every_n=2, offload_blocks=offload_blocks),
         parallelism=ParallelismSection(loss_parallel=loss_parallel),
     )
     model.to_empty(device="cpu")
@@ -129,7 +130,7 @@ def local_rows(data: dict[str, torch.Tensor], dims: ParallelDims) -> dict[str, t
 
 
 def compare_to_reference(family: str, layout: str, *, ac_mode: str = "none", use_output_fn: bool = False,
-                         loss_parallel: bool = False, **overrides) -> None:
+                         loss_parallel: bool = False, offload_blocks: int = 0, **overrides) -> None:
     torch.manual_seed(0)
     ref = build_model(family, "debug", device="cpu", attn_backend="sdpa", **overrides)
     vocab = ref.args.vocab_size
@@ -138,7 +139,7 @@ def compare_to_reference(family: str, layout: str, *, ac_mode: str = "none", use
     ref_loss.backward()
     ref_grads = grads_by_name(ref)
 
-    model, dims = parallel_model(family, layout, ac_mode, loss_parallel, **overrides)
+    model, dims = parallel_model(family, layout, ac_mode, loss_parallel, offload_blocks, **overrides)
     load_full_state_dict_sharded(model, dict(ref.named_parameters()))
     model.init_buffers()
     mine = local_rows(data, dims)
@@ -151,6 +152,10 @@ def compare_to_reference(family: str, layout: str, *, ac_mode: str = "none", use
         torch.testing.assert_close(logits, ref_logits[start : start + rows], **TOL)
     if dims.dp_degree == 1:
         torch.testing.assert_close(loss, ref_loss, **TOL)
+    if offload_blocks:  # the blocks' saved activations went through the host copies
+        from posttrain.parallelisms.activation_offload import activation_offloader
+
+        assert activation_offloader(model).stats.offloaded > 0, activation_offloader(model).stats
     grads = grads_by_name(model)
     assert set(grads) == set(ref_grads), (sorted(grads), sorted(ref_grads))
     for name, g in grads.items():
@@ -164,7 +169,8 @@ def compare_to_reference(family: str, layout: str, *, ac_mode: str = "none", use
     clipped, ref_clipped = grads_by_name(model), grads_by_name(ref)
     for name in clipped:
         torch.testing.assert_close(clipped[name], ref_clipped[name], **GRAD_TOL)
-    log(f"ok {family} {layout} ac={ac_mode} output_fn={use_output_fn} loss_parallel={loss_parallel} {overrides}")
+    log(f"ok {family} {layout} ac={ac_mode} offload={offload_blocks} output_fn={use_output_fn} "
+        f"loss_parallel={loss_parallel} {overrides}")
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -186,6 +192,13 @@ def case_ac(out: Path, hf_dirs: list[str]) -> dict:
     for mode in ("full", "selective", "op"):
         compare_to_reference("qwen3", "fsdp", ac_mode=mode)
     compare_to_reference("llama3", "tp", ac_mode="op")
+    # activation offloading under FSDP (all-gathered parameters stay) and TP (DTensor parameters); the debug
+    # model's tensors are under the size threshold, so it is lowered here
+    import posttrain.parallelisms.activation_offload as offload
+
+    offload.MIN_OFFLOAD_BYTES = 0
+    compare_to_reference("qwen3", "fsdp", offload_blocks=1)
+    compare_to_reference("llama3", "tp", offload_blocks=1)
     return {"ok": True}
 
 

@@ -64,7 +64,8 @@ def test_fsdp_tp_replicate_match_single_process(tmp_path):
 
 
 def test_activation_checkpointing_modes_match_single_process(tmp_path):
-    """full, selective (every 2nd block) and op-level selective give the reference losses and gradients."""
+    """full, selective (every 2nd block) and op-level selective give the reference losses and gradients; so does
+    activation offloading under FSDP and TP."""
     assert run_worker("ac", tmp_path)["ok"]
 
 
