@@ -6,7 +6,8 @@ and needs no GPU. The world size is taken from WORLD_SIZE (as under torchrun) an
 `WORLD_SIZE=64 python train.py --config train_configs/llama3_8b_sft.toml --job.dry_run true`.
 
 The memory estimate is a planning number (about +-30%), not a measurement: sharded fp32/bf16 weights,
-gradients and AdamW state, plus the gathered weights of the block FSDP is working on, plus activations.
+gradients and AdamW state, plus the gathered weights of the block FSDP is working on, plus activations (without
+those of `activation_checkpoint.offload_blocks`, which wait in host memory).
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def estimate_memory_gib(cfg: JobConfig, args, counts: ParamCounts, dims: Paralle
     else:
         wrapped = eligible // ac.every_n if mode == "selective" else 0
         activations = tokens * per_token_layer * (args.n_layers - wrapped)
+    if ac.offload_blocks and on_gpu:  # those blocks' saved tensors wait in pinned host memory, not on the GPU
+        offloaded = tokens * per_token_layer * min(ac.offload_blocks, args.n_layers)
+        activations = max(0.0, activations - offloaded * (ac.memory_budget if mode == "budget" else 1.0))
     if t.loss_impl == "fused":  # one chunk's logits in the matmul dtype (turned into their gradient in place)
         rows = chunk_rows(t.loss_chunk_size, args.padded_vocab_size, compute_bytes)
         loss = min(rows, tokens) * args.padded_vocab_size * compute_bytes

@@ -249,3 +249,23 @@ def test_sharded_parameters_are_read_through_their_local_shard(tmp_path: Path,
         assert block.offloader.stats.offloaded >= 1 and x.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_the_dry_run_estimate_leaves_offloaded_blocks_out_on_a_gpu() -> None:
+    from posttrain.config import config_from_dict
+    from posttrain.dry_run import _model_args, count_parameters, estimate_memory_gib
+    from posttrain.parallelisms import ParallelDims
+
+    def activations(ac: dict, device: str) -> float:
+        cfg = config_from_dict({"model": {"name": "llama3", "flavor": "1B", "dtype": "bfloat16"},
+                                "training": {"seq_len": 4096, "batch_size": 1, "device": device},
+                                "activation_checkpoint": ac}, source="test")
+        spec, args = _model_args(cfg)
+        with torch.device("meta"):
+            model = spec.model_cls(args)
+        dims = ParallelDims(1, 1, 1, world_size=1)
+        return estimate_memory_gib(cfg, args, count_parameters(model), dims, device == "cuda")["activations"]
+
+    plain, offloading = activations({}, "cuda"), activations({"offload_blocks": 4}, "cuda")
+    assert offloading == pytest.approx(plain * 12 / 16)  # 4 of 16 blocks' saved tensors in host memory
+    assert activations({"offload_blocks": 4}, "cpu") == activations({}, "cpu")  # the host copy saves nothing there
