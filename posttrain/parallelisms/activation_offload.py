@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper, CheckpointWrapper
+from torch.utils._pytree import tree_leaves
 
 logger = logging.getLogger("posttrain")
 
@@ -231,7 +232,8 @@ class OffloadingBlock(ActivationWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.offload and torch.is_grad_enabled():
             parameters = [_local(p) for p in self._checkpoint_wrapped_module.parameters()]
-            others = [_local(a) for a in [*args[1:], *kwargs.values()] if isinstance(a, torch.Tensor)]  # cos, sin
+            # the other tensor arguments (cos / sin; HF layers pass them as a tuple) are the caller's to keep
+            others = [_local(a) for a in tree_leaves([args[1:], kwargs]) if isinstance(a, torch.Tensor)]
             kept = {t.untyped_storage().data_ptr() for t in [*parameters, *others] if type(t) is torch.Tensor}
             with self.offloader.hooks(self.index, kept):
                 out = self._checkpoint_wrapped_module(*args, **kwargs)
