@@ -8,9 +8,8 @@ saved (one copy per storage: views of it come back as views), and its device mem
 done. Kept on the device: parameters and their casts (autocast's bf16 weights in eager: copying them out would
 move the block's weights every micro-batch; compiled blocks recompute such casts), the block's other tensor
 arguments (RoPE's cos / sin, shared by every block), tensor subclasses (float8), views of larger buffers. Its
-backward gets the tensors
-back from a copy started when the backward of the block two places after it began (a hook on that block's output
-gradient), so the copy runs beside two blocks' backward instead of in front of this one's.
+backward gets the tensors back from a copy started when the backward of the block two places after it began (a
+hook on that block's output gradient), so the copy runs beside two blocks' backward instead of in front of its own.
 
 Why: a step's memory peak under ``skip_last`` is at the start of backward, where the unwrapped blocks' saved
 activations are all alive (Llama-3.1-8B at 8,192 tokens: 0.72 GiB a block). Offloading ``n`` of them lets ``n``
@@ -28,7 +27,6 @@ write none. Several forwards of a block before their backwards are brought back 
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,11 +34,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper, CheckpointWrapper
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
-
-logger = logging.getLogger("posttrain")
 
 MIN_OFFLOAD_BYTES = 1 << 20
 # A block comes back as the backward of the block this many places after it begins: two blocks' backward to copy
