@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from posttrain.config import ConfigError, load_config
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
             mistake = data_worker_death(err, cfg.data.path or ", ".join(cfg.data.paths) or "the data")
         if mistake is None:
             raise
+        # what the failed run holds through the traceback (a trainer, a data loader and its workers) goes now,
+        # while stderr is open: torn down at interpreter exit, a dead worker's loader printed "lost sys.stderr"
+        # after the message (seen once under load in CI)
+        traceback.clear_frames(err.__traceback__)
         raise SystemExit(str(mistake)) from None  # the one line on stderr, exit code 1, like every other refusal
 
 
