@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 EOS = 1
 PAD = 0
@@ -67,3 +68,14 @@ def texts_of(batches: list[dict[str, Any]], tokenizer: FakeTokenizer | None = No
     """The decoded text of every document in the batches (text rows decode to their `text`)."""
     tok = tokenizer or FakeTokenizer()
     return [tok.decode(doc) for b in batches for doc in documents_of(b)]
+
+
+def random_token_batches(n: int, batch: int = 2, seq: int = 16, vocab: int = 100, seed: int = 0) -> list[dict]:
+    """`n` collated micro-batches of random ids and labels, one document per row: a Trainer's data_loader in tests."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+         "labels": torch.randint(0, vocab, (batch, seq), generator=g),
+         "position_ids": torch.arange(seq).expand(batch, seq), "document_ids": torch.zeros(batch, seq, dtype=torch.long)}
+        for _ in range(n)
+    ]

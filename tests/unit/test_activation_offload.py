@@ -24,6 +24,7 @@ from posttrain.parallelisms.activation_offload import (
     apply_activation_offloading,
 )
 from posttrain.parallelisms.compile import apply_compile
+from sft_data_fakes import random_token_batches
 
 
 def _model(n_layers: int = 4) -> nn.Module:
@@ -154,13 +155,7 @@ def test_trainer_logs_what_it_offloaded(tmp_path: Path, monkeypatch: pytest.Monk
         with caplog.at_level("WARNING", logger="posttrain"):
             trainer = Trainer(cfg)
         try:
-            g = torch.Generator().manual_seed(0)
-            trainer.data_loader = [
-                {"input_ids": torch.randint(0, 100, (2, 16), generator=g),
-                 "labels": torch.randint(0, 100, (2, 16), generator=g),
-                 "position_ids": torch.arange(16).expand(2, 16), "document_ids": torch.zeros(2, 16, dtype=torch.long)}
-                for _ in range(2)
-            ]
+            trainer.data_loader = random_token_batches(2)
             steps = [trainer.train_step(build_loss_fn(cfg)) for _ in range(2)]
         finally:
             trainer.close()

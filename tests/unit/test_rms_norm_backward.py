@@ -19,6 +19,7 @@ from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.registry import build_model
 from posttrain.parallelisms.compile import apply_compile
 from posttrain.trainer import Trainer
+from sft_data_fakes import random_token_batches
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,13 +130,7 @@ def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None
             assert head_norms and len(norms) > len(head_norms)  # qwen3: both kinds
             for n, m in norms.items():  # the per-head q / k norms keep autograd's
                 assert m.own_backward == (mode == "triton" and n not in head_norms), n
-            g = torch.Generator().manual_seed(0)
-            trainer.data_loader = [
-                {"input_ids": torch.randint(0, 100, (2, 16), generator=g),
-                 "labels": torch.randint(0, 100, (2, 16), generator=g),
-                 "position_ids": torch.arange(16).expand(2, 16), "document_ids": torch.zeros(2, 16, dtype=torch.long)}
-                for _ in range(3)
-            ]
+            trainer.data_loader = random_token_batches(3)
             from posttrain.recipes.sft import build_loss_fn
 
             losses[mode] = [trainer.train_step(build_loss_fn(cfg))["loss"] for _ in range(3)]

@@ -12,6 +12,7 @@ import torch
 from posttrain.config import load_config
 from posttrain.divergence import DivergenceGuard
 from posttrain.trainer import LossOutput, Trainer
+from sft_data_fakes import random_token_batches
 
 
 def test_recorded_norms_resolve_to_the_same_counts_as_immediate_checks() -> None:
@@ -50,12 +51,7 @@ def _run(
                        "--training.seq_len", "16", "--training.max_consecutive_bad_steps", "3", *extra])
     trainer = Trainer(cfg)
     try:
-        g = torch.Generator().manual_seed(0)
-        positions = torch.arange(16).expand(2, 16)
-        trainer.data_loader = [
-            {"input_ids": torch.randint(0, 100, (2, 16), generator=g), "labels": torch.randint(0, 100, (2, 16), generator=g),
-             "position_ids": positions, "document_ids": torch.zeros(2, 16, dtype=torch.long)} for _ in logs
-        ]
+        trainer.data_loader = random_token_batches(len(logs))
         loss_fn = _poisoned_loss(set(bad_steps), trainer)
         metrics = []
         for log in logs:
