@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config
+from posttrain.models.common import rms_norm_backward as norm_kernel
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.registry import build_model
 from posttrain.parallelisms.compile import apply_compile
@@ -189,7 +190,8 @@ def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
     pytest.importorskip("triton", reason="Triton is not installed: the interpreter check needs it")
     code = textwrap.dedent("""
     import torch
-    from posttrain.models.common.rms_norm_backward import rms_norm_backward, rms_norm_backward_reference, _kernel_takes
+    from posttrain.models.common.rms_norm_backward import (
+        launch_config, rms_norm_backward, rms_norm_backward_reference, _kernel_takes)
     for zero_centered in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
             # rows not a multiple of the programs or of the rows a trip (300 x 128: 32 a trip); 96 columns
@@ -212,8 +214,28 @@ def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
                 for got, want in ((dx, rx), (dw, rw)):
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                     assert err <= tol, (zero_centered, dtype, shape, with_residual, err)
+    # other launches (bench_rms_norm's sweep): 1 to 32 rows a trip over the same rows
+    g = torch.Generator().manual_seed(1)
+    x, dy, r = (torch.randn(300, 128, generator=g) for _ in range(3))
+    w, rstd = torch.randn(128, generator=g), torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
+    rx, rw = rms_norm_backward_reference(dy, x, w, rstd, False, r)
+    for launch in ((128, 4, 4), (1024, 2, 2), (4096, 8, 1)):
+        with launch_config(*launch):
+            dx, dw = rms_norm_backward(dy, x, w, rstd, False, r)
+        assert torch.allclose(dx, rx, rtol=1e-5, atol=1e-5) and torch.allclose(dw, rw, rtol=1e-5, atol=1e-4), launch
     print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("launch", [(1000, 4, 4), (2048, 0, 4), (2048, 4, 0)])
+def test_launch_config_refuses_what_the_kernel_cannot_launch(launch: tuple[int, int, int]) -> None:
+    before = (norm_kernel._TILE_ELEMENTS, norm_kernel._ELEMENTS_PER_THREAD, norm_kernel._PROGRAMS_PER_SM)
+    with pytest.raises(ValueError, match="tile elements a power of two"):
+        with norm_kernel.launch_config(*launch):
+            pass
+    with norm_kernel.launch_config(1024, 2, 2):
+        assert norm_kernel._TILE_ELEMENTS == 1024
+    assert (norm_kernel._TILE_ELEMENTS, norm_kernel._ELEMENTS_PER_THREAD, norm_kernel._PROGRAMS_PER_SM) == before

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-__all__ = ["rms_norm_backward", "rms_norm_backward_reference"]
+__all__ = ["launch_config", "rms_norm_backward", "rms_norm_backward_reference"]
 
 logger = logging.getLogger("posttrain")
 
@@ -92,11 +93,27 @@ if triton is not None:
 # 4,096 (a BLOCK of 8,192 at the 32-warp cap) hold 8 a thread: 62 registers.
 _TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 4
+_PROGRAMS_PER_SM = 4  # the grid's cap; each program walks a contiguous range of rows
 
 
 @functools.cache
-def _programs_per_device(index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@contextlib.contextmanager
+def launch_config(tile_elements: int, elements_per_thread: int, programs_per_sm: int) -> Iterator[None]:
+    """The kernel's launch with these constants inside the block (`benchmarks/bench_rms_norm.py`'s sweep)."""
+    global _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM
+    if min(tile_elements, elements_per_thread, programs_per_sm) < 1 or tile_elements & (tile_elements - 1):
+        raise ValueError(f"launch {tile_elements}:{elements_per_thread}:{programs_per_sm}: tile elements a power of "
+                         "two, every value >= 1")
+    before = _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM
+    _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM = tile_elements, elements_per_thread, programs_per_sm
+    try:
+        yield
+    finally:
+        _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM = before
 
 
 def launch_shape(n_rows: int, n_cols: int, max_programs: int) -> tuple[int, int, int, int, int]:
@@ -160,7 +177,7 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_c
     # without a residual the kernel never reads its pointer: dy stands in
     residual_rows = dy_rows if residual_grad is None else residual_grad.reshape(-1, n_cols).contiguous()
     n_rows = x_rows.shape[0]
-    cap = _programs_per_device(x.device.index or 0) if x.is_cuda else 8
+    cap = _PROGRAMS_PER_SM * _sm_count(x.device.index or 0) if x.is_cuda else 8
     rows_per_program, programs, block, rows_per_trip, num_warps = launch_shape(n_rows, n_cols, cap)
     dx = torch.empty_like(x_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
