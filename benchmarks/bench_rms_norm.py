@@ -5,11 +5,12 @@
 For each shape (tokens x width, bf16):
 
 1. **Blocks** (`--variants`): `--blocks` compiled pre-norm blocks, each ``normed, x = norm.with_residual(x); h = x +
-   up(down(normed))`` with a rank-`--rank` pair of projections: the norm's output gradient comes out of a matmul's
-   backward in a buffer of its own and its input gets the residual stream's gradient too, as in a transformer
-   block, while the projections stay small beside the norm. Variants: ``inductor`` (autograd's backward, compiled by
+   up(cat(down_i(normed)))`` with `--branches` rank-`--rank` projections: the norm's output gradient is a sum of
+   matmul outputs (q / k / v's input gradients in attention) and its input gets the residual stream's gradient
+   too, as in a transformer block, while the projections stay small beside the norm. Variants: ``inductor`` (autograd's backward, compiled by
    inductor), ``inductor-nomix`` (the same without inductor's mix-order reduction, which fuses the weight
-   gradient's column sum with the row pass), ``triton`` (`model.rms_norm_backward = "triton"`: the op).
+   gradient's column sum with the row pass), ``triton`` (`model.rms_norm_backward = "triton"`: the op), ``gemv``
+   (`"gemv"`: torch ops for inductor, the weight gradient as a matrix-vector product).
    Timed with CUDA events: forward, forward + backward, and their difference; the projections are the same in
    every variant, so the backward's difference between variants is the norms'. The profiler's kernel times of a
    forward + backward are kept in the JSON (`--profile`), with the count of mix-order reductions inductor generated.
@@ -34,22 +35,24 @@ from torch import nn  # noqa: E402
 from posttrain.models.common import rms_norm_backward as norm_backward  # noqa: E402
 from posttrain.models.common.rms_norm import RMSNorm  # noqa: E402
 
-VARIANTS = ("inductor", "inductor-nomix", "triton")
+VARIANTS = ("inductor", "inductor-nomix", "triton", "gemv")
+IMPLS = {"inductor": "autograd", "inductor-nomix": "autograd", "triton": "triton", "gemv": "gemv"}
 
 
 class NormBlock(nn.Module):
-    """A pre-norm block whose branch is a low-rank pair of projections (module docstring)."""
+    """A pre-norm block whose branch reads the normed input through `branches` low-rank projections (q / k / v:
+    three, gate / up: two), so that the norm's output gradient is a sum of matmul outputs, as in the model."""
 
-    def __init__(self, width: int, rank: int, own_backward: bool) -> None:
+    def __init__(self, width: int, rank: int, branches: int, backward_impl: str) -> None:
         super().__init__()
         self.norm = RMSNorm(width, eps=1e-5)
-        self.norm.own_backward = own_backward
-        self.down = nn.Linear(width, rank, bias=False)
-        self.up = nn.Linear(rank, width, bias=False)
+        self.norm.backward_impl = backward_impl
+        self.downs = nn.ModuleList(nn.Linear(width, rank, bias=False) for _ in range(branches))
+        self.up = nn.Linear(branches * rank, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed, x = self.norm.with_residual(x)
-        return x + self.up(self.down(normed))
+        return x + self.up(torch.cat([down(normed) for down in self.downs], dim=-1))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -98,7 +101,7 @@ def run_blocks(variant: str, rows: int, cols: int, args: argparse.Namespace, dev
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    blocks = nn.Sequential(*(NormBlock(cols, args.rank, variant == "triton") for _ in range(args.blocks)))
+    blocks = nn.Sequential(*(NormBlock(cols, args.rank, args.branches, IMPLS[variant]) for _ in range(args.blocks)))
     blocks = blocks.to(device=device, dtype=torch.bfloat16)
     for block in blocks:
         block.compile()
@@ -113,7 +116,8 @@ def run_blocks(variant: str, rows: int, cols: int, args: argparse.Namespace, dev
         x.grad = None
         blocks(x).backward(grad)
 
-    patch = {"triton.mix_order_reduction": variant != "inductor-nomix"}
+    # no FX graph cache: a graph loaded from it is not generated again, and the count below would read 0
+    patch = {"triton.mix_order_reduction": variant != "inductor-nomix", "fx_graph_cache": False}
     inductor_metrics.reset()
     with inductor_config.patch(patch):
         step()  # compiles
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the op's launches TILE:PER_THREAD:PER_SM, comma-separated ('' for none)")
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--branches", type=int, default=3, help="projections reading the normed input (q / k / v: 3)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
@@ -183,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; use {list(VARIANTS)}")
     launches = parse_launches(args.launches)
-    if args.blocks < 1 or args.rank < 1 or args.iters < 1 or args.warmup < 0:
-        raise SystemExit("--blocks, --rank and --iters must be >= 1, --warmup >= 0")
+    if min(args.blocks, args.rank, args.branches, args.iters) < 1 or args.warmup < 0:
+        raise SystemExit("--blocks, --rank, --branches and --iters must be >= 1, --warmup >= 0")
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench_rms_norm times CUDA kernels: run it on a GPU (--device cuda)")
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = [r for rows, cols in shapes for r in run_op(rows, cols, launches, args, device)]
     write_json(args.out, {"env": environment(device), "args": vars(args), "blocks": blocks, "op": ops})
     print("=== RESULTS ===")
-    print(f"{args.blocks} compiled blocks (norm + rank-{args.rank} projections), bf16, {args.iters} timed calls")
+    print(f"{args.blocks} compiled blocks (norm + {args.branches} rank-{args.rank} projections), bf16, "
+          f"{args.iters} timed calls")
     print(markdown_table(["shape", "variant", "forward ms", "fwd + bwd ms", "backward ms", "mix-order reductions"],
                          [[r["shape"], r["variant"], f"{r['forward_ms']:.3f}", f"{r['step_ms']:.3f}",
                            f"{r['backward_ms']:.3f}", r["mix_order_reductions"]] for r in blocks]))
