@@ -7,7 +7,8 @@ For each shape (tokens x width, bf16):
 1. **Blocks** (`--variants`): `--blocks` compiled pre-norm blocks, each ``normed, x = norm.with_residual(x); h = x +
    up(cat(down_i(normed)))`` with `--branches` rank-`--rank` projections: the norm's output gradient is a sum of
    matmul outputs (q / k / v's input gradients in attention) and its input gets the residual stream's gradient
-   too, as in a transformer block, while the projections stay small beside the norm. Variants: ``inductor`` (autograd's backward, compiled by
+   too, as in a transformer block, while the projections stay small beside the norm; the partitioner rebuilds the
+   norm's output in backward as in the step (`--recompute-pointwise`, `compile.recompute_pointwise`). Variants: ``inductor`` (autograd's backward, compiled by
    inductor), ``inductor-nomix`` (the same without inductor's mix-order reduction, which fuses the weight
    gradient's column sum with the row pass), ``triton`` (`model.rms_norm_backward = "triton"`: the op), ``gemv``
    (`"gemv"`: torch ops for inductor, the weight gradient as a matrix-vector product).
@@ -34,6 +35,7 @@ from torch import nn  # noqa: E402
 
 from posttrain.models.common import rms_norm_backward as norm_backward  # noqa: E402
 from posttrain.models.common.rms_norm import RMSNorm  # noqa: E402
+from posttrain.parallelisms.compile import partitioner_settings_kept, set_pointwise_recompute  # noqa: E402
 
 VARIANTS = ("inductor", "inductor-nomix", "triton", "gemv")
 IMPLS = {"inductor": "autograd", "inductor-nomix": "autograd", "triton": "triton", "gemv": "gemv"}
@@ -119,7 +121,8 @@ def run_blocks(variant: str, rows: int, cols: int, args: argparse.Namespace, dev
     # no FX graph cache: a graph loaded from it is not generated again, and the count below would read 0
     patch = {"triton.mix_order_reduction": variant != "inductor-nomix", "fx_graph_cache": False}
     inductor_metrics.reset()
-    with inductor_config.patch(patch):
+    with inductor_config.patch(patch), partitioner_settings_kept():
+        set_pointwise_recompute(args.recompute_pointwise)
         step()  # compiles
         synchronize(device)
         mixed = inductor_metrics.codegen_mix_order_reduction
@@ -176,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--branches", type=int, default=3, help="projections reading the normed input (q / k / v: 3)")
+    p.add_argument("--recompute-pointwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="the partitioner rebuilds the norm's output in backward, as `compile.recompute_pointwise` "
+                        "(the default) has the step's blocks do")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
