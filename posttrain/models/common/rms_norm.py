@@ -8,8 +8,6 @@ from torch.distributed.tensor import DTensor
 
 from posttrain.models.common.rms_norm_backward import rms_norm_backward, rms_norm_backward_gemv
 
-BACKWARD_IMPLS = ("autograd", "triton", "gemv")  # model.rms_norm_backward
-
 
 def _normalized(x: Tensor, weight: Tensor, eps: float, zero_centered: bool) -> tuple[Tensor, Tensor]:
     h = x.float()
@@ -53,7 +51,7 @@ class RMSNorm(nn.Module):
     ``zero_centered=True`` (Gemma): ``(normalize(x.float()) * (1 + weight.float())).to(x.dtype)``, weight
     initialised to 0. The two cast orders differ on purpose: each matches its family's reference exactly.
 
-    ``backward_impl`` (set by the trainer from ``model.rms_norm_backward``; ``BACKWARD_IMPLS``): ``"autograd"``, or
+    ``backward_impl`` (set by the trainer from ``model.rms_norm_backward``): ``"autograd"``, or
     the same forward with the backward as one pass over the rows (``"triton"``: ``rms_norm_backward``, a Triton
     kernel on CUDA) or in torch ops with the weight's gradient as a matrix-vector product (``"gemv"``: for inductor
     to compile). Sharded (DTensor) inputs or weights keep autograd's. Blocks call ``with_residual`` where the norm's
