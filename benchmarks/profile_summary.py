@@ -82,9 +82,11 @@ GAP_BUCKETS_US = (10.0, 100.0)  # gaps under 10 us are launch spacing; 10-100 us
 
 def device_gaps(kernels: list[tuple[float, float, str]], wall_us: float, *, top: int = 8) -> dict[str, Any]:
     """Where the GPU sat idle between kernels ([start, end, name] in us): the gaps' total per size bucket, the
-    largest gaps with the kernels on either side and when they fell (us after the first kernel), and the idle time
-    before the first kernel plus after the last one (`wall_us` minus the kernels' span: the profiled window's
-    start and end, not steady-state work)."""
+    largest gaps with the kernels on either side and when they fell (us after the first kernel), the gaps of 10 us
+    and more summed by the pair of kernels around them (a gap that recurs at every layer shows up as one pair with
+    a count, where the largest single gaps sit at the step's start), and the idle time before the first kernel
+    plus after the last one (`wall_us` minus the kernels' span: the profiled window's start and end, not
+    steady-state work)."""
     ordered = sorted(kernels)
     gaps: list[tuple[float, float, str, str]] = []
     end, last = float("-inf"), ""
@@ -99,11 +101,18 @@ def device_gaps(kernels: list[tuple[float, float, str]], wall_us: float, *, top:
         key = list(buckets)[0 if size < low else 1 if size < high else 2]
         buckets[key][0] += size
         buckets[key][1] += 1
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for size, _, after, before in gaps:
+        if size >= low:
+            pairs[(after, before)][0] += size
+            pairs[(after, before)][1] += 1
     span = (end - ordered[0][0]) if ordered else 0.0
     return {
         "edges_us": max(wall_us - span, 0.0),
         "buckets": {k: {"us": v[0], "count": v[1]} for k, v in buckets.items()},
         "largest": [{"us": g, "at_us": at, "after": a, "before": b} for g, at, a, b in sorted(gaps, reverse=True)[:top]],
+        "recurring": [{"us": v[0], "count": v[1], "after": a, "before": b}
+                      for (a, b), v in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]],
     }
 
 
@@ -181,6 +190,11 @@ def render_summary(title: str, summary: dict[str, Any]) -> str:
                       "| largest gaps (us) | at (ms) | after kernel | before kernel |", "|---|---|---|---|"]
             lines += [f"| {g['us']:.0f} | {g['at_us'] / 1e3:.2f} | `{_short(g['after'])}` | `{_short(g['before'])}` |"
                       for g in gaps["largest"]]
+            if gaps.get("recurring"):
+                lines += ["", f"| gaps >= {GAP_BUCKETS_US[0]:g} us by neighbours: ms / step | count / step | after kernel "
+                          "| before kernel |", "|---|---|---|---|"]
+                lines += [f"| {g['us'] / 1e3 / n:.2f} | {g['count'] / n:.1f} | `{_short(g['after'])}` | "
+                          f"`{_short(g['before'])}` |" for g in gaps["recurring"]]
     else:
         lines.append("no device kernels (CPU run): CPU operators by self time")
     lines += ["", "| kernel | category | ms / step | calls / step |", "|---|---|---|---|"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -97,3 +98,19 @@ def test_device_gaps_bucket_the_idle_time_and_name_the_largest() -> None:
     assert [(g["us"], g["after"], g["before"], g["at_us"]) for g in gaps["largest"]] == [
         (210, "d", "e", 90), (50, "c", "d", 30), (2, "a", "b", 10)]
     assert gaps["edges_us"] == 400 - 310
+    # the gaps of 10 us and more by their neighbours, largest total first
+    assert [(g["us"], g["count"], g["after"], g["before"]) for g in gaps["recurring"]] == [
+        (210, 1, "d", "e"), (50, 1, "c", "d")]
+
+
+def test_recurring_gaps_add_up_by_neighbours() -> None:
+    # a 20 us gap between "norm" and "mm" at every one of three layers, one 41 us gap elsewhere
+    kernels = []
+    t = 0.0
+    for _ in range(3):
+        kernels += [(t, t + 5, "norm"), (t + 25, t + 30, "mm"), (t + 31, t + 40, "silu")]
+        t += 41
+    kernels.append((t + 40, t + 50, "mm"))
+    recurring = device_gaps(kernels, wall_us=t + 50)["recurring"]
+    assert (recurring[0]["after"], recurring[0]["before"], recurring[0]["count"]) == ("norm", "mm", 3)
+    assert recurring[0]["us"] == pytest.approx(60) and recurring[1]["us"] == pytest.approx(41)  # silu -> mm
