@@ -35,9 +35,8 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   computes), `cudagraphs` (`compile.cudagraphs`: the compiled blocks replayed as
   CUDA graphs; one device, no activation checkpointing), `adamw=triton|torch|foreach` (`optimizer.fused`: the
   project's Triton AdamW, torch's fused one, foreach; default auto = Triton on one CUDA device), `embgrad=sparse|dense`
-  (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|gemv|autograd`
-  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, in torch ops with the weight gradient as
-  a matrix-vector product, or autograd's), `inductor=NAME` / `inductor=-NAME`
+  (`training.sparse_embedding_grad`, default dense: sparse = a tied embedding's lookup gradient as rows), `norm=triton|autograd`
+  (`model.rms_norm_backward`: RMSNorm's backward as one pass over the rows, or autograd's), `inductor=NAME` / `inductor=-NAME`
   (a boolean of `torch._inductor.config` switched on / off for this run, e.g. `inductor=coordinate_descent_tuning`,
   `inductor=-size_asserts`) or `inductor=NAME=VALUE` (any bool / int / float / str setting, dotted names for the
   nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's
@@ -538,7 +537,7 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.adamw = ADAMW_TOKENS[token[6:]]
         elif token in ("embgrad=sparse", "embgrad=dense"):
             v.sparse_embedding_grad = token == "embgrad=sparse"
-        elif token in ("norm=triton", "norm=gemv", "norm=autograd"):
+        elif token in ("norm=triton", "norm=autograd"):
             v.rms_norm_backward = token[5:]
         elif token.startswith("inductor=") and (setting := inductor_setting(token[9:])) is not None:
             v.inductor += (setting,)
@@ -550,7 +549,7 @@ def parse_variant(text: str) -> PosttrainVariant:
                 "kernel=auto|cudnn|flash|efficient|math|fa4, ac=MODE, every=N, skip=N, offload=N, budget=X, chunk=N, "
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
-                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|gemv|autograd, "
+                "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
                 "inductor=[-]NAME or inductor=NAME=VALUE (a torch._inductor.config setting, dotted names too), cel2=K"
             )
     return v
@@ -946,7 +945,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|gemv|autograd, inductor=[-]NAME[=VALUE], cel2=K (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=[-]NAME[=VALUE], cel2=K (the module docstring lists every token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

@@ -184,11 +184,11 @@ def build_training_model(
         args.vocab_size = grown
     with torch.device("meta"):
         model = spec.model_cls(args)
-    if m.rms_norm_backward != "autograd":  # before compile traces the blocks
+    if m.rms_norm_backward == "triton":  # before compile traces the blocks
         for name, module in model.named_modules():
             # the per-head q / k norms stay autograd's: inductor fuses their backward with RoPE's
             if isinstance(module, RMSNorm) and name.rsplit(".", 1)[-1] not in ("q_norm", "k_norm"):
-                module.backward_impl = m.rms_norm_backward
+                module.own_backward = True
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
     if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
         try:

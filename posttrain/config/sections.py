@@ -46,13 +46,13 @@ class ModelSection:
     dtype: str = opt("auto", "parameter dtype: bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
     rms_norm_backward: str = opt(
         "autograd",
-        "RMSNorm's backward, on the norms over the model width (per-head q / k norms keep autograd's): autograd's "
-        "(inductor's kernels when compiled); triton: one pass over the rows with the forward's rms saved and the "
-        "residual stream's gradient added (a Triton kernel on CUDA, the same math in torch ops elsewhere); gemv: "
-        "the same math in torch ops for inductor, the weight's gradient as one matrix-vector product (for compiled "
-        "blocks). Compiled, on one H200, triton's first version (no residual add) was 0.8 ms slower on a 143 ms "
-        "Llama-3.2-1B step; this triton and gemv are not measured yet: autograd stays the default",
-        choices=("autograd", "triton", "gemv"),
+        "RMSNorm's backward: autograd's (inductor's kernels when compiled), or triton: one pass over the rows with "
+        "the forward's rms saved and the residual stream's gradient added (a Triton kernel on CUDA, the same math in "
+        "torch ops elsewhere), on the norms over the model width (per-head q / k norms keep autograd's). Compiled, on "
+        "one H200, its first version (no residual add) was 0.8 ms slower on a 143 ms Llama-3.2-1B step, and by "
+        "inductor's byte counts this one still moves more than inductor's own kernels (which run at the HBM's "
+        "speed): autograd stays the default",
+        choices=("autograd", "triton"),
     )
     vocab_size: int = opt(0, "from scratch: the model's vocabulary size (0 = the flavor's); not with hf_path")
     overrides: dict = opt({}, "from scratch: architecture fields over the flavor, e.g. {dim = 256, n_layers = 4}")

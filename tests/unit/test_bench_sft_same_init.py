@@ -128,7 +128,6 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert not dense.sparse_embedding_grad and not bench_sft.parse_variant("compile+sdpa").sparse_embedding_grad
     assert bench_sft.parse_variant("compile+sdpa+embgrad=sparse").sparse_embedding_grad
     assert bench_sft.parse_variant("compile+sdpa+norm=triton").rms_norm_backward == "triton"
-    assert bench_sft.parse_variant("compile+sdpa+norm=gemv").rms_norm_backward == "gemv"
     assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
     offloading = bench_sft.parse_variant("compile+sdpa+ac=full+skip=19+offload=2")
     assert (offloading.ac, offloading.ac_skip_last, offloading.ac_offload_blocks) == ("full", 19, 2)

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.models.common import rms_norm_backward as norm_kernel
 from posttrain.models.common.rms_norm import RMSNorm
 from posttrain.models.registry import build_model
 from posttrain.parallelisms.compile import apply_compile
@@ -25,20 +24,19 @@ from sft_data_fakes import random_token_batches
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _pair(dim: int, zero_centered: bool, dtype: torch.dtype, impl: str) -> tuple[RMSNorm, RMSNorm]:
+def _pair(dim: int, zero_centered: bool, dtype: torch.dtype) -> tuple[RMSNorm, RMSNorm]:
     norms = (RMSNorm(dim, zero_centered=zero_centered), RMSNorm(dim, zero_centered=zero_centered))
     with torch.no_grad():
         norms[0].weight.normal_(generator=torch.Generator().manual_seed(0))
         norms[1].weight.copy_(norms[0].weight)
-    norms[1].backward_impl = impl
+    norms[1].own_backward = True
     return tuple(n.to(dtype) for n in norms)
 
 
-@pytest.mark.parametrize("impl", ["triton", "gemv"])
 @pytest.mark.parametrize("zero_centered", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_own_backward_equals_autograds(impl: str, zero_centered: bool, dtype: torch.dtype) -> None:
-    ref, own = _pair(96, zero_centered, dtype, impl)
+def test_own_backward_equals_autograds(zero_centered: bool, dtype: torch.dtype) -> None:
+    ref, own = _pair(96, zero_centered, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 7, 96, generator=g).to(dtype)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
@@ -53,22 +51,19 @@ def test_own_backward_equals_autograds(impl: str, zero_centered: bool, dtype: to
     assert xs[1].grad.dtype == dtype and own.weight.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("impl", ["triton", "gemv"])
 @pytest.mark.parametrize("zero_centered", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_with_residual_carries_the_residuals_gradient_into_the_op(impl: str, zero_centered: bool, dtype: torch.dtype,
+def test_with_residual_carries_the_residuals_gradient_into_the_op(zero_centered: bool, dtype: torch.dtype,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``normed, x = norm.with_residual(x); h = x + f(normed)``: the gradients of ``h = x + f(norm(x))``, the
-    residual's share added inside the norm's backward (one call, given the residual's gradient), not by autograd."""
-    import posttrain.models.common.rms_norm as rms_norm
+    residual's share added inside the op (one call, given the residual's gradient), not by autograd."""
     import posttrain.models.common.rms_norm_backward as own_backward
 
     residual_grads = []
-    # on the CPU the op runs the reference math; gemv is called by the norm's backward itself
-    module, name = (own_backward, "rms_norm_backward_reference") if impl == "triton" else (rms_norm, "rms_norm_backward_gemv")
-    original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: residual_grads.append(a[5]) or original(*a))
-    ref, own = _pair(64, zero_centered, dtype, impl)
+    reference = own_backward.rms_norm_backward_reference
+    monkeypatch.setattr(own_backward, "rms_norm_backward_reference",
+                        lambda *a: residual_grads.append(a[5]) or reference(*a))
+    ref, own = _pair(64, zero_centered, dtype)
     f = torch.nn.Linear(64, 64).to(dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 64, generator=g).to(dtype)
@@ -84,29 +79,12 @@ def test_with_residual_carries_the_residuals_gradient_into_the_op(impl: str, zer
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(xs[1].grad, xs[0].grad, **tol)
     torch.testing.assert_close(own.weight.grad, ref.weight.grad, **tol)
-    # with autograd's backward it is (norm(x), x) itself
+    # without own_backward it is (norm(x), x) itself
     ref_normed, ref_residual = ref.with_residual(xs[0])
     assert ref_residual is xs[0] and torch.equal(ref_normed, ref(xs[0]))
 
 
-def _compiled_qwen3_grads(impl: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Parameter gradients of a compiled debug Qwen3 (per-head q / k norms too) with every norm's backward `impl`,
-    and the names of the norms' weights."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = build_model("qwen3", "debug", "cpu")
-    norms = [n for n, m in model.named_modules() if isinstance(m, RMSNorm)]
-    assert len(norms) > 4
-    for n in norms:
-        model.get_submodule(n).backward_impl = impl
-    apply_compile(model, device_type="cpu")
-    ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
-    model(ids).float().pow(2).mean().backward()
-    return ({n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()},
-            [f"{n}.weight".replace("_orig_mod.", "") for n in norms])
-
-
-def test_compiled_blocks_with_the_op_equal_autograds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_blocks_with_own_backward_equal_autograds(monkeypatch: pytest.MonkeyPatch) -> None:
     import posttrain.models.common.rms_norm_backward as own_backward
 
     calls = []
@@ -118,40 +96,30 @@ def test_compiled_blocks_with_the_op_equal_autograds(monkeypatch: pytest.MonkeyP
         with_residual.append(a[5] is not None)
         return reference(*a)
 
-    monkeypatch.setattr(own_backward, "rms_norm_backward_reference", counted)  # what the op runs on the CPU
-    want, norms = _compiled_qwen3_grads("autograd")
-    got, _ = _compiled_qwen3_grads("triton")
+    monkeypatch.setattr(own_backward, "rms_norm_backward_reference", counted)
+    grads = []
+    for own in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model("qwen3", "debug", "cpu")  # per-head q/k norms too
+        norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+        assert len(norms) > 4
+        for m in norms:
+            m.own_backward = own
+        apply_compile(model, device_type="cpu")
+        ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert len(calls) == len(norms), "every norm's backward ran through the op (compiled as an opaque call)"
     # both block norms of each layer add the residual stream's gradient in the op; q / k and the final norm do not
-    block_norms = [n for n in norms if n.startswith("layers.") and not n.endswith(("q_norm.weight", "k_norm.weight"))]
-    assert block_norms and sum(with_residual) == len(block_norms)
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_compiled_blocks_with_gemv_equal_autograds(monkeypatch: pytest.MonkeyPatch) -> None:
-    import posttrain.models.common.rms_norm as rms_norm
-
-    want, norms = _compiled_qwen3_grads("autograd")
-    got, _ = _compiled_qwen3_grads("gemv")
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
-    # the compiled backward is gemv's (traced into the blocks' graph: no side effect to count, so a changed result)
-    gemv = rms_norm.rms_norm_backward_gemv
-
-    def doubled(*a):
-        dx, dw = gemv(*a)
-        return dx, 2 * dw
-
-    monkeypatch.setattr(rms_norm, "rms_norm_backward_gemv", doubled)
-    twice, _ = _compiled_qwen3_grads("gemv")
-    for name in norms:
-        torch.testing.assert_close(twice[name], 2 * want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(with_residual) == 2 * model.args.n_layers
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None:
     losses = {}
-    for mode in ("autograd", "triton", "gemv"):
+    for mode in ("autograd", "triton"):
         cfg = load_config(["--config", "train_configs/debug_sft.toml", "--job.output_dir", str(tmp_path / mode),
                            "--metrics.tensorboard", "false", "--training.batch_size", "2", "--training.seq_len", "16",
                            "--model.rms_norm_backward", mode])
@@ -161,7 +129,7 @@ def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None
             head_norms = [n for n in norms if n.endswith(("q_norm", "k_norm"))]
             assert head_norms and len(norms) > len(head_norms)  # qwen3: both kinds
             for n, m in norms.items():  # the per-head q / k norms keep autograd's
-                assert m.backward_impl == (mode if n not in head_norms else "autograd"), n
+                assert m.own_backward == (mode == "triton" and n not in head_norms), n
             trainer.data_loader = random_token_batches(3)
             from posttrain.recipes.sft import build_loss_fn
 
@@ -169,7 +137,6 @@ def test_trainer_steps_with_own_backward_equal_autograds(tmp_path: Path) -> None
         finally:
             trainer.close()
     assert losses["triton"] == pytest.approx(losses["autograd"], rel=1e-5)
-    assert losses["gemv"] == pytest.approx(losses["autograd"], rel=1e-5)
     assert losses["triton"][-1] < losses["triton"][0]
 
 
@@ -188,7 +155,7 @@ def test_a_kernel_that_fails_to_build_hands_over_to_the_torch_ops_once(monkeypat
     monkeypatch.setattr(own_backward, "_kernel_ran", False)
     warnings = []
     monkeypatch.setattr(own_backward.logger, "warning", lambda msg, *args: warnings.append(msg % args))
-    ref, own = _pair(32, False, torch.float32, "triton")
+    ref, own = _pair(32, False, torch.float32)
     x = torch.randn(4, 32)
     for _ in range(2):
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
@@ -208,23 +175,21 @@ def test_the_op_on_a_permuted_input_under_compile_and_opcheck() -> None:
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.library.opcheck(rms_norm_backward, (dy, x, w, rstd, False))
     torch.library.opcheck(rms_norm_backward, (dy, x, w, rstd, False, torch.randn(2, 3, 4, 16)))
-    for impl in ("triton", "gemv"):  # gemv's torch ops too
-        ref, own = _pair(16, False, torch.float32, impl)
-        own_compiled = torch.compile(lambda t: own(t.transpose(1, 2)), backend="aot_eager")
-        xs = [torch.randn(2, 4, 3, 16, requires_grad=True) for _ in range(2)]
-        with torch.no_grad():
-            xs[1].copy_(xs[0])
-        ref(xs[0].transpose(1, 2)).square().sum().backward()
-        own_compiled(xs[1]).square().sum().backward()
-        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
+    ref, own = _pair(16, False, torch.float32)
+    own_compiled = torch.compile(lambda t: own(t.transpose(1, 2)), backend="aot_eager")
+    xs = [torch.randn(2, 4, 3, 16, requires_grad=True) for _ in range(2)]
+    with torch.no_grad():
+        xs[1].copy_(xs[0])
+    ref(xs[0].transpose(1, 2)).square().sum().backward()
+    own_compiled(xs[1]).square().sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
     pytest.importorskip("triton", reason="Triton is not installed: the interpreter check needs it")
     code = textwrap.dedent("""
     import torch
-    from posttrain.models.common.rms_norm_backward import (
-        launch_config, rms_norm_backward, rms_norm_backward_reference, _kernel_takes)
+    from posttrain.models.common.rms_norm_backward import rms_norm_backward, rms_norm_backward_reference, _kernel_takes
     for zero_centered in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
             # rows not a multiple of the programs or of the rows a trip (300 x 128: 32 a trip); 96 columns
@@ -247,28 +212,8 @@ def test_kernel_equals_the_torch_math_through_the_interpreter() -> None:
                 for got, want in ((dx, rx), (dw, rw)):
                     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
                     assert err <= tol, (zero_centered, dtype, shape, with_residual, err)
-    # other launches (bench_rms_norm's sweep): 1 to 32 rows a trip over the same rows
-    g = torch.Generator().manual_seed(1)
-    x, dy, r = (torch.randn(300, 128, generator=g) for _ in range(3))
-    w, rstd = torch.randn(128, generator=g), torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
-    rx, rw = rms_norm_backward_reference(dy, x, w, rstd, False, r)
-    for launch in ((128, 4, 4), (1024, 2, 2), (4096, 8, 1)):
-        with launch_config(*launch):
-            dx, dw = rms_norm_backward(dy, x, w, rstd, False, r)
-        assert torch.allclose(dx, rx, rtol=1e-5, atol=1e-5) and torch.allclose(dw, rw, rtol=1e-5, atol=1e-4), launch
     print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
-@pytest.mark.parametrize("launch", [(1000, 4, 4), (2048, 0, 4), (2048, 4, 0)])
-def test_launch_config_refuses_what_the_kernel_cannot_launch(launch: tuple[int, int, int]) -> None:
-    before = (norm_kernel._TILE_ELEMENTS, norm_kernel._ELEMENTS_PER_THREAD, norm_kernel._PROGRAMS_PER_SM)
-    with pytest.raises(ValueError, match="tile elements a power of two"):
-        with norm_kernel.launch_config(*launch):
-            pass
-    with norm_kernel.launch_config(1024, 2, 2):
-        assert norm_kernel._TILE_ELEMENTS == 1024
-    assert (norm_kernel._TILE_ELEMENTS, norm_kernel._ELEMENTS_PER_THREAD, norm_kernel._PROGRAMS_PER_SM) == before

@@ -1,5 +1,4 @@
-"""RMSNorm's backward as one pass over the rows (a Triton kernel), as the op `posttrain::rms_norm_backward`; and
-the same math in torch ops with the weight's gradient as a matrix-vector product, for inductor (`gemv`).
+"""RMSNorm's backward as one pass over the rows (a Triton kernel), as the op `posttrain::rms_norm_backward`.
 
 What the compiled blocks run for it otherwise (inductor's kernels, the session-15 H200 profile of Llama-3.2-1B at
 8,192 tokens): a reduction over the 8,192 rows for the weight's gradient that reads the columns strided (84 us a
@@ -9,11 +8,15 @@ speed. Here each program walks a contiguous range of rows, several rows a trip (
 and dy once, adds the residual's gradient when given (`RMSNorm.with_residual`: the norm's input is also the
 residual stream, whose gradient autograd would otherwise add in a pass of its own), writes dx, and keeps its share
 of the weight's gradient in registers (one fp32 row per program, summed after). The rms comes saved from the
-forward (`RMSNorm.backward_impl`). Measured on the H200 with one row a trip and no residual (sessions 16-17),
+forward (`RMSNorm` with `own_backward`). Measured on the H200 with one row a trip and no residual (sessions 16-17),
 the op lost to inductor's kernels in the compiled step (Llama-3.2-1B +0.8 ms: inductor had fused the residual's
 gradient add, the op could not; Qwen3-4B +12.5 ms with the per-head q / k norms on it too): that is why it is
-opt-in; the several-rows trip with the residual is not measured yet. `rms_norm_backward_gemv` keeps the whole
-backward in inductor's hands and moves only the weight gradient's column sum to a matmul (its docstring).
+opt-in; the several-rows trip with the residual is not measured yet. Inductor's kernels for the compiled block
+(built on a CPU with GPU-style scheduling, BENCHMARKS.md session 19) read more than x, dy and the residual's
+gradient: the projections' input gradients unsummed, the norm's input recomputed from the residual add, and they
+write the recomputed norm output for the weight gradients; they run at ~3.9 TB/s on the H200. By inductor's byte
+counts the op adds ~66 MB a Llama-3.2-1B block (it needs dy in one tensor and reads it again): it is not expected to
+pay.
 
 Math (fp32 throughout, x_hat = x * rstd, w' = w or 1 + w for zero-centred norms, r the residual's gradient or 0):
     dx = rstd * (dy w' - x_hat * mean(dy w' x_hat)) + r,    dw = sum over rows of dy * n
@@ -28,7 +31,6 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -39,7 +41,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-__all__ = ["launch_config", "rms_norm_backward", "rms_norm_backward_gemv", "rms_norm_backward_reference"]
+__all__ = ["rms_norm_backward", "rms_norm_backward_reference"]
 
 logger = logging.getLogger("posttrain")
 
@@ -95,27 +97,11 @@ if triton is not None:
 # 4,096 (a BLOCK of 8,192 at the 32-warp cap) hold 8 a thread: 62 registers.
 _TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 4
-_PROGRAMS_PER_SM = 4  # the grid's cap; each program walks a contiguous range of rows
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-@contextlib.contextmanager
-def launch_config(tile_elements: int, elements_per_thread: int, programs_per_sm: int) -> Iterator[None]:
-    """The kernel's launch with these constants inside the block (`benchmarks/bench_rms_norm.py`'s sweep)."""
-    global _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM
-    if min(tile_elements, elements_per_thread, programs_per_sm) < 1 or tile_elements & (tile_elements - 1):
-        raise ValueError(f"launch {tile_elements}:{elements_per_thread}:{programs_per_sm}: tile elements a power of "
-                         "two, every value >= 1")
-    before = _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM
-    _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM = tile_elements, elements_per_thread, programs_per_sm
-    try:
-        yield
-    finally:
-        _TILE_ELEMENTS, _ELEMENTS_PER_THREAD, _PROGRAMS_PER_SM = before
+def _programs_per_device(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def launch_shape(n_rows: int, n_cols: int, max_programs: int) -> tuple[int, int, int, int, int]:
@@ -133,45 +119,19 @@ def _kernel_takes(dy: Tensor, x: Tensor, residual_grad: Tensor | None = None) ->
             and (residual_grad is None or residual_grad.shape == x.shape))
 
 
-def _input_grad(dyf: Tensor, x_hat: Tensor, w: Tensor, rstd: Tensor, residual_grad: Tensor | None) -> Tensor:
-    dn = dyf * w
-    dx = rstd * (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True))
-    return dx if residual_grad is None else dx + residual_grad.float()
-
-
-def _normalised_parts(x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool) -> tuple[Tensor, ...]:
-    """x_hat (fp32), w' (fp32), n (what multiplied w in the forward) and rstd shaped to broadcast over rows."""
-    rstd = rstd.reshape(*x.shape[:-1], 1)
-    x_hat = x.float() * rstd
-    w = weight.float() + 1.0 if zero_centered else weight.float()
-    n = x_hat if zero_centered else x_hat.to(x.dtype).float()
-    return x_hat, w, n, rstd
-
-
 def rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
                                 residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The same math in torch ops (fp32): what runs where the kernel does not."""
-    x_hat, w, n, rstd = _normalised_parts(x, weight, rstd, zero_centered)
+    x_hat = x.float() * rstd.reshape(*x.shape[:-1], 1)
     dyf = dy.float()
+    w = weight.float() + 1.0 if zero_centered else weight.float()
+    n = x_hat if zero_centered else x_hat.to(x.dtype).float()
     dw = (dyf * n).reshape(-1, x.shape[-1]).sum(0)
-    dx = _input_grad(dyf, x_hat, w, rstd, residual_grad)
+    dn = dyf * w
+    dx = rstd.reshape(*x.shape[:-1], 1) * (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True))
+    if residual_grad is not None:
+        dx = dx + residual_grad.float()
     return dx.to(x.dtype).contiguous(), dw.to(weight.dtype)
-
-
-def rms_norm_backward_gemv(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_centered: bool,
-                           residual_grad: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The same math in torch ops for inductor to compile (`model.rms_norm_backward = "gemv"`), the weight's
-    gradient as a matrix-vector product: ``ones[1, rows] @ (dy * n)``. Inductor can then write the product in
-    the pass over the rows that makes dx (the same reads) and cuBLAS sums it down the rows reading each row
-    contiguously, where its own column reduction read dy and x a second time (84 us of 143 for a norm on the
-    Llama-3.2-1B step, session 15; module docstring). The product is rounded to x's dtype as autograd's is (fp32
-    for zero-centred norms, whose forward multiplies in fp32); the matmul sums in fp32."""
-    x_hat, w, n, rstd = _normalised_parts(x, weight, rstd, zero_centered)
-    dyf = dy.float()
-    product = (dyf * n).to(torch.float32 if zero_centered else x.dtype).reshape(-1, x.shape[-1])
-    dw = (product.new_ones(1, product.shape[0]) @ product).reshape(-1)
-    dx = _input_grad(dyf, x_hat, w, rstd, residual_grad)
-    return dx.to(x.dtype), dw.to(weight.dtype)
 
 
 @torch.library.custom_op("posttrain::rms_norm_backward", mutates_args=())
@@ -205,7 +165,7 @@ def _kernel_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, zero_c
     # without a residual the kernel never reads its pointer: dy stands in
     residual_rows = dy_rows if residual_grad is None else residual_grad.reshape(-1, n_cols).contiguous()
     n_rows = x_rows.shape[0]
-    cap = _PROGRAMS_PER_SM * _sm_count(x.device.index or 0) if x.is_cuda else 8
+    cap = _programs_per_device(x.device.index or 0) if x.is_cuda else 8
     rows_per_program, programs, block, rows_per_trip, num_warps = launch_shape(n_rows, n_cols, cap)
     dx = torch.empty_like(x_rows)
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
