@@ -1,7 +1,7 @@
 """The Triton kernels inductor would build for a compiled block on a GPU, and the bytes each moves, on a CPU machine.
 
     python scripts/gpu_kernels_on_cpu.py --model llama3 --flavor 1B --tokens 8192 [--no-recompute-pointwise]
-        [--rms-norm-backward triton] [--code DIR]
+        [--rms-norm-backward triton] [--float8 tensorwise] [--code DIR]
 
 Device time is scarce; which fusions a change to a block buys can be read before it is measured. One block of the
 model (bf16, `n_layers = 1`) is compiled through `aot_autograd` with inductor's decompositions and the min-cut
@@ -142,9 +142,11 @@ def _recording_scheduler(graphs: list[GraphKernels], phase: list[str]) -> Callab
 
 
 def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointwise: bool = True,
-                  rms_norm_backward: str = "autograd", code_dir: Path | None = None,
-                  overrides: dict[str, Any] | None = None) -> list[GraphKernels]:
-    """The forward and backward graphs' kernels of one compiled block of `model_name` / `flavor` at `tokens`."""
+                  rms_norm_backward: str = "autograd", float8: str = "none", float8_small_gemms: bool = False,
+                  code_dir: Path | None = None, overrides: dict[str, Any] | None = None) -> list[GraphKernels]:
+    """The forward and backward graphs' kernels of one compiled block of `model_name` / `flavor` at `tokens`.
+    ``float8 = "tensorwise"``: the block's linears as torchao's float8 ones (`training.float8_recipe`; the CPU's
+    `_scaled_mm` takes tensorwise scales only, which is why rowwise is not offered)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.compile_fx import compile_fx_inner
@@ -176,6 +178,10 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
             torch.manual_seed(0)
             model = build_model(model_name, flavor, "cpu", n_layers=1, vocab_size=1024, **(overrides or {}))
             model = model.to(torch.bfloat16)
+            if float8 != "none":
+                from posttrain.parallelisms.float8 import convert_to_float8
+
+                convert_to_float8(model, convert_small_gemms=float8_small_gemms, recipe=float8)
             if rms_norm_backward != "autograd":
                 for name, module in model.named_modules():
                     if isinstance(module, RMSNorm) and name.startswith("layers.") and \
@@ -217,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--recompute-pointwise", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--rms-norm-backward", default="autograd", choices=("autograd", "triton"))
+    p.add_argument("--float8", default="none", choices=("none", "tensorwise"),
+                   help="the block's linears as torchao's float8 ones (training.float8_recipe)")
+    p.add_argument("--float8-small-gemms", action="store_true", help="training.float8_convert_small_gemms")
     p.add_argument("--tb-s", type=float, default=3.9, help="HBM bandwidth for the time column")
     p.add_argument("--code", type=Path, default=None, help="also write inductor's generated code under this folder")
     args = p.parse_args(argv)
@@ -224,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--tokens must be >= 1 and --tb-s > 0")
     try:
         graphs = block_kernels(args.model, args.flavor, args.tokens, recompute_pointwise=args.recompute_pointwise,
-                               rms_norm_backward=args.rms_norm_backward, code_dir=args.code)
+                               rms_norm_backward=args.rms_norm_backward, float8=args.float8,
+                               float8_small_gemms=args.float8_small_gemms, code_dir=args.code)
     except Unsupported as err:
         raise SystemExit(f"gpu_kernels_on_cpu: {err}") from None
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, ImportError) as err:
         raise SystemExit(f"gpu_kernels_on_cpu: {args.model} {args.flavor}: {err}") from None
     if not graphs:
         raise SystemExit("gpu_kernels_on_cpu: inductor generated no graph (nothing was compiled)")

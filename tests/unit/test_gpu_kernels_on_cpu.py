@@ -43,6 +43,17 @@ def test_a_blocks_kernels_and_what_pointwise_recompute_and_the_norm_op_change() 
     assert "forward:" in text and "backward:" in text and "total in inductor kernels" in text
 
 
+def test_float8_tensorwise_adds_the_casts_kernels() -> None:
+    pytest.importorskip("torchao", reason="torchao is not installed (the float8 extra)")
+    bf16 = _by_phase(gpu_kernels.block_kernels("llama3", "debug", 512))
+    f8 = _by_phase(gpu_kernels.block_kernels("llama3", "debug", 512, float8="tensorwise", float8_small_gemms=True))
+    assert any(k.extern and "_scaled_mm" in k.name for k in f8["forward"].kernels)
+    # every linear's input and weight is scaled (an amax) and cast: more kernels, more bytes, in both graphs
+    for phase in ("forward", "backward"):
+        assert f8[phase].inductor_bytes > bf16[phase].inductor_bytes
+        assert sum(not k.extern for k in f8[phase].kernels) > sum(not k.extern for k in bf16[phase].kernels)
+
+
 def test_mix_order_reductions_as_on_a_gpu_above_inductors_size_threshold() -> None:
     # 8,192 rows x 640 columns: the smallest norm inductor fuses this way (>= 5 Mi elements, rows >= 2 x columns)
     graphs = gpu_kernels.block_kernels("llama3", "debug", 8192,
