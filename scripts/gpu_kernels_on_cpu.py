@@ -48,6 +48,7 @@ class Kernel:
 class GraphKernels:
     phase: str
     kernels: list[Kernel] = field(default_factory=list)
+    saved_bytes: int | None = None  # forward: what it keeps for the backward (its outputs but the block's output)
 
     @property
     def inductor_bytes(self) -> int:
@@ -143,10 +144,12 @@ def _recording_scheduler(graphs: list[GraphKernels], phase: list[str]) -> Callab
 
 def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointwise: bool = True,
                   rms_norm_backward: str = "autograd", float8: str = "none", float8_small_gemms: bool = False,
-                  code_dir: Path | None = None, overrides: dict[str, Any] | None = None) -> list[GraphKernels]:
+                  memory_budget: float = 1.0, code_dir: Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> list[GraphKernels]:
     """The forward and backward graphs' kernels of one compiled block of `model_name` / `flavor` at `tokens`.
     ``float8 = "tensorwise"``: the block's linears as torchao's float8 ones (`training.float8_recipe`; the CPU's
-    `_scaled_mm` takes tensorwise scales only, which is why rowwise is not offered)."""
+    `_scaled_mm` takes tensorwise scales only, which is why rowwise is not offered). ``memory_budget`` < 1: the
+    partitioner's activation memory budget (`activation_checkpoint.mode = "budget"`)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._inductor.compile_fx import compile_fx_inner
@@ -154,14 +157,18 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
 
     from posttrain.models.common.rms_norm import RMSNorm
     from posttrain.models.registry import build_model
+    from posttrain.parallelisms.activation_checkpoint import set_activation_memory_budget
     from posttrain.parallelisms.compile import partitioner_settings_kept, set_pointwise_recompute
 
     graphs: list[GraphKernels] = []
     phase = ["forward"]
+    saved: list[int] = []
 
     def generate(name: str) -> Callable[..., Any]:
         def compiler(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
             phase[0] = name
+            if name == "forward":
+                saved.append(_saved_bytes(gm))
             try:
                 compile_fx_inner(gm, example_inputs)
             except Exception:  # noqa: BLE001 - Triton cannot build the kernels for the CPU: they are recorded already
@@ -172,6 +179,7 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
 
     with _gpu_style_codegen(code_dir), partitioner_settings_kept():
         set_pointwise_recompute(recompute_pointwise)
+        set_activation_memory_budget(memory_budget)
         undo = _recording_scheduler(graphs, phase)
         try:
             torch._dynamo.reset()
@@ -197,7 +205,23 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
         finally:
             undo()
             torch._dynamo.reset()
+    forwards = [g for g in graphs if g.phase == "forward"]
+    for graph, nbytes in zip(forwards, saved):
+        graph.saved_bytes = nbytes
     return graphs
+
+
+def _saved_bytes(gm: torch.fx.GraphModule) -> int:
+    """Bytes of a forward graph's outputs after the first (aot_autograd's forward returns the block's output, then
+    the tensors saved for the backward); views of one storage counted once."""
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    values = [getattr(arg, "meta", {}).get("val") for arg in torch.utils._pytree.tree_leaves(output.args[0])[1:]]
+    storages = {}
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            storages[id(value.untyped_storage()) if not value._is_view() else id(value._base)] = \
+                value.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def render(graphs: list[GraphKernels], tb_s: float) -> str:
@@ -206,8 +230,9 @@ def render(graphs: list[GraphKernels], tb_s: float) -> str:
     for graph in graphs:
         ours = [k for k in graph.kernels if not k.extern]
         total += graph.inductor_bytes
+        saved = "" if graph.saved_bytes is None else f"; saved for the backward: {graph.saved_bytes / 2**20:,.1f} MiB"
         lines.append(f"{graph.phase}: {len(ours)} inductor kernels, {graph.inductor_bytes / 1e6:,.1f} MB "
-                     f"({graph.inductor_bytes / tb_s / 1e6:,.0f} us at {tb_s:g} TB/s)")
+                     f"({graph.inductor_bytes / tb_s / 1e6:,.0f} us at {tb_s:g} TB/s){saved}")
         for kernel in graph.kernels:
             size = "extern" if kernel.extern else f"{kernel.nbytes / 1e6:10,.1f} MB"
             lines.append(f"  {size:>13}  {kernel.name[:120]}")
@@ -226,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--float8", default="none", choices=("none", "tensorwise"),
                    help="the block's linears as torchao's float8 ones (training.float8_recipe)")
     p.add_argument("--float8-small-gemms", action="store_true", help="training.float8_convert_small_gemms")
+    p.add_argument("--memory-budget", type=float, default=1.0,
+                   help="activation_checkpoint.memory_budget (the partitioner's budget mode) when below 1")
     p.add_argument("--tb-s", type=float, default=3.9, help="HBM bandwidth for the time column")
     p.add_argument("--code", type=Path, default=None, help="also write inductor's generated code under this folder")
     args = p.parse_args(argv)
@@ -234,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         graphs = block_kernels(args.model, args.flavor, args.tokens, recompute_pointwise=args.recompute_pointwise,
                                rms_norm_backward=args.rms_norm_backward, float8=args.float8,
-                               float8_small_gemms=args.float8_small_gemms, code_dir=args.code)
+                               float8_small_gemms=args.float8_small_gemms, memory_budget=args.memory_budget,
+                               code_dir=args.code)
     except Unsupported as err:
         raise SystemExit(f"gpu_kernels_on_cpu: {err}") from None
     except (KeyError, ValueError, ImportError) as err:

@@ -35,6 +35,10 @@ def test_a_blocks_kernels_and_what_pointwise_recompute_and_the_norm_op_change() 
     saved = _by_phase(gpu_kernels.block_kernels("llama3", "debug", 512, recompute_pointwise=False))
     assert saved["backward"].inductor_bytes < recomputed["backward"].inductor_bytes
     assert saved["forward"].inductor_bytes >= recomputed["forward"].inductor_bytes
+    # ... and the forward keeps more for the backward: at least the SwiGLU product, [512, ffn_dim] bf16
+    ffn_dim = 256
+    assert saved["forward"].saved_bytes >= recomputed["forward"].saved_bytes + 512 * ffn_dim * 2
+    assert recomputed["backward"].saved_bytes is None
     with_op = _by_phase(gpu_kernels.block_kernels("llama3", "debug", 512, rms_norm_backward="triton"))
     assert sum("rms_norm_backward" in k.name for k in with_op["backward"].kernels if k.extern) == 2
     # inductor is as it was
