@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -81,6 +82,22 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+# A SIGKILLed worker's sockets and pipes read EOF while the kernel is still tearing the process down; until then
+# waitpid says it is alive (a CI run under load once ended in the bare EOFError this wait now names).
+WORKER_EXIT_WAIT_S = 2.0
+
+
+def exited_worker_codes(workers: list[Any], wait_s: float) -> list[int]:
+    """Exit codes of the `workers` (multiprocessing processes) that have exited, polling up to `wait_s` seconds
+    for one to do so; [] when every one is still alive then."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [w.exitcode for w in workers if not w.is_alive()]
+        if dead or not workers or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.01)
+
+
 class SFTDataLoader:
     """Batches of packed rows for one DP rank, with rank-level `stats` and exact-resume state."""
 
@@ -136,7 +153,7 @@ class SFTDataLoader:
         except (OSError, EOFError) as e:
             # a worker killed while it hands a batch over (its tensors' shared memory travels as file
             # descriptors over a socket to the worker): the receive fails before torch notices the death
-            dead = [w.exitcode for w in getattr(self._iterator, "_workers", []) if not w.is_alive()]
+            dead = exited_worker_codes(getattr(self._iterator, "_workers", []), WORKER_EXIT_WAIT_S)
             if not dead:
                 raise
             self._stop_workers()

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -215,3 +216,46 @@ def test_a_receive_error_with_every_worker_alive_is_not_called_a_death(tmp_path)
             next(loader)
     finally:
         torch_iterator._shutdown_workers()
+
+
+class _SlowToReap:
+    """A killed worker whose death waitpid reports only after a few polls (the kernel still tearing it down)."""
+
+    def __init__(self, polls_alive: int) -> None:
+        self.polls_alive = polls_alive
+        self.exitcode = None
+
+    def is_alive(self) -> bool:
+        self.polls_alive -= 1
+        if self.polls_alive < 0:
+            self.exitcode = -9
+            return False
+        return True
+
+
+def test_a_worker_death_seen_late_is_still_named_and_a_live_worker_is_not_waited_for_long():
+    from posttrain.datasets.dataloader import exited_worker_codes
+
+    assert exited_worker_codes([_SlowToReap(polls_alive=5)], wait_s=10.0) == [-9]
+    start = time.monotonic()
+    assert exited_worker_codes([_SlowToReap(polls_alive=10**9)], wait_s=0.2) == []
+    assert time.monotonic() - start < 5.0
+    assert exited_worker_codes([], wait_s=10.0) == []
+
+
+class _WorkerKilledDuringReceive(_ReceiveFails):
+    """The receive fails at the instant the worker is killed, before anyone has waited for it to exit."""
+
+    def __next__(self):
+        os.kill(self._workers[0].pid, signal.SIGKILL)
+        raise EOFError
+
+
+def test_a_worker_killed_during_the_receive_is_named_though_not_yet_reaped(tmp_path):
+    loader = _one_worker_loader(tmp_path)
+    torch_iterator = loader._iterator
+    torch._C._remove_worker_pids(id(torch_iterator))  # as above: only the failing receive reports it
+    torch_iterator._worker_pids_set = False
+    loader._iterator = _WorkerKilledDuringReceive(torch_iterator)
+    with pytest.raises(DataError, match=r"died \(exit code -9 while handing over a batch: EOFError"):
+        next(loader)
