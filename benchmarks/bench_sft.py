@@ -41,7 +41,8 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   `inductor=-size_asserts`) or `inductor=NAME=VALUE` (any bool / int / float / str setting, dotted names for the
   nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's
   CE-gradient kernel as K programs per SM that re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 =
-  one program per row). MFU stays relative to the bf16 peak. The HF peers run with torch's own partitioner
+  one program per row), `blas=cublas|cublaslt` (`torch.backends.cuda.preferred_blas_library` for this run: the
+  step's ~255 4-byte memsets come before cuBLAS's gemms; which library issues them is to be measured). MFU stays relative to the bf16 peak. The HF peers run with torch's own partitioner
   settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;
@@ -75,6 +76,7 @@ import statistics
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -463,6 +465,7 @@ class PosttrainVariant:
     rms_norm_backward: str = "autograd"  # model.rms_norm_backward
     inductor: tuple[tuple[str, Any], ...] = ()  # torch._inductor.config settings for this run
     ce_l2_programs_per_sm: int = 0  # ce_grad_kernel.L2_PROGRAMS_PER_SM for this run
+    blas: str | None = None  # torch.backends.cuda.preferred_blas_library for this run (None: torch's choice)
 
 
 # adamw= token -> optimizer.fused
@@ -541,6 +544,8 @@ def parse_variant(text: str) -> PosttrainVariant:
             v.rms_norm_backward = token[5:]
         elif token.startswith("inductor=") and (setting := inductor_setting(token[9:])) is not None:
             v.inductor += (setting,)
+        elif token in ("blas=cublas", "blas=cublaslt"):
+            v.blas = token[5:]
         elif token.startswith("cel2=") and token[5:].isdigit():
             v.ce_l2_programs_per_sm = int(token[5:])
         else:
@@ -550,7 +555,8 @@ def parse_variant(text: str) -> PosttrainVariant:
                 "loss=fused|chunked, float8, float8=all, float8=tensorwise, float8=tensorwise-all, recompute=on|off, "
                 "lora=RANK, cudagraphs, "
                 "adamw=triton|torch|foreach, embgrad=sparse|dense, norm=triton|autograd, "
-                "inductor=[-]NAME or inductor=NAME=VALUE (a torch._inductor.config setting, dotted names too), cel2=K"
+                "inductor=[-]NAME or inductor=NAME=VALUE (a torch._inductor.config setting, dotted names too), cel2=K, "
+                "blas=cublas|cublaslt"
             )
     return v
 
@@ -593,8 +599,23 @@ def posttrain_config(v: PosttrainVariant, s: Settings, output_dir: str):
 
 def run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
     # graphs compile at the first step: the switches hold for the whole run (dynamo is reset between runs)
-    with inductor_config.patch(dict(v.inductor)), l2_programs_per_sm(v.ce_l2_programs_per_sm):
+    with inductor_config.patch(dict(v.inductor)), l2_programs_per_sm(v.ce_l2_programs_per_sm), \
+            preferred_blas(v.blas):
         return _run_posttrain(v, s)
+
+
+@contextlib.contextmanager
+def preferred_blas(name: str | None) -> Iterator[None]:
+    """torch's BLAS library for the matmuls of one run (`blas=` token), torch's own choice again after."""
+    if name is None:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
@@ -628,7 +649,7 @@ def _run_posttrain(v: PosttrainVariant, s: Settings) -> dict[str, Any]:
                 "compile": v.compile, "attn_backend": v.backend, "sdpa_kernel": v.sdpa_kernel,
                 "flash_kernels": flash_kernels(), "ac": cfg.activation_checkpoint.mode,
                 "recompute_pointwise": v.recompute_pointwise, "inductor": dict(v.inductor),
-                "ce_l2_programs_per_sm": v.ce_l2_programs_per_sm,
+                "ce_l2_programs_per_sm": v.ce_l2_programs_per_sm, "blas": v.blas,
                 "memory_budget": cfg.activation_checkpoint.memory_budget,
                 "loss_chunk_size": cfg.training.loss_chunk_size, "loss_impl": cfg.training.loss_impl, "dtype": s.dtype,
                 "float8": v.float8, "float8_convert_small_gemms": v.float8_small_gemms, "float8_recipe": v.float8_recipe,
@@ -945,7 +966,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posttrain-variants", default="compile+flex,eager+sdpa",
                    help="comma-separated; tokens joined by '+': compile|eager, flex|sdpa, ac=MODE, every=N, budget=X, chunk=N, "
                         "loss=fused|chunked, float8, float8=all, adamw=triton|torch|foreach, embgrad=sparse|dense, "
-                        "norm=triton|autograd, inductor=[-]NAME[=VALUE], cel2=K (the module docstring lists every token; '' for none)")
+                        "norm=triton|autograd, inductor=[-]NAME[=VALUE], cel2=K, blas=cublas|cublaslt (the module docstring lists every "
+                        "token; '' for none)")
     p.add_argument("--peers", default="hf_eager,hf_compile,hf_liger",
                    help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
     p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op", "budget"),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.models.registry import get_model_spec, resolve_args
 
@@ -129,6 +130,12 @@ def test_variant_tokens_set_the_config_keys_they_name() -> None:
     assert bench_sft.parse_variant("compile+sdpa+embgrad=sparse").sparse_embedding_grad
     assert bench_sft.parse_variant("compile+sdpa+norm=triton").rms_norm_backward == "triton"
     assert bench_sft.parse_variant("compile+sdpa").rms_norm_backward == "autograd"
+    assert bench_sft.parse_variant("compile+sdpa+blas=cublaslt").blas == "cublaslt"
+    assert bench_sft.parse_variant("compile+sdpa").blas is None
+    before = torch.backends.cuda.preferred_blas_library()
+    with bench_sft.preferred_blas("cublas"):  # the one a CPU build of torch accepts
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublas
+    assert torch.backends.cuda.preferred_blas_library() == before
     offloading = bench_sft.parse_variant("compile+sdpa+ac=full+skip=19+offload=2")
     assert (offloading.ac, offloading.ac_skip_last, offloading.ac_offload_blocks) == ("full", 19, 2)
     with pytest.raises(SystemExit, match="unknown token 'graphs'.*cudagraphs"):
