@@ -16,6 +16,7 @@ from profile_summary import (  # noqa: E402
     _union_us,
     device_gaps,
     category_of,
+    device_activities,
     live_at_peak,
     profile_steps,
     summarize,
@@ -114,3 +115,23 @@ def test_recurring_gaps_add_up_by_neighbours() -> None:
     recurring = device_gaps(kernels, wall_us=t + 50)["recurring"]
     assert (recurring[0]["after"], recurring[0]["before"], recurring[0]["count"]) == ("norm", "mm", 3)
     assert recurring[0]["us"] == pytest.approx(60) and recurring[1]["us"] == pytest.approx(41)  # silu -> mm
+
+
+def test_activities_come_from_the_profilers_own_records() -> None:
+    """The summary reads Kineto's records (prof.events() drops device work it cannot tie to a CPU operator); on a
+    CPU the same reader, pointed at the CPU's records, returns the operators with their times, annotations left
+    out."""
+    from torch.autograd import DeviceType
+
+    a = torch.randn(64, 64)
+
+    def step() -> torch.Tensor:
+        with torch.profiler.record_function("step#annotated"):
+            return (a @ a).relu().sum()
+
+    prof, _ = profile_steps(step, 2, torch.device("cpu"))
+    assert device_activities(prof) == []  # no GPU here
+    cpu = device_activities(prof, DeviceType.CPU)
+    names = [name for _, _, name in cpu]
+    assert names.count("aten::mm") == 2 and "step#annotated" not in names
+    assert all(end >= start for start, end, _ in cpu)
