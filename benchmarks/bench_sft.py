@@ -41,8 +41,8 @@ run with output_router_logits on, so transformers adds it too (averaged over the
   `inductor=-size_asserts`) or `inductor=NAME=VALUE` (any bool / int / float / str setting, dotted names for the
   nested sections, e.g. `inductor=triton.persistent_reductions=0`); repeatable, `cel2=K` (the fused loss's
   CE-gradient kernel as K programs per SM that re-read rows from L2: `ce_grad_kernel.L2_PROGRAMS_PER_SM`, default 0 =
-  one program per row), `blas=cublas|cublaslt` (`torch.backends.cuda.preferred_blas_library` for this run: the
-  step's ~255 4-byte memsets come before cuBLAS's gemms; which library issues them is to be measured). MFU stays
+  one program per row), `blas=cublas|cublaslt` (`torch.backends.cuda.preferred_blas_library` for this run; on the
+  Llama-3.2-1B step cuBLASLt was no faster, BENCHMARKS.md session 20). MFU stays
   relative to the bf16 peak. The HF peers run with torch's own partitioner settings (posttrain's are process-wide).
 * hf_eager / hf_compile / hf_liger / hf_liger_compile: `AutoModelForCausalLM.from_config` of posttrain's
   own `hf_config_from_args` (attn_implementation="sdpa"), loss from `model(input_ids, labels=...)`;

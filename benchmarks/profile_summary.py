@@ -121,30 +121,20 @@ def device_activities(prof: profile, device_type: DeviceType = DeviceType.CUDA) 
     profiler's own (Kineto) records. `prof.events()` keeps only the device work it can tie to a CPU operator: in a
     Llama-3.2-1B step on the H200 ~110 launches a step had none (among them the aten sum that ends each of inductor's
     mix-order norm reductions), and each one missing from the summary showed up as an idle gap. `device_type`: which
-    records (the CPU's for a test on a machine without a GPU)."""
-    results = getattr(prof.profiler, "kineto_results", None)
-    if results is None:  # older profiler objects: what the function events hold
-        return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                if e.device_type == device_type and not _is_annotation(e.name, getattr(e, "is_user_annotation", False))]
-    return [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in results.events()
-            if e.device_type() == device_type
-            and not _is_annotation(e.name(), getattr(e, "is_user_annotation", lambda: False)())]
-
-
-def _is_annotation(name: str, flagged: bool) -> bool:
-    # GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels; they are not kernels themselves
-    return flagged or "#" in name
+    records (the CPU's for a test on a machine without a GPU). User annotations ("Optimizer.step#AdamW.step") span
+    kernels on the GPU's timeline; they are not device work themselves and are left out."""
+    return [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in prof.profiler.kineto_results.events()
+            if e.device_type() == device_type and not e.is_user_annotation() and "#" not in e.name()]
 
 
 def summarize(prof: profile, wall_s: float, n_steps: int, *, top: int = 25) -> dict[str, Any]:
     """Per-step milliseconds: wall, busy (kernel union), idle, per category, top kernels by total time."""
-    events = prof.events()
     kernels = device_activities(prof)
     per_step = 1e-3 / max(n_steps, 1)  # us -> ms, per step
     wall_ms = 1000.0 * wall_s / max(n_steps, 1)
     if not kernels:  # CPU-only: rank operators by self time
         by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        for e in events:
+        for e in prof.events():
             if e.device_type == DeviceType.CPU:
                 by_name[e.name][0] += e.self_cpu_time_total
                 by_name[e.name][1] += 1

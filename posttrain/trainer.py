@@ -45,7 +45,7 @@ from posttrain.metrics import (
 from posttrain.finetune_setup import add_config_modules, count_config_tokens, init_config_modules, read_tokens_file
 from posttrain.models import protocol as model_hooks
 from posttrain.models.common.flash_attention_4 import FlashAttention4Unavailable, activate_fa4
-from posttrain.models.common.rms_norm import RMSNorm
+from posttrain.models.common.rms_norm import use_one_pass_backward
 from posttrain.models.hf import read_hf_config, resolve_hf_folder, spec_for_hf_config
 from posttrain.models.serving_files import read_generation_config
 from posttrain.models.vocab_growth import grown_vocab_size
@@ -184,11 +184,8 @@ def build_training_model(
         args.vocab_size = grown
     with torch.device("meta"):
         model = spec.model_cls(args)
-    if m.rms_norm_backward == "triton":  # before compile traces the blocks
-        for name, module in model.named_modules():
-            # the per-head q / k norms stay autograd's: inductor fuses their backward with RoPE's
-            if isinstance(module, RMSNorm) and name.rsplit(".", 1)[-1] not in ("q_norm", "k_norm"):
-                module.own_backward = True
+    if m.rms_norm_backward == "triton":
+        use_one_pass_backward(model)
     add_config_modules(model, cfg, tp_enabled=parallel_dims.tp_enabled)
     if cfg.training.float8:  # before parallelizing, like torchtitan's model converters
         try:

@@ -155,7 +155,7 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
-    from posttrain.models.common.rms_norm import RMSNorm
+    from posttrain.models.common.rms_norm import use_one_pass_backward
     from posttrain.models.registry import build_model
     from posttrain.parallelisms.activation_checkpoint import set_activation_memory_budget
     from posttrain.parallelisms.compile import partitioner_settings_kept, set_pointwise_recompute
@@ -190,11 +190,8 @@ def block_kernels(model_name: str, flavor: str, tokens: int, *, recompute_pointw
                 from posttrain.parallelisms.float8 import convert_to_float8
 
                 convert_to_float8(model, convert_small_gemms=float8_small_gemms, recipe=float8)
-            if rms_norm_backward != "autograd":
-                for name, module in model.named_modules():
-                    if isinstance(module, RMSNorm) and name.startswith("layers.") and \
-                            name.rsplit(".", 1)[-1] not in ("q_norm", "k_norm"):
-                        module.own_backward = True
+            if rms_norm_backward == "triton":
+                use_one_pass_backward(model)
             backend = aot_autograd(fw_compiler=generate("forward"), bw_compiler=generate("backward"),
                                    partition_fn=min_cut_rematerialization_partition,
                                    decompositions=select_decomp_table())

@@ -89,3 +89,15 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, zero_centered={self.zero_centered}"
+
+
+PER_HEAD_NORMS = ("q_norm", "k_norm")
+
+
+def use_one_pass_backward(model: nn.Module) -> None:
+    """``own_backward`` on every RMSNorm of ``model`` over the model width (``model.rms_norm_backward = "triton"``;
+    before compile traces the blocks). The per-head q / k norms keep autograd's: inductor fuses their backward with
+    RoPE's."""
+    for name, module in model.named_modules():
+        if isinstance(module, RMSNorm) and name.rsplit(".", 1)[-1] not in PER_HEAD_NORMS:
+            module.own_backward = True
